@@ -1,0 +1,247 @@
+"""Tests for goal.py: losses against loop references, glue (position stretch, box -> patch mapping, region
+and span pooling) on a tiny random open_clip model, 2-process equality, and a short learning run."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import goal  # noqa: E402
+
+try:
+    import common  # noqa: F401
+    HAVE_COMMON = hasattr(common, "run_cpu_processes")
+except ImportError:
+    HAVE_COMMON = False
+
+
+def _unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1).requires_grad_(True)
+
+
+# ---------------------------------------------------------------- loop references
+def _ref_contrastive(img, txt, log_scale):
+    n = img.shape[0]
+    scale = log_scale.exp()
+    total_i2t = 0.0
+    total_t2i = 0.0
+    for i in range(n):
+        row = torch.stack([scale * torch.dot(img[i], txt[j]) for j in range(n)])
+        total_i2t = total_i2t - (row[i] - torch.logsumexp(row, 0))
+        col = torch.stack([scale * torch.dot(txt[i], img[j]) for j in range(n)])
+        total_t2i = total_t2i - (col[i] - torch.logsumexp(col, 0))
+    return 0.5 * (total_i2t / n + total_t2i / n)
+
+
+def _ref_tsl(region, crop, span, sent):
+    n = region.shape[0]
+    img = sum((1 - torch.dot(region[b], crop[b]) / (region[b].norm() * crop[b].norm())) ** 2 for b in range(n)) / n
+    txt = sum((1 - torch.dot(span[b], sent[b]) / (span[b].norm() * sent[b].norm())) ** 2 for b in range(n)) / n
+    return img + txt
+
+
+def _close_with_grads(out, ref, inputs):
+    assert torch.allclose(out, ref, atol=1e-10, rtol=1e-10), (out, ref)
+    g_out = torch.autograd.grad(out, inputs, retain_graph=True)
+    g_ref = torch.autograd.grad(ref, inputs, retain_graph=True)
+    for a, b in zip(g_out, g_ref):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_contrastive_matches_loop():
+    img, txt = _unit(6, 8, seed=1), _unit(6, 8, seed=2)
+    log_scale = torch.tensor(math.log(20.0), dtype=torch.float64, requires_grad=True)
+    _close_with_grads(goal.contrastive_loss(img, txt, log_scale), _ref_contrastive(img, txt, log_scale),
+                      (img, txt, log_scale))
+
+
+def test_tsl_matches_loop():
+    # raw vectors in, normalised before the loss; the reference computes cosines from norms itself
+    raw = [torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(s)).requires_grad_(True)
+           for s in range(4)]
+    out, parts = goal.tsl_loss(*(F.normalize(x, dim=-1) for x in raw))
+    _close_with_grads(out, _ref_tsl(*raw), raw)
+    region, crop, span, sent = (F.normalize(x, dim=-1) for x in raw)
+    assert set(parts) == {"tsl_img", "tsl_txt"}
+    # identical pairs give zero loss
+    same, _ = goal.tsl_loss(crop, crop, sent, sent)
+    assert same.item() < 1e-20
+
+
+def test_goal_loss_total_and_zero_weights():
+    embs = [_unit(4, 8, seed=s) for s in range(6)]
+    log_scale = torch.tensor(math.log(10.0), dtype=torch.float64, requires_grad=True)
+    out, parts = goal.goal_loss(*embs, log_scale, local_weight=0.5, tsl_weight=1.0)
+    img, txt, crop, sent, region, span = embs
+    tsl_ref = (sum((1 - torch.dot(region[b], crop[b])) ** 2 for b in range(4)) / 4
+               + sum((1 - torch.dot(span[b], sent[b])) ** 2 for b in range(4)) / 4)
+    ref = (_ref_contrastive(img, txt, log_scale) + 0.5 * _ref_contrastive(crop, sent, log_scale) + tsl_ref)
+    _close_with_grads(out, ref, (*embs, log_scale))
+    assert set(parts) == {"global", "local", "tsl_img", "tsl_txt", "total"}
+    plain, plain_parts = goal.goal_loss(*embs, log_scale, local_weight=0.0, tsl_weight=0.0)
+    assert torch.equal(plain, goal.contrastive_loss(img, txt, log_scale))
+    assert set(plain_parts) == {"global", "total"}
+
+
+# ---------------------------------------------------------------- position stretch
+def test_stretch_is_longclip_77_to_248():
+    pos = torch.randn(77, 16, dtype=torch.float64)
+    new = goal.stretch_positions(pos, 248, keep=20)
+    assert new.shape == (248, 16)
+    ref = torch.zeros(248, 16, dtype=torch.float64)
+    ref[:20] = pos[:20]
+    for i in range(56):
+        for r in range(4):
+            ref[20 + 4 * i + r] = (4 - r) / 4 * pos[20 + i] + r / 4 * pos[21 + i]
+    for r in range(4):
+        ref[244 + r] = pos[76] + r / 4 * (pos[76] - pos[75])
+    assert torch.allclose(new, ref, atol=1e-12)
+
+
+def _tiny_model():
+    import open_clip
+    torch.manual_seed(0)
+    return open_clip.create_model(
+        "ViT-B-32", embed_dim=64, vision_cfg=dict(image_size=64, patch_size=8, width=64, layers=1),
+        text_cfg=dict(context_length=32, width=64, heads=2, layers=1)).eval()
+
+
+def test_stretch_tiny_model_and_long_tokenizer():
+    import open_clip
+    model = _tiny_model()
+    old_pos = model.positional_embedding.detach().clone()
+    goal.stretch_text_positions(model, 104, keep=8)
+    assert model.positional_embedding.shape == (104, 64) and model.positional_embedding.requires_grad
+    assert torch.equal(model.positional_embedding[:8].detach(), old_pos[:8])
+    assert torch.allclose(model.positional_embedding[8 + 4 * 5].detach(), old_pos[8 + 5])  # originals land every 4
+    assert model.attn_mask.shape == (104, 104) and model.context_length == 104
+    tok = open_clip.get_tokenizer("ViT-B-32", context_length=104)
+    long_text = ". ".join(["a small red circle is to the left of a large blue square"] * 5) + "."
+    ids = tok([long_text, "a circle"])
+    assert ids.shape == (2, 104) and (ids[0] != 0).sum() > 32  # longer than the old context, not truncated
+    with torch.no_grad():
+        pooled, tokens = goal.encode_text_with_tokens(model, ids)
+        assert torch.allclose(pooled, model.encode_text(ids), atol=1e-5)
+    assert tokens.shape == (2, 104, 64)
+
+
+def test_image_tokens_one_pass_matches_encode_image():
+    model = _tiny_model()
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        pooled, tokens = goal.encode_image_with_tokens(model, images)
+        assert torch.allclose(pooled, model.encode_image(images), atol=1e-5)
+    assert tokens.shape == (3, 1 + 64, 64)
+
+
+# ---------------------------------------------------------------- box -> patch grid
+def _ref_patch_mask(box, image_size, patch):
+    grid = image_size // patch
+    x1, y1, x2, y2 = box
+    mask = torch.zeros(grid * grid, dtype=torch.bool)
+    for row in range(grid):
+        for col in range(grid):
+            # a patch is selected when the box overlaps it with positive area
+            overlap_x = min(x2, (col + 1) * patch) - max(x1, col * patch)
+            overlap_y = min(y2, (row + 1) * patch) - max(y1, row * patch)
+            mask[row * grid + col] = overlap_x > 0 and overlap_y > 0
+    return mask
+
+
+def test_box_patch_mask_model_grid():
+    boxes = [[0, 0, 64, 64], [8, 16, 24, 40], [9.5, 3, 10.5, 60], [0, 0, 1, 1], [56, 56, 64, 64], [30, 2, 47.9, 17]]
+    mask = goal.box_patch_mask(torch.tensor(boxes), image_size=64, patch_size=8)
+    assert mask.shape == (6, 64)
+    for b, box in enumerate(boxes):
+        assert torch.equal(mask[b], _ref_patch_mask(box, 64, 8)), box
+    assert mask[0].all() and mask[1].sum() == 2 * 3
+    # ViT-B/16 at 224: 14x14 grid
+    big = goal.box_patch_mask(torch.tensor([[20.0, 40.0, 100.0, 60.0]]), image_size=224, patch_size=16)
+    assert torch.equal(big[0], _ref_patch_mask([20, 40, 100, 60], 224, 16))
+
+
+def test_box_patch_mask_released_runs_to_corner():
+    # the release divides by the crop's own size: x2 * S / w >= S, so the region always reaches the last column/row
+    rel = goal.box_patch_mask(torch.tensor([[689.0, 802.0, 973.0, 1500.0]]), image_size=224, patch_size=16,
+                              released=True)
+    assert rel[0].nonzero().flatten().tolist() == [13 * 14 + 13]  # goal.md: this DCI box maps to patch (13, 13)
+    rel = goal.box_patch_mask(torch.tensor([[8.0, 8.0, 24.0, 24.0]]), image_size=64, patch_size=8, released=True)
+    grid = rel[0].view(8, 8)
+    # 16-px cells on an 8-px grid: selects cells by 16-px indices, clamped to the 8x8 grid
+    assert grid.any() and not torch.equal(rel[0], _ref_patch_mask([8, 8, 24, 24], 64, 8))
+
+
+# ---------------------------------------------------------------- region / span pooling and TSL on the model
+def test_region_and_span_embed_match_loops():
+    model = _tiny_model().double()
+    tokens = torch.randn(2, 65, 64, dtype=torch.float64)
+    mask = goal.box_patch_mask(torch.tensor([[8.0, 16.0, 24.0, 40.0], [0.0, 0.0, 64.0, 8.0]]), 64, 8)
+    out = goal.region_embed(model, tokens, mask)
+    for b in range(2):
+        sel = [tokens[b, 1 + k] for k in range(64) if mask[b, k]]
+        ref = model.visual.ln_post(sum(sel) / len(sel)) @ model.visual.proj
+        assert torch.allclose(out[b], ref, atol=1e-10)
+    text_tokens = torch.randn(2, 32, 64, dtype=torch.float64)
+    spans = torch.tensor([[1, 5], [7, 20]])
+    out = goal.span_embed(model, text_tokens, spans)
+    for b in range(2):
+        s, e = spans[b].tolist()
+        ref = model.ln_final(sum(text_tokens[b, p] for p in range(s, e)) / (e - s)) @ model.text_projection
+        assert torch.allclose(out[b], ref, atol=1e-10)
+
+
+def test_tsl_on_tiny_model_reaches_both_paths():
+    model = _tiny_model()
+    images, crops = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    texts = torch.randint(1, 40000, (2, 32))
+    texts[:, 0], texts[:, 20] = 49406, 49407
+    sents = torch.randint(1, 40000, (2, 32))
+    sents[:, 0], sents[:, 6] = 49406, 49407
+    _, img_tokens = goal.encode_image_with_tokens(model, images)
+    crop_emb, _ = goal.encode_image_with_tokens(model, crops)
+    _, txt_tokens = goal.encode_text_with_tokens(model, texts)
+    sent_emb, _ = goal.encode_text_with_tokens(model, sents)
+    mask = goal.box_patch_mask(torch.tensor([[8.0, 8.0, 32.0, 32.0]] * 2), 64, 8)
+    region = F.normalize(goal.region_embed(model, img_tokens, mask), dim=-1)
+    span = F.normalize(goal.span_embed(model, txt_tokens, torch.tensor([[1, 6], [6, 12]])), dim=-1)
+    loss, _ = goal.tsl_loss(region, F.normalize(crop_emb, dim=-1), span, F.normalize(sent_emb, dim=-1))
+    loss.backward()
+    for p in (model.visual.conv1.weight, model.visual.ln_post.weight, model.visual.proj,
+              model.token_embedding.weight, model.ln_final.weight, model.text_projection):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- 2 gloo processes == 1 process
+def _features(seed, n=8, d=8):
+    g = torch.Generator().manual_seed(seed)
+    return [F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1) for _ in range(6)]
+
+
+def _rank_fn(rank, world_size, seed):
+    import common
+    feats = _features(seed)
+    n = feats[0].shape[0] // world_size
+    local = [f[rank * n:(rank + 1) * n].clone().requires_grad_(True) for f in feats]
+    gathered = [common.gather_features(x) for x in local]
+    log_scale = torch.tensor(math.log(30.0), dtype=torch.float64)
+    loss, _ = goal.goal_loss(*gathered, log_scale, local_weight=0.5, tsl_weight=1.0)
+    grads = torch.autograd.grad(loss, local)
+    return loss.item(), [g.detach() for g in grads]
+
+
+@pytest.mark.skipif(not HAVE_COMMON, reason="common.py (run_cpu_processes) not available yet")
+def test_two_processes_equal_one():
+    import common
+    feats = [f.requires_grad_(True) for f in _features(7)]
+    log_scale = torch.tensor(math.log(30.0), dtype=torch.float64)
+    loss, _ = goal.goal_loss(*feats, log_scale, local_weight=0.5, tsl_weight=1.0)
+    full_grads = torch.autograd.grad(loss, feats)
+    results = common.run_cpu_processes(_rank_fn, 2, 7)
+    for rank, (rank_loss, rank_grads) in enumerate(results):
+        assert abs(rank_loss - loss.item()) < 1e-10
+        for g_rank, g_full in zip(rank_grads, full_grads):
+            assert torch.allclose(g_rank, g_full[rank * 4:(rank + 1) * 4], atol=1e-10)
