@@ -1,0 +1,297 @@
+"""C2LIP: concept-centric fine-tuning of CLIP/SigLIP, no hard negatives.
+
+Paper: H. X. Pham, D. T. Hoffmann, R. Guerrero, B. Martinez, "No Hard Negatives Required: Concept Centric
+Learning Leads to Compositionality without Degrading Zero-shot Capabilities of Contrastive Models",
+CVPR 2026, arXiv 2603.25722. Official code: github.com/SamsungLabs/concept_centric_clip (not copied here).
+
+The idea in five lines:
+  1. Every caption is split into concepts: its noun phrases ("a small red circle"), found with spaCy.
+  2. Each concept string is encoded on its own by the text tower: c_k = normalize(TextEncoder(concept_k)).
+  3. L_npc: the global image embedding v_i must match the concepts of its own caption (several positives)
+     and reject every other concept in the batch, with SigLIP's sigmoid loss.
+  4. L_xac: a parameter-free cross-attention, with c_k as query over the image's patch embeddings, gives a
+     concept-specific image vector v^_i(c_k) that must match c_k, with the same labels.
+  5. Nothing is added at inference: the model is the plain CLIP/SigLIP it started from.
+
+Total loss (t = logit scale, b = logit bias, l_ik = +1 if concept k comes from image i's caption, else -1):
+
+    L = L_con + w_npc * L_npc + w_xac * L_xac,     w_npc = 1.0, w_xac = 0.01 (official scripts)
+    L_con = SigLIP loss  -(1/B) sum_ij log sigmoid(l_ij (t <v_i, y_j> + b))     for SigLIP models,
+            CLIP InfoNCE (softmax over both directions)                          for CLIP models
+    L_npc = -(1/N) sum_i sum_k log sigmoid(l_ik (t <v_i, c_k> + b))
+    L_xac = -(1/N) sum_i sum_k log sigmoid(l_ik (t <v^_i(c_k), c_k> + b))
+    v^_i(c_k) = normalize(sum_j a_ikj u_ij),  a_ikj = softmax_j(<c_k, u_ij> / tau),  tau = 1
+
+B images and N concepts are counted over the whole (gathered) batch; u_ij are the L2-normalized patch
+embeddings of image i in the joint space:
+  - CLIP towers: ln_post and the visual projection applied to every patch token (common.encode_image_tokens).
+  - open_clip SigLIP towers (timm MAP head): the head's value path, output projection and residual MLP applied
+    to every token, with the latent query/key attention skipped (MaskCLIP-style identity attention).
+
+Scale and bias. SigLIP models use their own logit_scale and logit_bias for all three losses (paper). A CLIP
+model has no bias and its softmax temperature (t ~ 100 for OpenAI weights) is not a calibrated sigmoid scale,
+so by default it gets a small `ConceptLogits` module with one learnable bias b (init -10) and one learnable
+scale t (init 10) used only by the sigmoid terms: exactly SigLIP's initialization (spec section 6.4,
+option 1 with a separate scale). `--concept-scale shared` instead reuses the CLIP logit_scale with the new
+bias (one new scalar). These scalars are training-only: they are saved in checkpoints as method state and are
+not part of the exported open_clip weights.
+
+Differences from the official code (the paper's intent is the default):
+  - NPC uses the gathered image embeddings. The release uses the local ones with global concept indices,
+    which indexes out of bounds on more than one GPU (no flag: it would only reproduce a crash).
+  - XAC is one batched einsum over chunks of concepts (memory bounded by --xac-chunk); the release loops over
+    concepts with one bmm each. Same numbers (tests/test_c2lip.py), ratio in tests/bench.py.
+  - Concepts are spaCy noun chunks (data.extract_concepts); the paper's extractor is proprietary and the
+    repo substitutes an LLM prompt. A caption without concepts falls back to the whole caption (as the repo).
+  - Precision: bf16 autocast with fp32 master weights (project-wide). The release casts the whole model to
+    bf16 weights (`--precision bf16` in open_clip), where many lr 1e-5 updates round away (spec 4.2).
+
+Run:
+    python c2lip.py                                          # shapes world, cached tiny base model, CPU ok
+    python c2lip.py --w-npc 0 --w-xac 0                      # the baseline: plain fine-tuning, same data
+    python c2lip.py --data coco --data-root DIR --gpus 8     # paper settings (SigLIP ViT-B/16 webli)
+    python c2lip.py --data coco --data-root DIR --gpus 8 --model ViT-B-32-quickgelu --pretrained openai
+    torchrun --nproc_per_node 8 c2lip.py --data coco --data-root DIR          # same, launched by torchrun
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 c2lip.py --data coco --data-root DIR
+    python c2lip.py --resume runs/c2lip-shapes/last.pt                  # continue an interrupted run
+    python eval.py --model ViT-B-16-SigLIP --pretrained runs/.../final.pt --eval sugarcrepe,imagenet
+"""
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+import common
+import data
+import eval as evaluation
+
+# ----------------------------------------------------------------------------------------------------------
+# Defaults. Real data: the paper's recipe (spec section 4.1, official scripts/train_full_model_*.sh).
+# Shapes: the project-wide shapes budget (common.SHAPES_DEFAULTS) so every method runs at the same cost.
+# ----------------------------------------------------------------------------------------------------------
+PAPER_DEFAULTS = dict(
+    model="ViT-B-16-SigLIP",  # open_clip CustomTextCLIP, timm vit_base_patch16_siglip_224 + MAP head (paper)
+    pretrained="webli",  # SigLIP WebLI weights (paper); needs the network on first use
+    lr=1e-5,  # peak learning rate (official scripts)
+    wd=0.1,  # AdamW weight decay, not on biases/norms/scale (open_clip_train default used by the scripts)
+    warmup=50,  # linear warmup steps, then cosine (official scripts)
+    epochs=5,  # CC3M epochs (official scripts); 8 GPUs x 96 = 768 global batch
+    batch_size=96,  # per GPU (official scripts)
+    eval="sugarcrepe,imagenet,coco_retrieval,flickr_retrieval",  # the paper's benchmark families
+)
+C2LIP_DEFAULTS = dict(
+    w_npc=1.0,  # weight of L_npc (official --npc-loss-scale)
+    w_xac=0.01,  # weight of L_xac (official --xac-loss-scale)
+    xac_temperature=1.0,  # tau of the concept->patch softmax (official smooth=1, no extra scaling)
+    xac_chunk=64,  # concepts per einsum chunk: bounds XAC memory to chunk x B x max(P, D) (spec 3.6)
+    concept_scale="own",  # CLIP models: 'own' sigmoid scale+bias (SigLIP init) or 'shared' logit_scale + bias
+    concept_bias_init=-10.0,  # SigLIP's init_logit_bias (SigLIP paper; open_clip ViT-B-16-SigLIP config)
+    concept_scale_init=math.log(10.0),  # SigLIP's init_logit_scale (open_clip_train --siglip)
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses: pure functions of gathered, L2-normalized features. No distributed calls inside.
+# ----------------------------------------------------------------------------------------------------------
+def concept_labels(concept_owner, num_images):
+    """l_ik = +1 if concept k was extracted from image i's caption, else -1.
+
+    concept_owner: (N,) long, index of each concept's image in the batch. Returns (B, N) float in {-1, +1}.
+    """
+    images = torch.arange(num_images, device=concept_owner.device)
+    return (images[:, None] == concept_owner[None, :]).float() * 2.0 - 1.0
+
+
+def siglip_loss(image_emb, text_emb, logit_scale, logit_bias):
+    """SigLIP's sigmoid loss on image-caption pairs (paper L_con for SigLIP models).
+
+    L_con = -(1/B) sum_i sum_j log sigmoid(l_ij (t <v_i, y_j> + b)),  l_ij = +1 if i == j else -1.
+    image_emb: (B, D) L2-normalized v_i; text_emb: (B, D) L2-normalized y_j (row i is image i's caption);
+    logit_scale: scalar tensor t (already exponentiated); logit_bias: scalar tensor b.
+    """
+    logits = logit_scale * image_emb @ text_emb.t() + logit_bias
+    labels = 2.0 * torch.eye(len(image_emb), device=logits.device, dtype=logits.dtype) - 1.0
+    loss = -F.logsigmoid(labels * logits).sum() / len(image_emb)
+    return loss, {"con": loss.item()}
+
+
+def npc_loss(image_emb, concept_emb, concept_owner, logit_scale, logit_bias):
+    """Noun-phrase concept loss: multi-positive sigmoid loss, global image embedding vs every concept.
+
+    L_npc = -(1/N) sum_{i=1..B} sum_{k=1..N} log sigmoid(l_ik (t <v_i, c_k> + b)).
+    image_emb: (B, D) L2-normalized v_i; concept_emb: (N, D) L2-normalized c_k; concept_owner: (N,) long in
+    [0, B); logit_scale t and logit_bias b: scalar tensors. A phrase that occurs in two captions is a positive
+    for its own image only (no deduplication, as in the paper).
+    """
+    logits = logit_scale * image_emb @ concept_emb.t() + logit_bias
+    labels = concept_labels(concept_owner, len(image_emb)).to(logits.dtype)
+    loss = -F.logsigmoid(labels * logits).sum() / len(concept_emb)
+    return loss, {"npc": loss.item()}
+
+
+def xac_similarity(patch_emb, concept_emb, temperature=1.0, chunk_size=64, recompute=False):
+    """Parameter-free cross-modal attention pooling, scored against the query concept.
+
+    s_ikj = <c_k, u_ij>;  a_ikj = softmax_j(s_ikj / tau);  p_ik = sum_j a_ikj u_ij;  v^_i(c_k) = p_ik / |p_ik|
+    returns cos_ik = <v^_i(c_k), c_k> as a (B, N) tensor.
+    patch_emb: (B, P, D) L2-normalized u_ij; concept_emb: (N, D) L2-normalized c_k; temperature: tau.
+    Concepts are processed chunk_size at a time with two einsums (no loop over single concepts), so the
+    intermediate tensors are at most chunk_size x B x max(P, D). With recompute=True each chunk runs under
+    activation checkpointing, which also bounds what autograd keeps for the backward pass (at the cost of a
+    second forward of this cheap function).
+    """
+
+    def score_chunk(patches, concepts):
+        sim = torch.einsum("kd,bpd->kbp", concepts, patches)  # (K, B, P)
+        attn = torch.softmax(sim / temperature, dim=-1)
+        pooled = F.normalize(torch.einsum("kbp,bpd->kbd", attn, patches), dim=-1)  # (K, B, D)
+        return torch.einsum("kbd,kd->bk", pooled, concepts)  # (B, K)
+
+    columns = []
+    for start in range(0, len(concept_emb), chunk_size):
+        chunk = concept_emb[start:start + chunk_size]
+        if recompute and torch.is_grad_enabled():
+            columns.append(torch.utils.checkpoint.checkpoint(score_chunk, patch_emb, chunk, use_reentrant=False))
+        else:
+            columns.append(score_chunk(patch_emb, chunk))
+    return torch.cat(columns, dim=1)
+
+
+def xac_loss(patch_emb, concept_emb, concept_owner, logit_scale, logit_bias, temperature=1.0, chunk_size=64,
+             recompute=False):
+    """Cross-attention concept loss: the concept-pooled image vector against its query concept.
+
+    L_xac = -(1/N) sum_{i=1..B} sum_{k=1..N} log sigmoid(l_ik (t <v^_i(c_k), c_k> + b))   (v^ from xac_similarity).
+    patch_emb: (B, P, D) L2-normalized; concept_emb: (N, D) L2-normalized; concept_owner: (N,) long in [0, B);
+    logit_scale t, logit_bias b: scalar tensors. Negatives: image i' != owner pooled by concept k.
+    """
+    logits = logit_scale * xac_similarity(patch_emb, concept_emb, temperature, chunk_size, recompute) + logit_bias
+    labels = concept_labels(concept_owner, len(patch_emb)).to(logits.dtype)
+    loss = -F.logsigmoid(labels * logits).sum() / len(concept_emb)
+    return loss, {"xac": loss.item()}
+
+
+def c2lip_loss(image_emb, text_emb, patch_emb, concept_emb, concept_owner, logit_scale, logit_bias,
+               concept_scale, concept_bias, w_npc=1.0, w_xac=0.01, temperature=1.0, chunk_size=64,
+               recompute=False):
+    """Total C2LIP loss L = L_con + w_npc L_npc + w_xac L_xac (shapes as in the functions above).
+
+    logit_bias is None for CLIP models: L_con is then CLIP's InfoNCE with scale logit_scale; otherwise it is
+    the SigLIP loss with (logit_scale, logit_bias). The concept losses use (concept_scale, concept_bias), which
+    for SigLIP models are the same two scalars. A zero weight skips its term (w_npc = w_xac = 0 is plain
+    fine-tuning).
+    """
+    if logit_bias is None:
+        loss = common.clip_loss(image_emb, text_emb, logit_scale)
+        parts = {"con": loss.item()}
+    else:
+        loss, parts = siglip_loss(image_emb, text_emb, logit_scale, logit_bias)
+    if w_npc:
+        npc, npc_parts = npc_loss(image_emb, concept_emb, concept_owner, concept_scale, concept_bias)
+        loss = loss + w_npc * npc
+        parts.update(npc_parts)
+    if w_xac:
+        xac, xac_parts = xac_loss(patch_emb, concept_emb, concept_owner, concept_scale, concept_bias,
+                                  temperature, chunk_size, recompute)
+        loss = loss + w_xac * xac
+        parts.update(xac_parts)
+    parts["loss"] = loss.item()
+    return loss, parts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model glue: concept embeddings, patch embeddings (CLIP and SigLIP towers), the concept logit scalars.
+# ----------------------------------------------------------------------------------------------------------
+class ConceptLogits(nn.Module):
+    """The sigmoid scale t and bias b of L_npc / L_xac for a CLIP model (SigLIP models use their own).
+
+    mode 'own': t = exp(log_scale) with log_scale a new parameter (init ln 10) and a new bias (init -10):
+    SigLIP's initialization. mode 'shared': t is the CLIP model's logit_scale, only the bias is new.
+    """
+
+    def __init__(self, mode="own", scale_init=math.log(10.0), bias_init=-10.0):
+        super().__init__()
+        self.mode = mode
+        self.logit_bias = nn.Parameter(torch.tensor(float(bias_init)))
+        self.logit_scale = nn.Parameter(torch.tensor(float(scale_init))) if mode == "own" else None
+
+    def forward(self, model_logit_scale):
+        scale = model_logit_scale if self.logit_scale is None else self.logit_scale.exp()
+        return scale, self.logit_bias
+
+    @torch.no_grad()
+    def clamp_(self):
+        if self.logit_scale is not None:  # same [0, ln 100] clamp as the model's scale (official train.py)
+            self.logit_scale.clamp_(0, math.log(100))
+
+
+def is_siglip_tower(model):
+    """True for open_clip towers whose timm trunk pools with a MAP head (AttentionPoolLatent)."""
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    return getattr(trunk, "attn_pool", None) is not None and hasattr(trunk.attn_pool, "kv")
+
+
+def encode_image_siglip_tokens(model, images):
+    """Pooled embedding and per-token embeddings of an open_clip timm tower with a MAP head (SigLIP).
+
+    Normal output: o = proj(MHA(latent, W_k x, W_v x)); v = o + MLP(LN(o)). Per-token (spec section 2.1):
+    u_j = proj(W_v x_j + b_v); u_j <- u_j + MLP(LN(u_j)), i.e. the same head with the latent query-key
+    attention replaced by identity. x_j are the trunk tokens after its final norm (the MAP head's input).
+    Returns (pooled (B, D), tokens (B, P, D)), joint space, not normalized.
+    """
+    visual = model.visual
+    trunk = visual.trunk
+    tokens = trunk.forward_features(images)
+    pooled = visual.head(trunk.forward_head(tokens))
+    head = trunk.attn_pool
+    if not trunk.pool_include_prefix:
+        tokens = tokens[:, trunk.num_prefix_tokens:]
+    if head.pos_embed is not None:
+        tokens = tokens + head.pos_embed.unsqueeze(0).to(tokens.dtype)
+    width = head.kv.out_features // 2
+    values = head.kv(tokens)[..., width:]  # the per-head values, concatenated in head order
+    per_token = head.proj(values)
+    per_token = per_token + head.mlp(head.norm(per_token))
+    per_token = visual.head(trunk.head(trunk.fc_norm(per_token)))  # identities for SigLIP, kept for generality
+    return pooled, per_token
+
+
+def encode_image_with_patches(model, images):
+    """(pooled (B, D), patches (B, P, D)), both L2-normalized, for CLIP or SigLIP towers."""
+    if is_siglip_tower(model):
+        pooled, patches = encode_image_siglip_tokens(model, images)
+    else:
+        pooled, patches = common.encode_image_tokens(model, images)
+    return F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1)
+
+
+def gather_concepts(concept_emb, concept_owner, local_batch_size):
+    """All ranks' concepts in rank order; the local slice keeps its gradient; owners index the gathered batch.
+
+    concept_emb: (N_local, D); concept_owner: (N_local,) long in [0, local_batch_size). Counts differ per rank,
+    so the concepts are padded to the largest count, gathered with common.gather_features and un-padded.
+    """
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return concept_emb, concept_owner
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return concept_emb, concept_owner
+    device = concept_emb.device
+    sizes = torch.tensor([len(concept_emb), local_batch_size], device=device, dtype=torch.long)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
+    torch.distributed.all_gather(all_sizes, sizes)
+    counts = [int(s[0]) for s in all_sizes]
+    image_offsets = torch.tensor([0] + [int(s[1]) for s in all_sizes], device=device).cumsum(0)
+    longest = max(counts)
+    pad = longest - len(concept_emb)
+    padded_emb = torch.cat([concept_emb, concept_emb.new_zeros(pad, concept_emb.shape[1])])
+    padded_owner = torch.cat([concept_owner, concept_owner.new_zeros(pad)])
+    all_emb = common.gather_features(padded_emb)  # (world * longest, D), local slice differentiable
+    all_owner = [torch.zeros_like(padded_owner) for _ in range(world)]
+    torch.distributed.all_gather(all_owner, padded_owner)
+    keep_emb = [all_emb[r * longest:r * longest + counts[r]] for r in range(world)]
+    keep_owner = [all_owner[r][:counts[r]] + image_offsets[r] for r in range(world)]
+    return torch.cat(keep_emb), torch.cat(keep_owner)
