@@ -230,7 +230,7 @@ def _rank_fn(rank, world_size, seed):
     log_scale = torch.tensor(math.log(30.0), dtype=torch.float64)
     loss, _ = goal.goal_loss(*gathered, log_scale, local_weight=0.5, tsl_weight=1.0)
     grads = torch.autograd.grad(loss, local)
-    return loss.item(), [g.detach() for g in grads]
+    return loss.item(), [g.detach().numpy() for g in grads]  # numpy: tensors would travel via shared memory
 
 
 @pytest.mark.skipif(not HAVE_COMMON, reason="common.py (run_cpu_processes) not available yet")
@@ -244,4 +244,4 @@ def test_two_processes_equal_one():
     for rank, (rank_loss, rank_grads) in enumerate(results):
         assert abs(rank_loss - loss.item()) < 1e-10
         for g_rank, g_full in zip(rank_grads, full_grads):
-            assert torch.allclose(g_rank, g_full[rank * 4:(rank + 1) * 4], atol=1e-10)
+            assert torch.allclose(torch.from_numpy(g_rank), g_full[rank * 4:(rank + 1) * 4], atol=1e-10)
