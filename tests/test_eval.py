@@ -1,0 +1,465 @@
+"""Tests for eval.py: every loader and scorer on tiny fixtures written in the official formats.
+
+The model is a fake whose scores we control: image i is a solid colour (i, 0, 0), and the fake
+`encode_image` reads the red value back to look up image i's embedding; `encode_text` looks up the
+text's embedding by the string. So every expected accuracy below is computed by hand.
+"""
+import json
+import math
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision.transforms as T
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import eval as ev  # noqa: E402
+
+D = 4
+
+
+def unit(score):
+    """A text vector whose cosine with the default image vector e0 is exactly `score`."""
+    return [score, math.sqrt(max(0.0, 1 - score * score)), 0.0, 0.0]
+
+
+E0, E1, E2 = [1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]
+
+
+class FakeTokenizer:
+    """Maps each distinct string to an integer id (a (N, 1) "token" tensor)."""
+
+    def __init__(self):
+        self.texts, self.ids = [], {}
+
+    def __call__(self, texts):
+        out = []
+        for t in texts:
+            if t not in self.ids:
+                self.ids[t] = len(self.texts)
+                self.texts.append(t)
+            out.append(self.ids[t])
+        return torch.tensor(out, dtype=torch.long)[:, None]
+
+
+class FakeModel(nn.Module):
+    """encode_image / encode_text like open_clip, with embeddings chosen by the test."""
+
+    def __init__(self, tokenizer, image_vecs=None, text_vecs=None, default_image=E0, default_text=unit(0.5)):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.image_vecs, self.text_vecs = image_vecs or {}, text_vecs or {}
+        self.default_image, self.default_text = default_image, default_text
+        self.images_encoded = 0
+
+    def encode_image(self, images, normalize=False):
+        self.images_encoded += len(images)
+        ids = (images[:, 0, 0, 0] * 255).round().long().tolist()
+        x = torch.tensor([self.image_vecs.get(i, self.default_image) for i in ids], dtype=torch.float32)
+        return nn.functional.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens, normalize=False):
+        vec = self.text_vecs if not callable(self.text_vecs) else None
+        rows = []
+        for i in tokens[:, 0].tolist():
+            t = self.tokenizer.texts[i]
+            rows.append(self.text_vecs(t) if vec is None else vec.get(t, self.default_text))
+        x = torch.tensor(rows, dtype=torch.float32)
+        return nn.functional.normalize(x, dim=-1) if normalize else x
+
+
+def fake(image_vecs=None, text_vecs=None, **kw):
+    tok = FakeTokenizer()
+    return FakeModel(tok, image_vecs, text_vecs, **kw), tok
+
+
+TF = T.Compose([T.Resize((8, 8), interpolation=T.InterpolationMode.NEAREST), T.ToTensor()])  # like a real val transform: fixed size
+
+
+def draw(path, i, size=8):
+    """Image number i: a solid (i, 0, 0) square, saved losslessly (PNG bytes, whatever the extension)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), (i, 0, 0)).save(path, format="PNG")
+
+
+def run(model, tok, bench, root, **kw):
+    return ev.evaluate(model, tok, TF, bench, root=root, device="cpu", batch_size=4, workers=0, **kw)
+
+
+# ---------- generic scorers ----------
+
+def test_binary_and_multiple_choice_rules():
+    img = torch.tensor([E0, E0, E0])
+    pos = torch.tensor([unit(0.9), unit(0.5), unit(0.1)])
+    neg = torch.tensor([unit(0.1), unit(0.5), unit(0.9)])
+    assert ev.binary_choice_correct(img, pos, neg).tolist() == [True, False, False]  # tie is wrong
+    assert ev.binary_choice_accuracy(img, pos, neg) == pytest.approx(100 / 3)
+    # ARO VG-R: options [false, true], answer 1; a tie picks index 0 -> wrong
+    opts = torch.stack([neg, pos], dim=1)
+    assert ev.multiple_choice_correct(img, opts, 1).tolist() == [True, False, False]
+    # ARO order: 5 options, answer 0; a tie with the original picks index 0 -> correct
+    five = torch.tensor([[unit(0.5), unit(0.5), unit(0.2), unit(0.1), unit(0.0)],
+                         [unit(0.5), unit(0.6), unit(0.2), unit(0.1), unit(0.0)]])
+    assert ev.multiple_choice_correct(torch.tensor([E0, E0]), five, 0).tolist() == [True, False]
+    assert ev.multiple_choice_accuracy(torch.tensor([E0, E0]), five, 0) == 50.0
+
+
+def test_retrieval_recall_clip_convention():
+    images = torch.eye(4)[:3]                      # 3 images: e0, e1, e2
+    owner = [0, 0, 1, 1, 2]                        # captions 0,1 -> image 0; 2,3 -> image 1; 4 -> image 2
+    texts = torch.nn.functional.normalize(torch.tensor([
+        [0.1, 1.0, 0.0, 0.0],    # cap0 (image 0): img1 > img0 > img2
+        [1.0, 0.0, 0.0, 0.0],    # cap1 (image 0): img0 first
+        [1.0, 0.2, 0.0, 0.0],    # cap2 (image 1): img0 > img1
+        [0.0, 0.05, 1.0, 0.0],   # cap3 (image 1): img2 > img1
+        [0.3, 0.1, 0.05, 1.0],   # cap4 (image 2): img0 > img1 > img2
+    ]), dim=-1)
+    r = ev.retrieval_recall(images, texts, owner, ks=(1, 2, 3))
+    # image->text: img0 top caption is cap1 (own); img1 ranks cap0 then cap2 (own); img2 ranks cap3 then cap4 (own)
+    assert r["i2t_R@1"] == pytest.approx(100 / 3) and r["i2t_R@2"] == 100.0
+    # text->image: only cap1 at rank 1; cap0, cap2, cap3 at rank 2; cap4 at rank 3
+    assert (r["t2i_R@1"], r["t2i_R@2"], r["t2i_R@3"]) == pytest.approx((20.0, 80.0, 100.0))
+    assert r["rsum"] == pytest.approx(sum(v for k, v in r.items() if k != "rsum"))
+    # image 0 missing: its queries and captions are wrong, and it is no longer a candidate, so cap2 now
+    # finds image 1 first (hit) while cap4 finds image 1 before image 2 (miss)
+    r2 = ev.retrieval_recall(images, texts, owner, ks=(1,), image_found=torch.tensor([False, True, True]))
+    assert r2["i2t_R@1"] == 0.0
+    assert r2["t2i_R@1"] == pytest.approx(20.0)
+
+
+def test_retrieval_missing_image_excluded_as_candidate():
+    images = torch.eye(2)
+    texts = torch.tensor([[1.0, 0.0], [0.8, 0.6]])  # both closest to image 0
+    r = ev.retrieval_recall(images, texts, [0, 1], ks=(1,), image_found=torch.tensor([False, True]))
+    # caption 1 (image 1): image 0 is missing and removed from the candidates -> hit; caption 0 -> wrong
+    assert r["t2i_R@1"] == 50.0
+    assert r["i2t_R@1"] == 50.0  # image 1's top caption is caption 1; image 0 missing -> wrong
+
+
+def test_zero_shot_accuracy_in_memory_pil():
+    texts = {"a cat.": E0, "a dog.": E1}
+    model, tok = fake(image_vecs={0: E0, 1: E1, 2: E0}, text_vecs=texts)
+    images = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(3)]
+    out = ev.zero_shot_accuracy(model, tok, images, [0, 1, 1], ["cat", "dog"], ["a {}."], transform=TF, device="cpu")
+    assert out["acc1"] == pytest.approx(200 / 3)
+    assert out["acc5"] == 100.0
+    assert out["mean_per_class"] == pytest.approx(75.0)
+
+
+def test_encode_images_once_each_and_missing(tmp_path):
+    for i in range(3):
+        draw(tmp_path / f"{i}.jpg", i)
+    model, _ = fake(image_vecs={0: E0, 1: E1, 2: E2})
+    paths = [tmp_path / "0.jpg", tmp_path / "1.jpg", tmp_path / "nope.jpg", tmp_path / "2.jpg"]
+    emb, found = ev.encode_images(model, paths, TF, "cpu", batch_size=2, workers=0)
+    assert found.tolist() == [True, True, False, True]
+    assert torch.allclose(emb[[0, 1, 3]], torch.eye(4)[:3])
+    assert model.images_encoded == 3
+    # tensors and a DataLoader of tensors
+    x = torch.stack([TF(Image.new("RGB", (8, 8), (i, 0, 0))) for i in range(3)])
+    assert torch.allclose(ev.encode_images(model, x, batch_size=2)[0], torch.eye(4)[:3])
+    loader = torch.utils.data.DataLoader(x, batch_size=2)
+    assert torch.allclose(ev.encode_images(model, loader)[0], torch.eye(4)[:3])
+
+
+def test_encode_texts_dedup():
+    model, tok = fake(text_vecs={"a": E1, "b": E2})
+    emb = ev.encode_texts(model, tok, ["a", "b", "a"], device="cpu", batch_size=1)
+    assert torch.allclose(emb, torch.tensor([E1, E2, E1]))
+    assert len(tok.texts) == 2
+
+
+# ---------- SugarCrepe ----------
+
+def write_sugarcrepe(root, n_images=4, missing=()):
+    """Subset s gets items with pos score 0.9 or 0.1 vs neg 0.5; returns expected accuracies."""
+    texts, expected, counts = {}, {}, {}
+    for si, subset in enumerate(ev.SUGARCREPE_SUBSETS):
+        items, hits = {}, 0
+        n = 2 + si % 3
+        for j in range(n):
+            good = (j + si) % 2 == 0
+            pos, neg = f"{subset} pos {j}", f"{subset} neg {j}"
+            texts[pos], texts[neg] = unit(0.9 if good else 0.1), unit(0.5)
+            img = (j + si) % n_images
+            items[str(10 * j + 3)] = {"filename": f"{img:012d}.jpg", "caption": pos, "negative_caption": neg}
+            hits += good and img not in missing
+        (root / "sugarcrepe").mkdir(parents=True, exist_ok=True)
+        (root / "sugarcrepe" / f"{subset}.json").write_text(json.dumps(items))
+        expected[subset], counts[subset] = 100.0 * hits / n, n
+    for i in range(n_images):
+        if i not in missing:
+            draw(root / "coco/val2017" / f"{i:012d}.jpg", i)
+    (root / "coco/val2017").mkdir(parents=True, exist_ok=True)
+    return texts, expected, sum(counts.values())
+
+
+def test_sugarcrepe(tmp_path):
+    texts, expected, n = write_sugarcrepe(tmp_path)
+    model, tok = fake(text_vecs=texts)
+    r = run(model, tok, ["sugarcrepe"], tmp_path)["sugarcrepe"]
+    assert r["metrics"] == pytest.approx(expected)
+    assert r["n"] == n and r["missing"] == 0
+    assert r["summary"]["SWAP"] == pytest.approx((expected["swap_obj"] + expected["swap_att"]) / 2)
+    assert r["summary"]["REPLACE"] == pytest.approx(
+        (expected["replace_obj"] + expected["replace_att"] + expected["replace_rel"]) / 3)
+    assert model.images_encoded == 4  # each unique image once for the whole benchmark
+
+
+def test_sugarcrepe_missing_image_counted_wrong(tmp_path):
+    texts, expected, n = write_sugarcrepe(tmp_path, missing=(0,))
+    model, tok = fake(text_vecs=texts)
+    with pytest.warns(UserWarning, match="1 image"):
+        r = run(model, tok, "sugarcrepe", tmp_path)["sugarcrepe"]
+    assert r["missing"] == 1 and r["n"] == n
+    assert r["missing_paths"][0].endswith("000000000000.jpg")
+    assert r["metrics"] == pytest.approx(expected)
+
+
+# ---------- ARO ----------
+
+def aro_item(path, rel_or_attrs, true, false, box=(0, 0, 4, 4)):
+    it = {"image_path": path, "bbox_x": box[0], "bbox_y": box[1], "bbox_w": box[2], "bbox_h": box[3],
+          "true_caption": true, "false_caption": false}
+    if isinstance(rel_or_attrs, str):
+        it["relation_name"] = rel_or_attrs
+    else:
+        it["attributes"] = list(rel_or_attrs)
+    return it
+
+
+def test_vg_relation_and_attribution(tmp_path):
+    for i in range(2):
+        draw(tmp_path / f"aro/images/{i}.jpg", i)
+    texts = {}
+    rel = []
+    # relation "on": 3 items, 2 correct; relation "under": 1 item, a tie (-> wrong)
+    for j, (t, f) in enumerate([(0.9, 0.1), (0.8, 0.2), (0.1, 0.9)]):
+        texts[f"t on {j}"], texts[f"f on {j}"] = unit(t), unit(f)
+        rel.append(aro_item(f"{j % 2}.jpg", "on", f"t on {j}", f"f on {j}"))
+    texts["t under"], texts["f under"] = unit(0.5), unit(0.5)
+    rel.append(aro_item("1.jpg", "under", "t under", "f under", box=(2, 2, 3, 3)))
+    att = []
+    for j in range(25):   # pair red_blue: 25 items, 20 correct -> kept
+        ok = j < 20
+        texts[f"ta {j}"], texts[f"fa {j}"] = unit(0.9 if ok else 0.1), unit(0.5)
+        att.append(aro_item("0.jpg", ["red", "blue"], f"ta {j}", f"fa {j}", box=(0, 0, 2 + j % 5, 3)))
+    for j in range(3):    # pair big_small: 3 items, all wrong -> dropped by the >= 25 filter
+        texts[f"tb {j}"], texts[f"fb {j}"] = unit(0.1), unit(0.5)
+        att.append(aro_item("1.jpg", ["big", "small"], f"tb {j}", f"fb {j}"))
+    (tmp_path / "aro/visual_genome_relation.json").write_text(json.dumps(rel))
+    (tmp_path / "aro/visual_genome_attribution.json").write_text(json.dumps(att))
+    model, tok = fake(text_vecs=texts)
+    out = run(model, tok, ["vg_relation", "vg_attribution"], tmp_path)
+    vgr, vga = out["vg_relation"], out["vg_attribution"]
+    assert vgr["metrics"]["macro"] == pytest.approx((200 / 3 + 0) / 2)
+    assert vgr["metrics"]["micro"] == pytest.approx(50.0)
+    assert vga["metrics"]["macro"] == pytest.approx(80.0)
+    assert vga["metrics"]["micro"] == pytest.approx(100 * 20 / 28)
+    assert vga["summary"] == {"VG-Attribution": pytest.approx(80.0)}
+
+
+def test_pre_caption_and_order_perturbations():
+    assert ev.pre_caption('A "Dog" (big)  runs; fast!') == "a dog big runs fast"
+    assert ev.pre_caption(" ".join(str(i) for i in range(40))).split() == [str(i) for i in range(30)]
+    nlp = ev._nlp()
+    doc = nlp("a small red car parked next to a large white house")
+    rng = __import__("numpy").random.RandomState(0)
+    perts = ev.order_perturbations(doc, rng)
+    words = sorted(doc.text.split())
+    for p in perts:
+        assert sorted(p.split()) == words
+    # shuffle_nouns_and_adj keeps every noun in a noun slot and the other words in place
+    tags = [t.tag_ for t in doc]
+    for w, orig, tag in zip(perts[0].split(), doc.text.split(), tags):
+        if tag not in ev._NOUN_TAGS | ev._ADJ_TAGS:
+            assert w == orig
+    # shuffle_within_trigrams keeps each trigram's word set
+    for k in range(0, 12, 3):
+        assert sorted(perts[2].split()[k:k + 3]) == sorted(doc.text.split()[k:k + 3])
+
+
+def test_coco_and_flickr_order(tmp_path):
+    caps = ["A man riding a red horse on the beach.", "two small dogs play with a yellow ball in the park"]
+    texts = {ev.pre_caption(caps[0]): unit(1.0), ev.pre_caption(caps[1]): unit(0.0)}
+    draw(tmp_path / "coco/val2014/COCO_val2014_000000000001.jpg", 1)
+    draw(tmp_path / "flickr30k/flickr30k-images/7.jpg", 7)
+    (tmp_path / "aro").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "aro/coco_karpathy_test.json").write_text(json.dumps(
+        [{"image": "val2014/COCO_val2014_000000000001.jpg", "caption": caps}]))
+    (tmp_path / "aro/flickr30k_test.json").write_text(json.dumps(
+        [{"image": "flickr30k-images/7.jpg", "caption": caps[:1]}]))
+    model, tok = fake(text_vecs=texts)   # perturbations get the default 0.5
+    out = run(model, tok, ["aro"], tmp_path)["aro"]
+    assert out["metrics"]["coco_order/precision@1"] == 50.0
+    assert out["metrics"]["flickr30k_order/precision@1"] == 100.0
+    assert out["n"] == 3
+    assert "skipped" in out   # VG files absent -> the group says so
+
+
+# ---------- VALSE ----------
+
+def test_valse_mturk_filter(tmp_path):
+    texts, expected = {}, {}
+    sources = {"existence": "visual7w", "plurals": "coco2017", "foil-it": "FOIL dataset", "actant-swap": "SWiG"}
+    for pi, piece in enumerate(ev.VALSE_PIECES):
+        dataset = sources.get(piece, "VisDial_v1.0")
+        folder = ev.VALSE_IMAGE_DIRS[dataset]
+        draw(tmp_path / f"valse/images/{folder}/img{pi}.jpg", pi)
+        items = {}
+        for j in range(3):   # j=0 correct, j=1 wrong, j=2 correct but mturk-invalid (dropped)
+            cap, foil = f"{piece} cap {j}", f"{piece} foil {j}"
+            texts[cap], texts[foil] = unit(0.9 if j != 1 else 0.1), unit(0.5)
+            items[f"{piece}_{j}"] = {"dataset": dataset, "image_file": f"img{pi}.jpg", "caption": cap, "foil": foil,
+                                     "classes": None, "classes_foil": None, "linguistic_phenomena": piece,
+                                     "original_split": "test", "mturk": {"caption": 1 if j == 2 else 2 + j % 2,
+                                                                         "foil": 0, "other": 0}}
+        (tmp_path / "valse/data").mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"valse/data/{piece}.json").write_text(json.dumps(items))
+    model, tok = fake(text_vecs=texts)
+    r = run(model, tok, ["valse"], tmp_path)["valse"]
+    assert r["n"] == 22
+    assert all(v == 50.0 for v in r["metrics"].values()) and len(r["metrics"]) == 11
+    assert r["summary"]["average"] == 50.0
+
+
+# ---------- VL-CheckList ----------
+
+def test_vlchecklist(tmp_path):
+    draw(tmp_path / "vl-checklist/images/vg/VG_100K/1.jpg", 1)
+    draw(tmp_path / "vl-checklist/images/swig/eat_1.jpg", 2)
+    texts = {}
+
+    def write(rel, n_good, n_bad, image):
+        rows = []
+        for j in range(n_good + n_bad):
+            p, n = f"{rel} P{j}", f"{rel} N{j}"
+            texts[p], texts[n] = unit(0.9 if j < n_good else 0.1), unit(0.5)
+            rows.append([image, {"POS": [p], "NEG": [n]}])
+        path = tmp_path / "vl-checklist/data" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows))
+
+    write("Attribute/vg/color.json", 1, 1, "VG_100K/1.jpg")        # 50
+    write("Attribute/vaw/color.json", 1, 0, "VG_100K/1.jpg")       # 100 -> color = 75
+    write("Attribute/vg/material.json", 1, 3, "VG_100K/1.jpg")     # 25 -> Attribute = 50
+    write("Object/Location/vg_obj.json", 2, 2, "VG_100K/1.jpg")    # 50
+    write("Object/Size/vg_obj.json", 1, 0, "VG_100K/1.jpg")        # 100 -> Object = 75
+    write("Relation/swig/action.json", 0, 2, "eat_1.jpg")          # 0 -> Relation = 0
+    model, tok = fake(text_vecs=texts)
+    r = run(model, tok, ["vlchecklist"], tmp_path)["vlchecklist"]
+    assert r["summary"]["Attribute"] == pytest.approx(50.0)
+    assert r["summary"]["Object"] == pytest.approx(75.0)
+    assert r["summary"]["Relation"] == 0.0
+    assert r["metrics"]["Attribute/color"] == pytest.approx(75.0)
+    assert r["missing"] == 0 and r["n"] == 14
+
+
+# ---------- zero-shot ----------
+
+def test_zeroshot_imagenet_folder(tmp_path):
+    val = tmp_path / "zeroshot/imagenet/val"
+    for c in range(1000):
+        (val / f"n{c:08d}").mkdir(parents=True)
+    # class 0 (tench): images 0 and 1; class 1 (goldfish): image 2
+    draw(val / "n00000000/a.JPEG", 0)
+    draw(val / "n00000000/b.JPEG", 1)
+    draw(val / "n00000001/c.JPEG", 2)
+
+    def text_vec(t):
+        return E0 if "tench" in t else E1 if "goldfish" in t else E2
+    model, tok = fake(image_vecs={0: E0, 1: E1, 2: E1}, text_vecs=text_vec)
+    r = run(model, tok, ["zeroshot"], tmp_path)["zeroshot"]
+    assert r["metrics"]["imagenet/acc1"] == pytest.approx(200 / 3)
+    assert r["metrics"]["imagenet/mean_per_class"] == pytest.approx(75.0)
+    assert r["summary"]["imagenet"] == pytest.approx(200 / 3)
+    assert r["n"] == 3
+
+
+# ---------- retrieval ----------
+
+def test_karpathy_and_urban1k(tmp_path):
+    images = []
+    for i in range(3):
+        draw(tmp_path / f"coco/val2014/COCO_val2014_{i}.jpg", i)
+        images.append({"filepath": "val2014", "filename": f"COCO_val2014_{i}.jpg", "imgid": i, "cocoid": i,
+                       "split": "test", "sentids": [2 * i, 2 * i + 1],
+                       "sentences": [{"raw": f"img{i} cap{k}", "tokens": [], "imgid": i, "sentid": 2 * i + k}
+                                     for k in range(2)]})
+    images.append(dict(images[0], split="train", filename="COCO_val2014_99.jpg"))   # not test: ignored
+    (tmp_path / "karpathy").mkdir()
+    (tmp_path / "karpathy/dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    basis = [E0, E1, E2]
+    texts = {f"img{i} cap{k}": basis[i] for i in range(3) for k in range(2)}
+    texts["img2 cap1"] = E0   # one caption of image 2 points at image 0
+    model, tok = fake(image_vecs={i: basis[i] for i in range(3)}, text_vecs=texts)
+    r = run(model, tok, ["coco_retrieval"], tmp_path)["coco_retrieval"]
+    assert r["n"] == 6
+    assert r["metrics"]["i2t_R@1"] == 100.0          # every image has a caption at cosine 1
+    assert r["metrics"]["t2i_R@1"] == pytest.approx(500 / 6)
+    # Urban1k: 1:1, paired by file stem (not listdir order)
+    for k in (1, 2, 10):
+        draw(tmp_path / f"Urban1k/image/{k}.jpg", k)
+        (tmp_path / "Urban1k/caption").mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"Urban1k/caption/{k}.txt").write_text(f"long caption {k}\nsecond line")
+    ub = {1: E0, 2: E1, 10: E2}
+    model, tok = fake(image_vecs=ub, text_vecs={f"long caption {k}": v for k, v in ub.items()})
+    out = run(model, tok, ["longtext"], tmp_path)["longtext"]
+    assert out["metrics"]["urban1k/i2t_R@1"] == 100.0 and out["metrics"]["urban1k/t2i_R@1"] == 100.0
+    assert len(out["skipped"]) == 3
+
+
+# ---------- errors, tables, CLI ----------
+
+def test_errors(tmp_path):
+    model, tok = fake()
+    with pytest.raises(ValueError, match="known: shapes.*sugarcrepe"):
+        run(model, tok, ["nope"], tmp_path)
+    with pytest.raises(ev.BenchmarkDataError, match=r"sugarcrepe/add_obj.json.*RAIVNLab/sugar-crepe"):
+        run(model, tok, ["sugarcrepe"], tmp_path)
+    with pytest.raises(ev.BenchmarkDataError, match="needs a data root"):
+        run(model, tok, ["valse"], None)
+    with pytest.raises(ev.BenchmarkDataError, match="no member could run"):
+        run(model, tok, ["aro"], tmp_path)
+    with pytest.raises(ev.BenchmarkDataError, match="cifar-10-batches-py"):
+        run(model, tok, ["zeroshot"], tmp_path)
+    assert "shapes" in ev.known_benchmarks()
+
+
+def test_format_table_and_write_results(tmp_path):
+    before = {"sugarcrepe": {"metrics": {"swap_obj": 50.0}, "summary": {"SWAP": 50.0}, "n": 10, "missing": 1}}
+    after = {"sugarcrepe": {"metrics": {"swap_obj": 62.5}, "summary": {"SWAP": 62.5}, "n": 10, "missing": 1}}
+    table = ev.format_table(before, after)
+    assert "| sugarcrepe | **SWAP** | 50.00 | 62.50 | +12.50 |" in table
+    assert "| sugarcrepe | swap_obj |" not in table or "swap_obj | 50.00 | 62.50" in table
+    assert "10 (1)" in table
+    assert "after" not in ev.format_table(before)
+    ev.write_results(tmp_path / "out", before, after, extra={"seed": 0})
+    data = json.loads((tmp_path / "out/results.json").read_text())
+    assert data["after"]["sugarcrepe"]["summary"]["SWAP"] == 62.5 and data["extra"] == {"seed": 0}
+    assert "+12.50" in (tmp_path / "out/results.md").read_text()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_cli_end_to_end_tiny_model(tmp_path, capsys):
+    write_sugarcrepe(tmp_path)
+    kwargs = dict(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=16, width=64, layers=1),
+                  text_cfg=dict(context_length=32, width=64, heads=2, layers=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = ev.main(["--model", "ViT-B-32", "--pretrained", "none", "--bench", "sugarcrepe", "--root",
+                           str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cpu", "--batch-size", "8",
+                           "--workers", "0", "--model-kwargs", json.dumps(kwargs)])
+    printed = capsys.readouterr().out
+    assert "| sugarcrepe | **REPLACE** |" in printed
+    saved = json.loads((tmp_path / "run/results.json").read_text())
+    assert saved["before"]["sugarcrepe"]["n"] == results["sugarcrepe"]["n"] > 0
+    assert set(saved["before"]["sugarcrepe"]["metrics"]) == set(ev.SUGARCREPE_SUBSETS)
+    with pytest.raises(SystemExit, match="unknown benchmark"):
+        ev.main(["--model", "ViT-B-32", "--bench", "bogus"])
+    with pytest.raises(SystemExit, match="compare"):
+        ev.main(["compare"])
