@@ -47,8 +47,13 @@ import math
 import os
 import sys
 
+import open_clip
 import torch
 import torch.nn.functional as F
+
+import common
+import data
+import eval as evaluation
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults. Real data: the official trainer `goal_loss_finetuning.py` (goal.md sections 3-4).
@@ -281,3 +286,265 @@ def span_embed(model, pre_ln_tokens, spans):
     weights = ((pos[None] >= spans[:, :1]) & (pos[None] < spans[:, 1:])).to(pre_ln_tokens.dtype)
     pooled = (weights.unsqueeze(-1) * pre_ln_tokens).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
     return _project_text(tower, tower.ln_final(pooled))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LISM: offline local image-sentence matching.
+# ----------------------------------------------------------------------------------------------------------
+def lism_best_pair(scores):
+    """GOAL's LISM decision for one image, from scores (1 + C, S): candidate 0 = full image, 1..C = crops.
+
+    Each sentence j picks argmax_i scores[i, j] (no one-to-one constraint); sentences that pick the full image
+    are dropped ("del_org"); of the rest, the single best-scoring (crop, sentence) pair is kept ("only_max_pair").
+    Returns (crop_index in 0..C-1, sentence_index, score) or None when every sentence prefers the full image.
+    """
+    best_score, best_candidate = scores.max(dim=0)          # (S,), (S,)
+    keep = best_candidate > 0
+    if not keep.any():
+        return None
+    masked = torch.where(keep, best_score, torch.full_like(best_score, float("-inf")))
+    sentence = int(masked.argmax())
+    return int(best_candidate[sentence]) - 1, sentence, float(best_score[sentence])
+
+
+def _crop_tensor(image, box):
+    """Cut a box ([x0, y0, x1, y1], pixels) out of a (3, H, W) image tensor, resized back to (H, W)."""
+    height, width = image.shape[-2:]
+    x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+    x1, y1 = min(width, max(x0 + 1, int(round(box[2])))), min(height, max(y0 + 1, int(round(box[3]))))
+    return F.interpolate(image[None, :, y0:y1, x0:x1], size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+@torch.no_grad()
+def run_lism(model, tokenizer, dataset, long_tokenizer, device, log_every=2000):
+    """Score every (candidate, sentence) pair with the starting model and keep one local pair per image.
+
+    dataset: a long-caption set (shapes world with long=True, or a real loader with a segments file) whose
+    samples carry "image" (transformed tensor) and "segments" (boxes in its pixels). Crops are cut from the
+    transformed image (the shapes world renders at model size; on real data, SAM boxes are coarse enough).
+    Sentences are those of data.sentence_spans under the *training* context (not truncated away), scored as
+    separate texts with `tokenizer` (the starting model's own). Scores are 100 * cosine, as in the release.
+    Returns {image_id: {"boxes": [...], "pairs": [{"sentence", "box", "score"}]}}: data.SEGMENTS_FORMAT.
+    """
+    model.eval()
+    matched = {}
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        if sample is None or not sample.get("segments"):
+            continue
+        boxes = [list(map(float, b)) for b in sample["segments"]]
+        sentences = [s for s, _, _ in data.sentence_spans(sample["caption"], long_tokenizer)]
+        if not sentences:
+            continue
+        image = sample["image"]
+        candidates = torch.stack([image] + [_crop_tensor(image, b) for b in boxes]).to(device)
+        image_emb = F.normalize(model.encode_image(candidates), dim=-1)
+        text_emb = F.normalize(model.encode_text(tokenizer(sentences).to(device)), dim=-1)
+        best = lism_best_pair(100.0 * image_emb @ text_emb.t())
+        entry = {"boxes": boxes, "pairs": []}
+        if best is not None:
+            crop, sentence, score = best
+            entry["pairs"].append({"sentence": sentences[sentence], "box": boxes[crop], "score": round(score, 4)})
+        matched[str(sample["image_id"])] = entry
+        if log_every and (index + 1) % log_every == 0:
+            print(f"[lism] {index + 1}/{len(dataset)} images", file=sys.stderr)
+    return matched
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One training forward (a module, so DDP sees the whole computation).
+# ----------------------------------------------------------------------------------------------------------
+class GoalForward(torch.nn.Module):
+    """Embeddings GOAL's loss needs, from one pass per tower over [global; local] inputs (2B, as the release).
+
+    Returns L2-normalised (B, D) tensors: image, text, crop, sentence, region (P_l), span (S_l). With both
+    extra weights at 0 only the global pair is encoded (plain fine-tuning costs a plain step)."""
+
+    def __init__(self, model, released_box_mapping=False, with_local=True):
+        super().__init__()
+        self.model, self.released_box_mapping, self.with_local = model, released_box_mapping, with_local
+        self.image_size = int(model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list))
+                              else model.visual.image_size)
+        patch = model.visual.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+
+    def forward(self, images, texts, crops=None, sentences=None, boxes=None, spans=None):
+        n = images.shape[0]
+        if not self.with_local:
+            image_emb, _ = encode_image_with_tokens(self.model, images)
+            text_emb, _ = encode_text_with_tokens(self.model, texts)
+            return {"image": F.normalize(image_emb, dim=-1), "text": F.normalize(text_emb, dim=-1)}
+        image_emb, image_tokens = encode_image_with_tokens(self.model, torch.cat([images, crops]))
+        text_emb, text_tokens = encode_text_with_tokens(self.model, torch.cat([texts, sentences]))
+        mask = box_patch_mask(boxes, self.image_size, self.patch_size, self.released_box_mapping)
+        region = region_embed(self.model, image_tokens[:n], mask.to(image_tokens.device))
+        span = span_embed(self.model, text_tokens[:n], spans)
+        out = {"image": image_emb[:n], "crop": image_emb[n:], "text": text_emb[:n], "sentence": text_emb[n:],
+               "region": region, "span": span}
+        return {k: F.normalize(v, dim=-1) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+def _defaults():
+    shapes = dict(getattr(common, "SHAPES_DEFAULTS", {}))
+    shapes.update(SHAPES_GOAL_DEFAULTS)
+    shapes.setdefault("eval", "shapes")
+    real = dict(PAPER_DEFAULTS, eval="docci,dci,urban1k", save_every=1000)
+    return {"shapes": shapes, "real": real}
+
+
+def _lism_pairs(args, model, tokenizer, val_tf, long_tokenizer, device):
+    """The LISM matching for this run: read from --lism, else (shapes world) computed now and cached."""
+    if args.lism:
+        return data.load_segments(args.lism)
+    if args.data != "shapes":
+        raise SystemExit("--data %s needs --lism FILE: run `python goal.py lism --data %s --data-root DIR "
+                         "--segments-file SAM_BOXES.json --out FILE` first" % (args.data, args.data))
+    key = f"goal-lism-shapes-seed{args.seed}-n{args.train_size}-ctx{args.context_length}-" \
+          f"{os.path.basename(str(common.shapes_base_path(progress=False) if args.pretrained == 'shapes' else args.pretrained))}.json"
+    path = os.path.join(common.cache_dir(), key)
+    if not os.path.exists(path):
+        world = data.ShapesDataset("train", size=args.train_size, image_size=model.visual.image_size[0],
+                                   seed=args.seed, transform=val_tf, long=True)
+        matched = run_lism(model, tokenizer, world, long_tokenizer, device)
+        common._atomic_write_text(path, json.dumps(matched))
+    return data.load_segments(path)
+
+
+def _train_set(args, val_tf, long_tokenizer, pairs):
+    """Long-caption training set with one LISM pair per image; images without a pair are dropped (GOAL)."""
+    args.long, args.local_pairs = True, args.data != "shapes"
+    args.segments_file = args.lism
+    dataset = data.build_train_set(args, val_tf, long_tokenizer)   # no augmentation in GOAL: boxes stay exact
+    if args.data == "shapes":
+        for i in range(len(dataset)):
+            entry = pairs.get(f"shapes-train-{i}", {"pairs": []})["pairs"]
+            dataset.long_sentences[i] = [(p["sentence"], p["box"]) for p in entry]
+        kept = [i for i in range(len(dataset)) if dataset.long_sentences[i]]
+        dataset = data.LocalPairs(dataset, long_tokenizer, seed=args.seed)
+    else:
+        kept = [i for i in range(len(dataset)) if dataset.dataset.local_candidates(i)]
+    return torch.utils.data.Subset(dataset, kept), len(kept) / max(1, len(dataset))
+
+
+def train(args):
+    run = common.Run(args, method="goal")
+    device = run.device
+    model, _, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
+    long_tokenizer = open_clip.get_tokenizer(args.model, context_length=args.context_length)
+    with_local = bool(args.local_weight or args.tsl_weight)
+
+    pairs = _lism_pairs(args, model, tokenizer, val_tf, long_tokenizer, device)
+    dataset, kept_fraction = _train_set(args, val_tf, long_tokenizer, pairs)
+    run.print(f"LISM: {len(dataset)} training images keep a local pair ({100 * kept_fraction:.1f}%)")
+    before = evaluation.evaluate(model, tokenizer, val_tf, args.eval, root=args.eval_root, device=device) \
+        if run.is_main and args.eval else None   # the starting model with its own context length
+
+    stretch_text_positions(model, args.context_length, args.keep_positions)
+    model.train()
+    forward = GoalForward(model, args.released_box_mapping, with_local)
+    if run.world_size > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None)
+    total = common.steps_for(args, len(dataset), run.world_size)
+    optimizer = common.make_optimizer(model, args.lr, args.wd)
+    scheduler = common.cosine_schedule(optimizer, args.warmup, total)
+    start, _ = common.resume(run, model, optimizer, scheduler)
+    collate = (lambda b: data.collate_local(b, long_tokenizer)) if with_local else \
+        (lambda b: data.collate_plain(b, long_tokenizer))
+    run.print(f"goal: {total} steps, batch {args.batch_size} x {run.world_size}, context {args.context_length}, "
+              f"weights local={args.local_weight} tsl={args.tsl_weight}")
+    run.progress(total, initial=start)
+    for step, _, batch in common.batch_stream(dataset, collate, args.batch_size, args.seed, start, total,
+                                              args.workers):
+        if batch is None:
+            continue
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with run.autocast():
+            if with_local:
+                out = forward(batch["images"], batch["texts"], batch["crops"], batch["sentences"], batch["boxes"],
+                              batch["sentence_span"])
+            else:
+                out = forward(batch["images"], batch["texts"])
+            out = {k: common.gather_features(v.float()) for k, v in out.items()}
+            loss, parts = goal_loss(out["image"], out["text"], out.get("crop"), out.get("sentence"),
+                                    out.get("region"), out.get("span"), model.logit_scale,
+                                    args.local_weight, args.tsl_weight)
+        common.check_finite(loss, parts, step)
+        optimizer.zero_grad(set_to_none=True)
+        (loss * run.world_size).backward()   # DDP averages; the gathered loss needs the sum (common.gather_features)
+        optimizer.step()
+        scheduler.step()                     # GOAL never clamps the logit scale
+        if run.bar is not None:
+            run.bar.update(1)
+        if step % args.log_every == 0 or step == total - 1:
+            run.log(step, args.batch_size * run.world_size, loss=parts["total"], **parts,
+                    lr=scheduler.get_last_lr()[0], logit_scale=model.logit_scale.exp().item())
+        if args.save_every and (step + 1) % args.save_every == 0:
+            common.save_checkpoint(run, step + 1, model, optimizer, scheduler)
+    common.save_checkpoint(run, total, model, optimizer, scheduler)
+    run.close()
+    if not run.is_main:
+        return None
+    model.eval()
+    after = evaluation.evaluate(model, long_tokenizer, val_tf, args.eval, root=args.eval_root, device=device) \
+        if args.eval else None
+    common.export_open_clip(model, os.path.join(run.out, "final.pt"),
+                            meta={"context_length": args.context_length, "keep_positions": args.keep_positions})
+    extra = {"lism_kept_fraction": kept_fraction, "context_before": tokenizer.context_length,
+             "context_after": args.context_length}
+    if before is not None:
+        evaluation.write_results(run.out, before, after, extra=extra)
+        print(evaluation.format_table(before, after))
+    return {"before": before, "after": after, "out": run.out}
+
+
+def lism_main(args):
+    """`python goal.py lism ...`: the offline LISM step; writes the matching as a segments file with pairs."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
+    long_tokenizer = open_clip.get_tokenizer(args.model, context_length=args.context_length)
+    if args.data == "shapes":
+        dataset = data.ShapesDataset("train", size=args.train_size, image_size=model.visual.image_size[0],
+                                     seed=args.seed, transform=val_tf, long=True)
+    else:
+        args.long, args.local_pairs = True, False
+        dataset = data.build_train_set(args, val_tf, long_tokenizer)
+    matched = run_lism(model, tokenizer, dataset, long_tokenizer, device)
+    out = args.out or "lism.json"
+    common._atomic_write_text(out, json.dumps(matched))
+    n_pairs = sum(1 for entry in matched.values() if entry["pairs"])
+    print(f"LISM: {n_pairs} of {len(dataset)} images keep a (crop, sentence) pair -> {out}")
+
+
+def parse_args(argv=None):
+    p = common.base_parser("GOAL: global-local object alignment for long captions (goal.py lism ... = LISM)")
+    g = p.add_argument_group("GOAL")
+    g.add_argument("--local-weight", type=float, default=None, help="lambda_local on L_local(crop, sentence)")
+    g.add_argument("--tsl-weight", type=float, default=None, help="lambda_TSL on the token-similarity loss")
+    g.add_argument("--context-length", type=int, default=None, help="text context after the Long-CLIP stretch")
+    g.add_argument("--keep-positions", type=int, default=None, help="positions copied unchanged by the stretch")
+    g.add_argument("--released-box-mapping", action="store_true",
+                   help="map boxes to patches as the release does (divides by the crop size; 16-px cells)")
+    g.add_argument("--lism", default=None, help="LISM output (segments file with pairs); shapes: computed if absent")
+    g.add_argument("--segments-file", default=None, help="lism: candidate boxes (SAM/detector) per image")
+    g.add_argument("--split", default=None, help="split of the long-caption set (default train)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    is_lism = bool(argv) and argv[0] == "lism"
+    args = p.parse_args(argv[1:] if is_lism else argv)
+    common.apply_defaults(args, _defaults())
+    args.lism_only = is_lism
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.lism_only:
+        return lism_main(args)
+    return common.launch(train, args)
+
+
+if __name__ == "__main__":
+    main()
