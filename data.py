@@ -37,10 +37,12 @@ happens in the main process because data-loader workers are separate processes.)
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -50,6 +52,7 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 
@@ -1453,5 +1456,274 @@ def build_train_set(args, transform, tokenizer):
 
 
 # ===== The shapes world =====
-# (ShapesDataset, SHAPES, COLORS, SIZES, RELATIONS, render_scene, sample_scene, scene_caption, bow_caption,
-#  long_caption: pasted here by the lead.)
+# A seeded, procedurally generated world of coloured shapes: the embedded default data set (`--data shapes`).
+#
+# Why it exists: with no internet there are no OpenAI weights and no COCO, yet a reader must be able to see
+# every method *do* something on a laptop. The shapes world is small enough to train on 2 CPU cores in minutes
+# and built so that a CLIP trained on bag-of-words captions classifies objects well but cannot bind attributes
+# or relations, which is exactly the failure the four papers attack.
+#
+# A scene is 1 to 4 objects (8 shapes x 8 colours x 2 sizes) on a dark background. Every object in a scene
+# has a distinct (colour, shape) pair, so a phrase like "the red circle" always names one object and every
+# hard negative built by the benchmark suite can be checked against the scene graph (`describes`).
+#
+# Difficulty check (how we know fine-tuning does not solve binding by accident): with 8 colours, 8 shapes and
+# 2 sizes there are 128 object types; the "swapped twin" of a 2-object scene (same two shapes with colours
+# exchanged) has probability about 1/(2 * 64 * 63 / 2) ~ 1/4000 of being drawn for a given scene, so a batch of
+# 64 contains one with probability < 2%. Plain contrastive fine-tuning therefore almost never sees the negative
+# that would force binding, and the benchmark suite's swap subsets stay near chance for plain fine-tuning
+# (measured: see README results), while the hard-negative methods move them.
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "heart", "ring")
+COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "cyan")
+SIZES = ("small", "large")
+RELATIONS = ("to the left of", "to the right of", "above", "below")
+OPPOSITE_RELATION = {"to the left of": "to the right of", "to the right of": "to the left of",
+                     "above": "below", "below": "above"}
+_RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
+        "purple": (150, 60, 200), "orange": (250, 140, 20), "white": (245, 245, 245), "cyan": (40, 215, 225)}
+_RADIUS = {"small": 0.11, "large": 0.18}          # fraction of the image side
+_BACKGROUND = (35, 35, 40)
+_SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}  # splits are disjoint random streams of the same seed
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    color: str
+    size: str
+    cx: float   # centre, fraction of the image width
+    cy: float   # centre, fraction of the image height
+
+    @property
+    def radius(self):
+        return _RADIUS[self.size]
+
+    def box(self, image_size):
+        """Tight box [x0, y0, x1, y1] in pixels of an image of side `image_size`."""
+        r = self.radius * image_size
+        return [self.cx * image_size - r, self.cy * image_size - r, self.cx * image_size + r, self.cy * image_size + r]
+
+    def phrase(self, with_size=True):
+        return f"{self.size} {self.color} {self.shape}" if with_size else f"{self.color} {self.shape}"
+
+
+def relation_between(a, b):
+    """The spatial relation of object a to object b along the axis where they are farther apart."""
+    dx, dy = a.cx - b.cx, a.cy - b.cy
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx < 0 else "to the right of"
+    return "above" if dy < 0 else "below"
+
+
+def sample_scene(rng, n_objects=None):
+    """A random scene: 1-4 non-overlapping objects with distinct (colour, shape) pairs."""
+    if n_objects is None:
+        n_objects = rng.choices([1, 2, 3, 4], weights=[0.15, 0.4, 0.25, 0.2])[0]
+    objects = []
+    while len(objects) < n_objects:
+        size = rng.choice(SIZES)
+        shape, color = rng.choice(SHAPES), rng.choice(COLORS)
+        if any(o.shape == shape and o.color == color for o in objects):
+            continue
+        r = _RADIUS[size]
+        for _ in range(100):   # rejection sampling of a free position
+            cx, cy = rng.uniform(r, 1 - r), rng.uniform(r, 1 - r)
+            if all((cx - o.cx) ** 2 + (cy - o.cy) ** 2 > (r + o.radius + 0.03) ** 2 for o in objects):
+                objects.append(ShapeObject(shape, color, size, cx, cy))
+                break
+        else:
+            objects = []   # crowded: start over
+    return tuple(objects)
+
+
+def _shape_polygon(shape, cx, cy, r):
+    """Vertices of the polygonal shapes (circle, ring and heart are drawn with ellipses)."""
+    if shape == "square":
+        s = r * 0.85
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.75), (cx - r * 0.95, cy + r * 0.75)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r * 0.7, cy), (cx, cy + r), (cx - r * 0.7, cy)]
+    if shape == "star":
+        points = []
+        for k in range(10):
+            radius = r if k % 2 == 0 else r * 0.42
+            angle = -math.pi / 2 + k * math.pi / 5
+            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+        return points
+    if shape == "cross":
+        a, b = r, r * 0.33
+        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b), (cx + b, cy + b),
+                (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b), (cx - a, cy - b), (cx - b, cy - b)]
+    raise ValueError(shape)
+
+
+def render_scene(scene, image_size=64, supersample=4):
+    """Draw a scene with PIL at `supersample` times the size, then downscale (anti-aliasing)."""
+    side = image_size * supersample
+    image = Image.new("RGB", (side, side), _BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in scene:
+        cx, cy, r, fill = obj.cx * side, obj.cy * side, obj.radius * side, _RGB[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif obj.shape == "ring":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            draw.ellipse([cx - r * 0.5, cy - r * 0.5, cx + r * 0.5, cy + r * 0.5], fill=_BACKGROUND)
+        elif obj.shape == "heart":
+            lobe = r * 0.52
+            draw.ellipse([cx - 2 * lobe, cy - r * 0.75, cx, cy - r * 0.75 + 2 * lobe], fill=fill)
+            draw.ellipse([cx, cy - r * 0.75, cx + 2 * lobe, cy - r * 0.75 + 2 * lobe], fill=fill)
+            draw.polygon([(cx - r * 0.98, cy - r * 0.12), (cx + r * 0.98, cy - r * 0.12), (cx, cy + r)], fill=fill)
+        else:
+            draw.polygon(_shape_polygon(obj.shape, cx, cy, r), fill=fill)
+    return image.resize((image_size, image_size), Image.LANCZOS)
+
+
+# --- captions ------------------------------------------------------------------------------------------------
+# A caption is rendered from a structured description: a list of object phrases, optionally a relation between
+# the first two. The benchmark suite builds negatives by editing the description and checks them with
+# `describes`, so every negative is really false for its image.
+
+@dataclasses.dataclass(frozen=True)
+class Description:
+    objects: tuple            # tuple of (size or None, color, shape)
+    relation: str = None      # relation of objects[0] to objects[1], or None
+    template: int = 0         # which phrasing (see `render_description`)
+
+
+def _article(phrase):
+    return "an" if phrase[0] in "aeiou" else "a"
+
+
+def _object_text(obj, article="a"):
+    size, color, shape = obj
+    phrase = f"{size + ' ' if size else ''}{color} {shape}"
+    return f"{_article(phrase) if article == 'a' else article} {phrase}"
+
+
+def render_description(desc):
+    """Text of a description; several phrasings so that captions are not a single template."""
+    first = _object_text(desc.objects[0], "the" if desc.template == 3 else "a")
+    rest = [_object_text(o, "the" if desc.template == 3 else "a") for o in desc.objects[1:]]
+    if desc.relation is None:
+        head = first if not rest else first + " and " + rest[0]
+        tail = rest[1:]
+        prefix = ("", "there is ", "a photo of ", "")[desc.template]
+    else:
+        second = _object_text(desc.objects[1], "the" if desc.template == 3 else "a")
+        verb = " is " if desc.template in (1, 3) else " "
+        head = f"{first}{verb}{desc.relation} {second}"
+        tail = rest[1:]
+        prefix = "there is " if desc.template == 2 else ""
+    return prefix + head + "".join(" and " + t for t in tail)
+
+
+def describes(scene, desc):
+    """True if some injective assignment of described objects to scene objects matches every attribute and the
+    relation. This is the ground truth the benchmark suite uses to keep only really false negatives."""
+    def matches(d, o):
+        size, color, shape = d
+        return o.color == color and o.shape == shape and (size is None or o.size == size)
+
+    def search(k, used):
+        if k == len(desc.objects):
+            if desc.relation is None:
+                return True
+            return relation_between(scene[used[0]], scene[used[1]]) == desc.relation
+        return any(search(k + 1, used + [i]) for i, o in enumerate(scene) if i not in used and matches(desc.objects[k], o))
+
+    return search(0, [])
+
+
+def scene_description(scene, rng, size_prob=0.75):
+    """A random true description of the scene: all objects, a relation between the first two if there are two."""
+    order = list(range(len(scene)))
+    rng.shuffle(order)
+    objects = tuple((scene[i].size if rng.random() < size_prob else None, scene[i].color, scene[i].shape) for i in order)
+    relation = relation_between(scene[order[0]], scene[order[1]]) if len(scene) > 1 else None
+    return Description(objects, relation, rng.randrange(4))
+
+
+def scene_caption(scene, rng):
+    """An ordered caption from the scene graph, e.g. 'a small red circle to the left of a large blue square'."""
+    return render_description(scene_description(scene, rng))
+
+
+def bow_caption(caption, rng):
+    """Bag-of-words caption: the words of `caption` in random order (what the base model is trained on)."""
+    words = caption.split()
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+_GRID_WORDS = (("in the top left", "at the top", "in the top right"), ("on the left", "in the center", "on the right"),
+               ("in the bottom left", "at the bottom", "in the bottom right"))
+
+
+def long_caption(scene, image_size, rng):
+    """A long multi-sentence caption: one sentence per object (with where it is) and one per relation between
+    consecutive objects, and the box of what each sentence talks about (in pixels), as GOAL needs.
+    Returns (text, [(sentence, box), ...])."""
+    order = list(range(len(scene)))
+    rng.shuffle(order)
+    sentences = []
+    for i in order:
+        o = scene[i]
+        where = _GRID_WORDS[min(int(o.cy * 3), 2)][min(int(o.cx * 3), 2)]
+        sentences.append((f"{_article(o.phrase()).capitalize()} {o.phrase()} is {where}.", o.box(image_size)))
+    for a, b in zip(order, order[1:]):
+        oa, ob = scene[a], scene[b]
+        box_a, box_b = oa.box(image_size), ob.box(image_size)
+        union = [min(box_a[0], box_b[0]), min(box_a[1], box_b[1]), max(box_a[2], box_b[2]), max(box_a[3], box_b[3])]
+        sentences.append((f"The {oa.color} {oa.shape} is {relation_between(oa, ob)} the {ob.color} {ob.shape}.", union))
+    return " ".join(s for s, _ in sentences), sentences
+
+
+def _scene_rng(seed, split, index):
+    return random.Random(f"shapes:{seed}:{split}:{index}")
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """The shapes world as a map-style data set with the same sample dicts as the real caption sets.
+
+    split: "train" | "val" | "test" (disjoint random streams of the same seed); size: number of scenes;
+    long=True: "caption" is the long multi-sentence caption and "segments" holds the object boxes (the
+    stand-in for SAM output in GOAL's LISM); bag_of_words=True: captions with shuffled words (base model).
+    Everything is a pure function of (seed, split, index): same seed, same pixels and captions.
+    """
+
+    def __init__(self, split="train", size=20000, image_size=64, seed=0, transform=None, long=False,
+                 bag_of_words=False, n_objects=None):
+        if split not in _SPLIT_OFFSET:
+            raise ValueError(f"shapes split must be one of {sorted(_SPLIT_OFFSET)}, got {split!r}")
+        self.split, self.size, self.image_size, self.seed = split, size, image_size, seed
+        self.transform, self.long, self.bag_of_words = transform, long, bag_of_words
+        self.scenes, self.captions, self.long_sentences = [], [], []
+        for i in range(size):
+            rng = _scene_rng(seed, split, i)
+            scene = sample_scene(rng, n_objects)
+            self.scenes.append(scene)
+            if long:
+                text, sentences = long_caption(scene, image_size, rng)
+                self.captions.append(text)
+                self.long_sentences.append(sentences)
+            else:
+                caption = scene_caption(scene, rng)
+                self.captions.append(bow_caption(caption, rng) if bag_of_words else caption)
+
+    def __len__(self):
+        return self.size
+
+    def image(self, index):
+        return render_scene(self.scenes[index], self.image_size)
+
+    def __getitem__(self, index):
+        image = self.image(index)
+        sample = {"image": self.transform(image) if self.transform else image, "caption": self.captions[index],
+                  "index": index, "image_id": f"shapes-{self.split}-{index}"}
+        if self.long:
+            sample["segments"] = [o.box(self.image_size) for o in self.scenes[index]]
+        return sample

@@ -50,9 +50,11 @@ Expected layout under --root (each benchmark's section says where the files come
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import random
 import re
 import sys
 import tempfile
@@ -932,7 +934,134 @@ def sharegpt4v(ctx):
 
 
 # ===== The shapes suite =====
-# (pasted in by the lead: shapes_suite(model, tokenizer, transform, device, ...) -> result dict)
+# Compositionality benchmarks built from held-out shapes-world scene graphs (data.ShapesDataset split "test",
+# seed SHAPES_SUITE_SEED, never trained on). Because every item comes from a scene graph, each negative is
+# checked with data.describes() and is really false for its image, unlike benchmarks built from noisy text.
+#
+# Subsets (each a binary choice: correct iff s(image, positive) > s(image, negative), ties wrong):
+#   replace_obj / replace_att / replace_rel: one shape / one colour / the relation replaced (SugarCrepe REPLACE)
+#   swap_obj / swap_att: the shapes / the colours of the two related objects exchanged (SugarCrepe SWAP)
+#   add_obj / add_att: an absent object appended / a wrong size added to an object (SugarCrepe ADD)
+#   aro_relation: "the A is left of the B" vs "the B is left of the A" (ARO VG-Relation)
+#   aro_attribute: "the red circle and the blue square" vs "the blue circle and the red square" (ARO VG-Attribution)
+# plus zero-shot classification of single objects (shape, colour, colour+shape), image-text retrieval on the
+# ordered captions (R@1/R@5 both ways) and long-caption retrieval (R@1/R@5 both ways).
+SHAPES_SUITE_SEED = 0
+SHAPES_SUITE_SCENES = 1000     # multi-purpose test scenes; ~850 have two or more objects
+SHAPES_SUITE_SINGLES = 400     # single-object scenes for zero-shot classification
+ZEROSHOT_TEMPLATES = ("a {}", "a photo of a {}", "there is a {}")
+
+
+def _with(desc, k, size=..., color=..., shape=...):
+    """A copy of description `desc` with object k's size/colour/shape changed."""
+    old = desc.objects[k]
+    new = (old[0] if size is ... else size, old[1] if color is ... else color, old[2] if shape is ... else shape)
+    objects = desc.objects[:k] + (new,) + desc.objects[k + 1:]
+    return dataclasses.replace(desc, objects=objects)
+
+
+def shapes_suite_items(seed=SHAPES_SUITE_SEED, n_scenes=SHAPES_SUITE_SCENES):
+    """{subset: [(scene_index, positive_text, negative_text), ...]} over the held-out test scenes."""
+    import data
+    world = data.ShapesDataset("test", size=n_scenes, seed=seed)
+    items = {name: [] for name in ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj",
+                                   "add_att", "aro_relation", "aro_attribute")}
+    for index, scene in enumerate(world.scenes):
+        if len(scene) < 2:
+            continue
+        rng = random.Random(f"shapes-suite:{seed}:{index}")
+        desc = data.scene_description(scene, rng)
+        present_shapes = {o.shape for o in scene}
+        present_pairs = {(o.color, o.shape) for o in scene}
+        candidates = {}
+        k = rng.randrange(len(desc.objects))
+        absent_shapes = [s for s in data.SHAPES if s not in present_shapes]
+        candidates["replace_obj"] = (desc, _with(desc, k, shape=rng.choice(absent_shapes)))
+        colors = [c for c in data.COLORS if (c, desc.objects[k][2]) not in present_pairs]
+        candidates["replace_att"] = (desc, _with(desc, k, color=rng.choice(colors)))
+        candidates["replace_rel"] = (desc, dataclasses.replace(desc, relation=data.OPPOSITE_RELATION[desc.relation]))
+        a, b = desc.objects[0], desc.objects[1]
+        if a[2] != b[2]:
+            candidates["swap_obj"] = (desc, _with(_with(desc, 0, shape=b[2]), 1, shape=a[2]))
+        if a[1] != b[1]:
+            candidates["swap_att"] = (desc, _with(_with(desc, 0, color=b[1]), 1, color=a[1]))
+        extra = (rng.choice(data.SIZES), rng.choice(data.COLORS), rng.choice(absent_shapes))
+        candidates["add_obj"] = (desc, dataclasses.replace(desc, objects=desc.objects + (extra,)))
+        true_size = next(o.size for o in scene if (o.color, o.shape) == desc.objects[k][1:])
+        wrong_size = next(s for s in data.SIZES if s != true_size)
+        candidates["add_att"] = (_with(desc, k, size=None), _with(desc, k, size=wrong_size))
+        pair = data.Description(((None,) + a[1:], (None,) + b[1:]), desc.relation, 3)
+        candidates["aro_relation"] = (pair, data.Description(pair.objects[::-1], desc.relation, 3))
+        if a[1] != b[1]:
+            plain = data.Description(pair.objects, None, 3)
+            candidates["aro_attribute"] = (plain, _with(_with(plain, 0, color=b[1]), 1, color=a[1]))
+        for name, (pos, neg) in candidates.items():
+            # keep only items whose positive is true and whose negative is false for this very image
+            if data.describes(scene, pos) and not data.describes(scene, neg):
+                items[name].append((index, data.render_description(pos), data.render_description(neg)))
+    return world, items
+
+
+def shapes_suite(model, tokenizer, transform, device=None, seed=SHAPES_SUITE_SEED, n_scenes=SHAPES_SUITE_SCENES,
+                 n_singles=SHAPES_SUITE_SINGLES, batch_size=256, **unused):
+    """Score a model on the shapes suite. Returns the harness's result dict (metrics in %, paper-style summary)."""
+    import data   # data.py imports nothing from eval; imported here so eval.py loads without spaCy/PIL setup
+    world, items = shapes_suite_items(seed, n_scenes)
+    image_size = _transform_size(transform)
+    image_emb, _ = encode_images(model, [data.render_scene(s, image_size) for s in world.scenes], transform, device,
+                                 batch_size, workers=0)
+    metrics, counts = {}, {}
+    for name, subset in items.items():
+        rows = torch.tensor([i for i, _, _ in subset], dtype=torch.long)
+        pos_emb = encode_texts(model, tokenizer, [p for _, p, _ in subset], device)
+        neg_emb = encode_texts(model, tokenizer, [n for _, _, n in subset], device)
+        metrics[name] = binary_choice_accuracy(image_emb[rows], pos_emb, neg_emb)
+        counts[name] = len(subset)
+    # zero-shot classification of single objects
+    singles = data.ShapesDataset("test", size=n_singles, seed=seed + 1, n_objects=1)
+    single_emb, _ = encode_images(model, [singles.image(i) for i in range(n_singles)], transform, device, batch_size,
+                                  workers=0)
+    class_sets = {
+        "zeroshot_shape": (list(data.SHAPES), lambda o: o.shape),
+        "zeroshot_color": ([f"{c} object" for c in data.COLORS], lambda o: f"{o.color} object"),
+        "zeroshot_color_shape": ([f"{c} {s}" for c in data.COLORS for s in data.SHAPES],
+                                 lambda o: f"{o.color} {o.shape}"),
+    }
+    for name, (classnames, label_of) in class_sets.items():
+        classifier = zero_shot_classifier(model, tokenizer, classnames, [t + "." for t in ZEROSHOT_TEMPLATES], device)
+        labels = torch.tensor([classnames.index(label_of(scene[0])) for scene in singles.scenes])
+        metrics[name] = zero_shot_scores(single_emb, labels, classifier)["acc1"]
+        counts[name] = n_singles
+    # retrieval: the ordered captions, then the long captions; one caption per test scene
+    long_world = data.ShapesDataset("test", size=n_scenes, seed=seed, long=True)
+    for prefix, captions in (("retrieval", world.captions), ("long", long_world.captions)):
+        recall = retrieval_recall(image_emb, encode_texts(model, tokenizer, captions, device),
+                                  torch.arange(n_scenes), ks=(1, 5))
+        for k in (1, 5):
+            metrics[f"{prefix}_i2t_r{k}"] = recall[f"i2t_R@{k}"]
+            metrics[f"{prefix}_t2i_r{k}"] = recall[f"t2i_R@{k}"]
+        counts[prefix] = n_scenes
+
+    def mean(*keys):
+        return sum(metrics[k] for k in keys) / len(keys)
+
+    summary = {
+        "REPLACE": mean("replace_obj", "replace_att", "replace_rel"), "SWAP": mean("swap_obj", "swap_att"),
+        "ADD": mean("add_obj", "add_att"), "ARO": mean("aro_relation", "aro_attribute"),
+        "zero-shot": mean("zeroshot_shape", "zeroshot_color", "zeroshot_color_shape"),
+        "retrieval R@1": mean("retrieval_i2t_r1", "retrieval_t2i_r1"), "long R@1": mean("long_i2t_r1", "long_t2i_r1"),
+    }
+    return {"metrics": metrics, "summary": summary, "n": sum(counts.values()), "counts": counts, "missing": 0,
+            "missing_paths": []}
+
+
+def _transform_size(transform):
+    """Image side a validation transform produces (the shapes are rendered at that size, no resampling)."""
+    for t in getattr(transform, "transforms", []):
+        size = getattr(t, "size", None)
+        if size is not None:
+            return size if isinstance(size, int) else size[0]
+    return 64
 
 
 def _run_shapes(ctx):

@@ -1,0 +1,709 @@
+"""Shared plumbing for the four method scripts: backbone, EMA, distributed, training utilities, checkpoints.
+
+Read a method script first (degla.py is a good start); come here when it calls `common.something`.
+Everything in this file is used by at least two methods; method-specific math stays in the method files.
+
+Sections
+  1. Backbone: open_clip models, the tiny `shapes-tiny-vit` config, per-token features in the joint space.
+  2. The shapes base model (`pretrained="shapes"`): a tiny CLIP trained on bag-of-words captions, cached.
+  3. EMA teacher.
+  4. Distributed: `launch`, `gather_features`, rank helpers, `run_cpu_processes` (tests).
+  5. Training utilities: arguments, optimizer, schedule, precision, seeding, logging, the data stream.
+  6. Checkpoints: atomic save, resume, export for `open_clip.create_model(name, pretrained=path)`.
+
+The skeleton every method's `train(args)` follows (see degla.py for the real thing):
+
+    run = common.Run(args, method="degla")                       # device, rank, out dir, logger, seeds
+    model, train_tf, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=run.device)
+    dataset = data.build_train_set(args, train_tf, tokenizer)    # shapes world or COCO, same sample dicts
+    optimizer = common.make_optimizer(model, args.lr, args.wd, args.betas, args.eps)
+    scheduler = common.cosine_schedule(optimizer, args.warmup, total_steps)
+    state = common.resume_or_start(args, run, model, optimizer, scheduler, scaler, ema=..., extra=...)
+    before = eval.evaluate(model, tokenizer, val_tf, args.eval, ...)
+    for step, batch in common.batch_stream(dataset, collate, args, run, start_step=state.step):
+        with run.autocast():
+            ... features, gather, loss, parts = method_loss(...)
+        common.check_finite(loss, parts, step)
+        (loss * run.world_size).backward()   # see `gather_features` for why the sum over ranks
+        ...optimizer step, scheduler step, clamp logit scale, EMA update, log, periodic checkpoint
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime
+import fcntl
+import json
+import math
+import os
+import random
+import socket
+import sys
+import tempfile
+import time
+
+import numpy as np
+import open_clip
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torch.multiprocessing as mp
+from tqdm import tqdm
+
+# =====================================================================================================
+# 1. Backbone
+# =====================================================================================================
+TINY_MODEL = "shapes-tiny-vit"
+TINY_MODEL_CONFIG = {
+    # A CLIP small enough to train from scratch on 2 CPU cores in minutes, big enough to see 1-4 shapes:
+    # 64 px images cut into an 8x8 grid of 8 px patches, 3 transformer layers per tower, 32 text tokens.
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32, "mlp_ratio": 4.0},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+}
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
+
+
+def register_tiny_model():
+    """Make `shapes-tiny-vit` a model name open_clip itself knows (create_model, get_tokenizer, list_models).
+
+    open_clip has no public dict-registration API; `add_model_config(dir)` rescans a folder of JSON configs, so
+    we keep the config in `model_configs/` next to this file (it is written from TINY_MODEL_CONFIG if absent)."""
+    if TINY_MODEL in open_clip.list_models():
+        return
+    path = os.path.join(_CONFIG_DIR, TINY_MODEL + ".json")
+    if not os.path.exists(path):
+        os.makedirs(_CONFIG_DIR, exist_ok=True)
+        _atomic_write_text(path, json.dumps(TINY_MODEL_CONFIG, indent=2))
+    open_clip.add_model_config(_CONFIG_DIR)
+
+
+def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_length=None, **model_kwargs):
+    """Model, train transform, val transform and tokenizer, all through open_clip.
+
+    pretrained: an open_clip tag ('openai', needs the internet), a path to weights, None (random init) or
+    'shapes' (the tiny base model trained on the shapes world, built once and cached; see `shapes_base_path`).
+    """
+    register_tiny_model()
+    if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(f"unknown model {name!r}: expected an open_clip model name such as {TINY_MODEL!r}, "
+                         f"'ViT-B-32-quickgelu' or 'ViT-B-16' (see open_clip.list_models())")
+    if pretrained == "shapes":
+        if name != TINY_MODEL:
+            raise ValueError(f"--pretrained shapes exists only for --model {TINY_MODEL}, not {name!r}")
+        pretrained = shapes_base_path()
+    elif pretrained in ("", "none", "None"):
+        pretrained = None
+    try:
+        model, train_tf, val_tf = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, **model_kwargs)
+    except RuntimeError as error:
+        if pretrained and not os.path.exists(str(pretrained)):
+            raise RuntimeError(f"could not load pretrained weights {pretrained!r} for {name!r}: a tag needs the "
+                               f"internet (or a local open_clip cache); a path must exist. ({error})") from None
+        raise
+    tokenizer = open_clip.get_tokenizer(name, context_length=context_length)
+    return model, train_tf, val_tf, tokenizer
+
+
+def encode_image_tokens(model, images):
+    """Global image embedding and per-patch embeddings in the joint space (neither normalized).
+
+    open_clip's VisionTransformer returns patch tokens after ln_post but before the projection (benchmarks.md
+    B2), so we switch `output_tokens` on around our own call and project the tokens with `visual.proj`.
+    Returns pooled (B, D) and patch_emb (B, P, D) with P = grid cells (no class token)."""
+    visual = model.visual
+    previous = visual.output_tokens
+    visual.output_tokens = True
+    try:
+        pooled, tokens = visual(images)
+    finally:
+        visual.output_tokens = previous
+    if visual.proj is None:
+        raise ValueError("encode_image_tokens needs a CLIP-style vision tower with a projection (visual.proj)")
+    return pooled, tokens @ visual.proj
+
+
+def encode_text_tokens(model, texts):
+    """Global text embedding, per-token embeddings in the joint space, and a mask of real tokens.
+
+    open_clip's `CLIP` ignores `output_tokens` for text, so we rerun its text path: token + position embedding,
+    causal transformer, ln_final, then the projection on every position. The pooled vector is taken exactly as
+    `encode_text` takes it (the EOT token), so pooled == model.encode_text(texts).
+    Returns pooled (B, D), token_emb (B, L, D), pad_mask (B, L) bool: True where the token is real (SOT..EOT)."""
+    if not hasattr(model, "token_embedding"):
+        raise ValueError("encode_text_tokens supports open_clip `CLIP` models (text tower unpacked on the model)")
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(texts).to(cast_dtype) + model.positional_embedding.to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)
+    pooled = open_clip.transformer.text_global_pool(x, texts, model.text_pool_type,
+                                                    eos_token_id=getattr(model, "text_eos_id", None))
+    projection = model.text_projection
+    project = projection if isinstance(projection, torch.nn.Linear) else (lambda t: t @ projection)
+    eot_position = texts.argmax(dim=-1)
+    positions = torch.arange(texts.shape[1], device=texts.device)
+    pad_mask = positions[None, :] <= eot_position[:, None]
+    return project(pooled), project(x), pad_mask
+
+
+def clip_loss(image_emb, text_emb, logit_scale):
+    """CLIP's symmetric InfoNCE: L = (CE(s I T^T, y) + CE(s T I^T, y)) / 2 with y_i = i.
+
+    image_emb, text_emb: (N, D) L2-normalized, already gathered over ranks; logit_scale: scalar s (exp'ed)."""
+    logits = logit_scale * image_emb @ text_emb.t()
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+# =====================================================================================================
+# 2. The shapes base model
+# =====================================================================================================
+# Plays the role of downloading OpenAI weights: a tiny CLIP trained from scratch on bag-of-words captions of
+# the shapes world (words of each caption in random order; 1-object scenes keep their words too), so that it
+# knows every colour and shape but has never had a reason to bind them: like web-trained CLIP, it is
+# "bag of words". Built on first use (budget below), cached, and reused by every method.
+SHAPES_BASE_STEPS = 600       # about 4 minutes on 2 CPU cores; see README for the measured accuracies
+SHAPES_BASE_BATCH = 128
+SHAPES_BASE_LR = 1e-3
+SHAPES_BASE_SEED = 1234       # its own random stream of scenes, disjoint from the test split
+
+
+def cache_dir():
+    """Where cached artefacts live: $COMPCLIP_CACHE, else ~/.cache/compositional-clip."""
+    path = os.environ.get("COMPCLIP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "compositional-clip")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def shapes_base_path(steps=None, progress=True):
+    """Path of the cached shapes base model, building it first if needed.
+
+    Safe when several processes start together: one takes an exclusive file lock and builds, the others wait
+    on the lock and then find the file. The file is written atomically (temp file, then rename), so a crash
+    never leaves a half-written model; a file that does not load (corrupt) is reported and rebuilt."""
+    steps = steps or int(os.environ.get("COMPCLIP_BASE_STEPS", SHAPES_BASE_STEPS))
+    path = os.path.join(cache_dir(), f"{TINY_MODEL}-shapes-base-{steps}steps-seed{SHAPES_BASE_SEED}.pt")
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.path.exists(path):
+                if _loads_as_model(path):
+                    return path
+                print(f"[common] cached shapes base model {path} is corrupt; rebuilding it", file=sys.stderr)
+            build_shapes_base(path, steps=steps, progress=progress)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return path
+
+
+def _loads_as_model(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = open_clip.create_model(TINY_MODEL)
+        model.load_state_dict(state["state_dict"])
+        return True
+    except Exception:   # any failure to read or match means the file cannot be trusted
+        return False
+
+
+def build_shapes_base(path, steps=SHAPES_BASE_STEPS, batch_size=SHAPES_BASE_BATCH, lr=SHAPES_BASE_LR,
+                      seed=SHAPES_BASE_SEED, progress=True):
+    """Train the tiny CLIP from scratch on bag-of-words shapes captions and save it (atomically) at `path`."""
+    import data   # data.py imports common-free modules only; imported here to keep module load light
+    register_tiny_model()
+    seed_everything(seed)
+    model, _, val_tf = open_clip.create_model_and_transforms(TINY_MODEL)
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    dataset = data.ShapesDataset("train", size=steps * batch_size, image_size=64, seed=seed, transform=val_tf,
+                                 bag_of_words=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=_default_workers(),
+        collate_fn=lambda b: (torch.stack([s["image"] for s in b]), tokenizer([s["caption"] for s in b])),
+        generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+    optimizer = make_optimizer(model, lr=lr, wd=0.1, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = cosine_schedule(optimizer, warmup=min(100, steps // 10), total=steps)
+    model.train()
+    start = time.time()
+    bar = tqdm(loader, total=steps, desc="building the shapes base model (once)", disable=not progress,
+               file=sys.stderr)
+    for images, texts in bar:
+        image_emb = model.encode_image(images, normalize=True)
+        text_emb = model.encode_text(texts, normalize=True)
+        loss = clip_loss(image_emb, text_emb, model.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        clamp_logit_scale(model)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    meta = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": round(time.time() - start, 1),
+            "captions": "bag-of-words shapes captions"}
+    _atomic_torch_save({"state_dict": model.state_dict(), "meta": meta}, path)
+    return meta
+
+
+# =====================================================================================================
+# 3. EMA teacher
+# =====================================================================================================
+class EMA:
+    """Exponential moving average of a model's weights: theta_t <- d * theta_t + (1 - d) * theta_s.
+
+    The time constant is about 1 / (1 - d) steps (d=0.9996: 2,500 steps). `module` is the teacher: a frozen
+    copy in eval mode. Buffers are copied, not averaged."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.module = copy.deepcopy(unwrap(model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        student = unwrap(model)
+        for teacher_p, student_p in zip(self.module.parameters(), student.parameters()):
+            teacher_p.mul_(self.decay).add_(student_p.detach(), alpha=1 - self.decay)
+        for teacher_b, student_b in zip(self.module.buffers(), student.buffers()):
+            teacher_b.copy_(student_b)
+
+    def state_dict(self):
+        return {"decay": self.decay, "module": self.module.state_dict()}
+
+    def load_state_dict(self, state):
+        self.decay = state["decay"]
+        self.module.load_state_dict(state["module"])
+
+
+def unwrap(model):
+    """The bare model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+# =====================================================================================================
+# 4. Distributed
+# =====================================================================================================
+def world_info():
+    """(rank, world_size) of this process; (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main():
+    return world_info()[0] == 0
+
+
+def gather_features(features):
+    """All ranks' features concatenated in rank order; the local slice keeps its autograd graph.
+
+    Every rank then computes the *same* global loss, but back-propagates only through its own slice, so its
+    gradient w.r.t. its local features equals the single-process gradient for that slice. The parameter
+    gradient of the single-process loss is the *sum* of the ranks' gradients; DDP averages, so the training
+    loops back-propagate `loss * world_size` (see the module docstring). On one process this is the identity."""
+    rank, world_size = world_info()
+    if world_size == 1:
+        return features
+    gathered = [torch.empty_like(features) for _ in range(world_size)]
+    dist.all_gather(gathered, features.detach().contiguous())
+    gathered[rank] = features
+    return torch.cat(gathered, dim=0)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned_worker(local_rank, fn, args, world_size, backend, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
+                      LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
+    _init_from_env(backend)
+    try:
+        fn(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _init_from_env(backend):
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(minutes=30))
+
+
+def launch(fn, args):
+    """Run `fn(args)` in the right number of processes.
+
+    - under torchrun (RANK/WORLD_SIZE in the environment; single or multi node): join its process group;
+    - `--gpus N` with N > 1: spawn N processes on this node (NCCL);
+    - `--cpu-procs N` with N > 1: spawn N CPU processes (gloo), what the tests use;
+    - otherwise one process."""
+    gpus = getattr(args, "gpus", 0) or 0
+    if gpus and gpus > torch.cuda.device_count():
+        raise SystemExit(f"--gpus {gpus} asks for {gpus} GPUs but this machine has {torch.cuda.device_count()}; "
+                         f"use --gpus {torch.cuda.device_count()} (0 = CPU)")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        _init_from_env("nccl" if torch.cuda.is_available() else "gloo")
+        try:
+            return fn(args)
+        finally:
+            dist.destroy_process_group()
+    cpu_procs = getattr(args, "cpu_procs", 1) or 1
+    if gpus > 1 or cpu_procs > 1:
+        n, backend = (gpus, "nccl") if gpus > 1 else (cpu_procs, "gloo")
+        mp.spawn(_spawned_worker, args=(fn, args, n, backend, _free_port()), nprocs=n, join=True)
+        return None
+    return fn(args)
+
+
+def _collecting_worker(rank, fn, world_size, port, queue, fn_args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        queue.put((rank, fn(rank, world_size, *fn_args)))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_cpu_processes(fn, world_size, *fn_args):
+    """Run fn(rank, world_size, *fn_args) in `world_size` gloo CPU processes; return their results by rank.
+
+    For tests that prove a distributed loss equals the single-process loss. `fn` must be importable (a
+    module-level function) because the processes are spawned."""
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    mp.start_processes(_collecting_worker, args=(fn, world_size, _free_port(), queue, fn_args), nprocs=world_size,
+                       join=True, start_method="spawn")
+    results = dict(queue.get() for _ in range(world_size))
+    return [results[r] for r in range(world_size)]
+
+
+# =====================================================================================================
+# 5. Training utilities
+# =====================================================================================================
+def base_parser(description):
+    """The flags every method has. Defaults that depend on the data (paper values for real data, small values
+    for the shapes world) are left as None here and filled by `apply_defaults(args, DEFAULTS)`."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="shapes", help="shapes (built-in synthetic world) | coco | docci | dci | json | csv")
+    g.add_argument("--data-root", default=None, help="root folder of the real data set (see README for layouts)")
+    g.add_argument("--train-size", type=int, default=None, help="shapes world: number of training scenes")
+    g.add_argument("--workers", type=int, default=None, help="DataLoader workers per process")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="open_clip model name")
+    g.add_argument("--pretrained", default=None, help="open_clip tag, weights path, or 'shapes'")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, default=None, help="per process")
+    g.add_argument("--epochs", type=float, default=None, help="epochs over the data (ignored if --steps is set)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps in total")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--wd", type=float, default=None)
+    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps before the cosine decay")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    g = p.add_argument_group("system")
+    g.add_argument("--gpus", type=int, default=0, help="GPUs on this node (0 = CPU or torchrun); DDP when > 1")
+    g.add_argument("--cpu-procs", type=int, default=1, help=argparse.SUPPRESS)   # gloo processes, for tests
+    g.add_argument("--out", default=None, help="run folder (default runs/<method>-<data>-<time>)")
+    g.add_argument("--resume", default=None, help="run folder (or checkpoint) to continue from")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--eval", default=None, help="comma-separated benchmarks to run before and after training")
+    g.add_argument("--eval-root", default=None, help="root folder of the benchmark files")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still written)")
+    return p
+
+
+def apply_defaults(args, defaults):
+    """Fill every None argument from `defaults['shapes']` or `defaults['real']` (by --data)."""
+    table = defaults["shapes" if args.data == "shapes" else "real"]
+    for key, value in table.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def make_optimizer(model, lr, wd, betas=(0.9, 0.98), eps=1e-6):
+    """AdamW with two groups, as open_clip_train: no weight decay on biases, norms, gains and the logit
+    scale/bias (every parameter with fewer than 2 dims or such a name), weight decay `wd` on the rest."""
+    decay, no_decay = [], []
+    for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        exclude = p.ndim < 2 or any(k in name for k in ("bn", "ln", "bias", "logit_scale"))
+        (no_decay if exclude else decay).append(p)
+    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def cosine_schedule(optimizer, warmup, total):
+    """Linear warm-up to the base lr over `warmup` steps, then cosine decay to 0 at `total` (a LambdaLR, so its
+    position is saved in checkpoints). Step it once per optimizer step."""
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def clamp_logit_scale(model, max_scale=100.0):
+    """Keep the learned temperature in [1, 100] (log scale in [0, ln 100]), as CLIP and open_clip_train do."""
+    unwrap(model).logit_scale.clamp_(0, math.log(max_scale))
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_finite(loss, parts, step):
+    """Stop the run with a message naming the step and every loss term when the loss is NaN or infinite.
+    Nothing is saved after this point, so the last checkpoint on disk is the last good one."""
+    if not torch.isfinite(loss).all():
+        terms = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in parts.items())
+        raise FloatingPointError(f"non-finite loss at step {step}: loss={loss.item()} ({terms}); "
+                                 f"stopping; the last checkpoint on disk is intact")
+
+
+def _default_workers():
+    return 0 if os.cpu_count() is None or os.cpu_count() <= 2 else min(8, os.cpu_count() // 2)
+
+
+class Run:
+    """One training run: device, rank, precision, output folder, JSON-lines log and progress bar.
+
+    Only rank 0 creates folders, writes logs and shows the bar; seeds are offset by rank so that the
+    processes draw different random numbers where that matters (the data order is sharded explicitly)."""
+
+    def __init__(self, args, method):
+        self.args, self.method = args, method
+        self.rank, self.world_size = world_info()
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        else:
+            self.device = torch.device("cpu")
+        precision = args.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if precision in ("bf16", "fp16") and self.device.type != "cuda":
+            raise SystemExit(f"--precision {precision} needs a GPU; use fp32 on CPU")
+        self.precision = precision
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        seed_everything(args.seed + self.rank)
+        if args.resume and not args.out:
+            args.out = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
+        if not args.out:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            args.out = os.path.join("runs", f"{method}-{args.data}-{stamp}")
+        self.out = args.out
+        self.is_main = self.rank == 0
+        if self.is_main:
+            os.makedirs(self.out, exist_ok=True)
+            config = {"method": method, "world_size": self.world_size, "precision": precision, **vars(args)}
+            _atomic_write_text(os.path.join(self.out, "config.json"), json.dumps(config, indent=2, default=str))
+            self._log = open(os.path.join(self.out, "log.jsonl"), "a")
+        self.bar = None
+        self._last_time, self._last_step = time.time(), None
+
+    def autocast(self):
+        """The one autocast context of the run: bf16/fp16 on CUDA, nothing (fp32) on CPU."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def progress(self, total, initial=0):
+        self.bar = tqdm(total=total, initial=initial, desc=self.method, dynamic_ncols=True, file=sys.stderr,
+                        disable=not self.is_main or getattr(self.args, "no_progress", False))
+        return self.bar
+
+    def log(self, step, samples_per_step, **values):
+        """Write one JSON line (every loss term, lr, logit scale, ...) and update the progress bar."""
+        now = time.time()
+        if self._last_step is not None and step > self._last_step:
+            values["samples_per_s"] = samples_per_step * (step - self._last_step) / max(1e-9, now - self._last_time)
+        self._last_time, self._last_step = now, step
+        if self.is_main:
+            record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}}
+            self._log.write(json.dumps(record) + "\n")
+            self._log.flush()
+            if self.bar is not None:
+                shown = {k: f"{v:.3f}" for k, v in values.items() if k in ("loss", "samples_per_s")}
+                self.bar.set_postfix(shown)
+
+    def print(self, *text):
+        if self.is_main:
+            (tqdm.write if self.bar is not None else print)(" ".join(str(t) for t in text))
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.is_main:
+            self._log.close()
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Indices of one epoch: a permutation seeded by (seed, epoch), sharded by rank, starting at `skip`.
+
+    Being a pure function of (seed, epoch, rank), it lets a resumed run see exactly the batches the
+    interrupted run would have seen next."""
+
+    def __init__(self, size, batch_size, seed, epoch, rank, world_size, skip_batches=0):
+        self.per_rank = size // world_size // batch_size * batch_size
+        permutation = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        shard = permutation[rank::world_size][:self.per_rank]
+        self.indices = shard[skip_batches * batch_size:]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def batch_stream(dataset, collate_fn, batch_size, seed, start_step, total_steps, workers=None):
+    """Yield (step, epoch, batch) from `start_step` to `total_steps`, epoch after epoch, deterministically.
+
+    Batches with unreadable images are smaller (the collate drops them); the number dropped is reported once
+    at the end of each epoch."""
+    rank, world_size = world_info()
+    steps_per_epoch = len(dataset) // world_size // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the data set has {len(dataset)} samples, fewer than one batch of {batch_size} per process")
+    workers = _default_workers() if workers is None else workers
+    step = start_step
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        sampler = EpochSampler(len(dataset), batch_size, seed, epoch, rank, world_size, skip)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                             collate_fn=collate_fn, drop_last=True, pin_memory=False)
+        skipped = 0
+        for batch in loader:
+            skipped += int(batch.pop("skipped", 0)) if isinstance(batch, dict) else 0
+            yield step, epoch, batch
+            step += 1
+            if step >= total_steps:
+                break
+        if skipped and rank == 0:
+            print(f"[data] epoch {epoch}: skipped {skipped} unreadable images", file=sys.stderr)
+
+
+def steps_for(args, dataset_size, world_size):
+    """Total optimizer steps: --steps if given, else --epochs over the data."""
+    if args.steps:
+        return int(args.steps)
+    return max(1, int(args.epochs * (dataset_size // (args.batch_size * world_size))))
+
+
+# =====================================================================================================
+# 6. Checkpoints
+# =====================================================================================================
+def _atomic_write_text(path, text):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a crash at any
+    moment leaves either the old file or the new one, never a half-written one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run, step, model, optimizer, scheduler, ema=None, extra=None):
+    """Write `<out>/checkpoint.pt` atomically (rank 0 only): everything needed to continue exactly.
+
+    extra: method state (e.g. CE-CLIP's adaptive thresholds) as a dict of tensors/numbers."""
+    if not run.is_main:
+        return
+    state = {
+        "method": run.method, "step": step, "args": vars(run.args),
+        "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler else None, "ema": ema.state_dict() if ema else None,
+        "extra": extra or {}, "rng": rng_state(),
+    }
+    _atomic_torch_save(state, os.path.join(run.out, "checkpoint.pt"))
+
+
+def load_checkpoint(path, method, device="cpu"):
+    """Read a checkpoint written by `save_checkpoint` (a file or a run folder), checking it belongs to `method`."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"--resume {path}: no checkpoint there (expected a run folder containing checkpoint.pt)")
+    state = torch.load(path, map_location=device, weights_only=False)
+    if state.get("method") != method:
+        raise SystemExit(f"--resume {path}: that checkpoint was written by {state.get('method')!r}, not {method!r}")
+    return state
+
+
+def resume(run, model, optimizer, scheduler, ema=None):
+    """Restore a run from `args.resume`; returns (start_step, extra method state). (0, {}) without --resume."""
+    if not run.args.resume:
+        return 0, {}
+    state = load_checkpoint(run.args.resume, run.method, device=run.device)
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if run.scaler and state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])
+    if ema is not None and state["ema"]:
+        ema.load_state_dict(state["ema"])
+    set_rng_state(state["rng"])
+    run.print(f"resumed {run.method} from step {state['step']} ({run.args.resume})")
+    return state["step"], state["extra"]
+
+
+def export_open_clip(model, path, meta=None):
+    """Save final weights so that `open_clip.create_model(name, pretrained=path)` loads them."""
+    _atomic_torch_save({"state_dict": unwrap(model).state_dict(), "meta": meta or {}}, path)
+
+
+# The shared budget of every method on the shapes world, so that `python <method>.py` runs compare at equal
+# cost (the side-by-side table in the README uses exactly these): about 2-4 minutes of training on 2 CPU cores.
+SHAPES_DEFAULTS = {
+    "model": TINY_MODEL, "pretrained": "shapes",
+    "steps": 400,          # optimizer steps
+    "batch_size": 64,      # per process
+    "lr": 1e-4,            # the base model was trained at 1e-3; fine-tuning at a tenth of it
+    "wd": 0.1,
+    "warmup": 20,
+    "train_size": 20000,   # scenes in the training split (more than steps x batch: no scene is seen twice)
+    "workers": 0,          # rendering a 64 px scene takes ~1 ms: worker processes cost more than they save
+    "epochs": 1,
+    "save_every": 100,
+    "eval": "shapes",
+}
