@@ -570,8 +570,9 @@ class EpochSampler(torch.utils.data.Sampler):
 def batch_stream(dataset, collate_fn, batch_size, seed, start_step, total_steps, workers=None):
     """Yield (step, epoch, batch) from `start_step` to `total_steps`, epoch after epoch, deterministically.
 
-    Batches with unreadable images are smaller (the collate drops them); the number dropped is reported once
-    at the end of each epoch."""
+    Batches with unreadable images are smaller (data.py's collates drop them and put the count in
+    batch["skipped"], removed here); the number dropped is reported once at the end of each epoch. A batch in
+    which no image could be read is skipped without taking a step."""
     rank, world_size = world_info()
     steps_per_epoch = len(dataset) // world_size // batch_size
     if steps_per_epoch == 0:
@@ -585,7 +586,10 @@ def batch_stream(dataset, collate_fn, batch_size, seed, start_step, total_steps,
                                              collate_fn=collate_fn, drop_last=True, pin_memory=False)
         skipped = 0
         for batch in loader:
-            skipped += int(batch.pop("skipped", 0)) if isinstance(batch, dict) else 0
+            if batch is None:   # every image of the batch was unreadable (data.py collates return None)
+                skipped += batch_size
+                continue
+            skipped += int(batch.pop("skipped", 0))
             yield step, epoch, batch
             step += 1
             if step >= total_steps:
