@@ -36,7 +36,7 @@ paper and a flag reproduces the release:
 
 Run:
   python goal.py                                   # shapes world, cached `shapes` base model, CPU, ~4 min
-  python goal.py lism --data docci --data-root DIR --segments SEG.json --out lism.json   # offline LISM
+  python goal.py lism --data docci --data-root DIR --segments-file SAM.json --out lism.json   # offline LISM
   python goal.py --data docci --data-root DIR --lism lism.json --gpus 8                   # the paper's recipe
   torchrun --nproc_per_node 8 goal.py --data dci --data-root DIR --lism lism.json         # same, under torchrun
   python goal.py --resume OUT_DIR                  # continue an interrupted run
@@ -402,15 +402,21 @@ def _lism_pairs(args, model, tokenizer, val_tf, long_tokenizer, device):
     if args.data != "shapes":
         raise SystemExit("--data %s needs --lism FILE: run `python goal.py lism --data %s --data-root DIR "
                          "--segments-file SAM_BOXES.json --out FILE` first" % (args.data, args.data))
-    key = f"goal-lism-shapes-seed{args.seed}-n{args.train_size}-ctx{args.context_length}-" \
-          f"{os.path.basename(str(common.shapes_base_path(progress=False) if args.pretrained == 'shapes' else args.pretrained))}.json"
-    path = os.path.join(common.cache_dir(), key)
-    if not os.path.exists(path):
-        world = data.ShapesDataset("train", size=args.train_size, image_size=model.visual.image_size[0],
-                                   seed=args.seed, transform=val_tf, long=True)
-        matched = run_lism(model, tokenizer, world, long_tokenizer, device)
+    weights = common.shapes_base_path(progress=False) if args.pretrained == "shapes" else str(args.pretrained)
+    path = None
+    if os.path.isfile(weights):   # cache only a matching made by fixed weights (not a random init)
+        path = os.path.join(common.cache_dir(), f"goal-lism-shapes-seed{args.seed}-n{args.train_size}-"
+                                                f"ctx{args.context_length}-{os.path.basename(weights)}.json")
+        if os.path.exists(path):
+            return data.load_segments(path)
+    world = data.ShapesDataset("train", size=args.train_size, image_size=model.visual.image_size[0],
+                               seed=args.seed, transform=val_tf, long=True)
+    matched = run_lism(model, tokenizer, world, long_tokenizer, device)
+    if path and common.is_main():
         common._atomic_write_text(path, json.dumps(matched))
-    return data.load_segments(path)
+    if common.is_main():
+        common._atomic_write_text(os.path.join(args.out, "lism.json"), json.dumps(matched))
+    return matched
 
 
 def _train_set(args, val_tf, long_tokenizer, pairs):

@@ -245,3 +245,34 @@ def test_two_processes_equal_one():
         assert abs(rank_loss - loss.item()) < 1e-10
         for g_rank, g_full in zip(rank_grads, full_grads):
             assert torch.allclose(torch.from_numpy(g_rank), g_full[rank * 4:(rank + 1) * 4], atol=1e-10)
+
+
+# ---------------------------------------------------------------- LISM decision
+def _ref_lism(scores):
+    n_candidates, n_sentences = scores.shape
+    best = None
+    for j in range(n_sentences):
+        column = [scores[i, j].item() for i in range(n_candidates)]
+        i = column.index(max(column))
+        if i == 0:          # the sentence prefers the full image: dropped
+            continue
+        if best is None or column[i] > best[2]:
+            best = (i - 1, j, column[i])
+    return best
+
+
+def test_lism_best_pair_matches_loop():
+    g = torch.Generator().manual_seed(3)
+    for trial in range(200):
+        scores = torch.randn(1 + int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g)),
+                             generator=g)
+        if trial % 7 == 0:
+            scores[0] += 10     # every sentence prefers the full image
+        ref = _ref_lism(scores)
+        out = goal.lism_best_pair(scores)
+        assert (out is None) == (ref is None)
+        if ref is not None:
+            assert out[:2] == ref[:2] and abs(out[2] - ref[2]) < 1e-6
+    # several sentences may pick the same crop; the full image never becomes the pair
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.7], [0.1, 0.3, 0.2]])
+    assert goal.lism_best_pair(scores)[:2] == (0, 1)
