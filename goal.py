@@ -368,18 +368,26 @@ class GoalForward(torch.nn.Module):
         patch = model.visual.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
 
+    def _trim(self, texts):
+        """Drop the all-padding columns at the end (pad id 0). Exact under a causal mask: no real token attends
+        to a later position. 248 (or 104) slots for 15-token sentences would cost ~7x the text compute."""
+        if getattr(_text_tower(self.model), "attn_mask", None) is None:
+            return texts
+        return texts[:, :max(1, int((texts != 0).sum(1).max()))]
+
     def forward(self, images, texts, crops=None, sentences=None, boxes=None, spans=None):
         n = images.shape[0]
         if not self.with_local:
             image_emb, _ = encode_image_with_tokens(self.model, images)
-            text_emb, _ = encode_text_with_tokens(self.model, texts)
+            text_emb, _ = encode_text_with_tokens(self.model, self._trim(texts))
             return {"image": F.normalize(image_emb, dim=-1), "text": F.normalize(text_emb, dim=-1)}
         image_emb, image_tokens = encode_image_with_tokens(self.model, torch.cat([images, crops]))
-        text_emb, text_tokens = encode_text_with_tokens(self.model, torch.cat([texts, sentences]))
+        text_emb, text_tokens = encode_text_with_tokens(self.model, self._trim(texts))
+        sentence_emb, _ = encode_text_with_tokens(self.model, self._trim(sentences))
         mask = box_patch_mask(boxes, self.image_size, self.patch_size, self.released_box_mapping)
         region = region_embed(self.model, image_tokens[:n], mask.to(image_tokens.device))
-        span = span_embed(self.model, text_tokens[:n], spans)
-        out = {"image": image_emb[:n], "crop": image_emb[n:], "text": text_emb[:n], "sentence": text_emb[n:],
+        span = span_embed(self.model, text_tokens, spans)
+        out = {"image": image_emb[:n], "crop": image_emb[n:], "text": text_emb, "sentence": sentence_emb,
                "region": region, "span": span}
         return {k: F.normalize(v, dim=-1) for k, v in out.items()}
 

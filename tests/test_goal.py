@@ -276,3 +276,18 @@ def test_lism_best_pair_matches_loop():
     # several sentences may pick the same crop; the full image never becomes the pair
     scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.7], [0.1, 0.3, 0.2]])
     assert goal.lism_best_pair(scores)[:2] == (0, 1)
+
+
+def test_padding_trim_is_exact():
+    model = _tiny_model()
+    goal.stretch_text_positions(model, 104, keep=8)
+    texts = torch.zeros(3, 104, dtype=torch.long)
+    for b, length in enumerate((5, 40, 12)):
+        texts[b, 0], texts[b, 1:length - 1], texts[b, length - 1] = 49406, 320 + b, 49407
+    forward = goal.GoalForward(model, with_local=False)
+    assert forward._trim(texts).shape == (3, 40)
+    with torch.no_grad():
+        full, full_tokens = goal.encode_text_with_tokens(model, texts)
+        trimmed, trimmed_tokens = goal.encode_text_with_tokens(model, forward._trim(texts))
+    assert torch.allclose(full, trimmed, atol=1e-5)
+    assert torch.allclose(full_tokens[:, :40], trimmed_tokens, atol=1e-5)
