@@ -42,10 +42,14 @@ Run:
     torchrun --nnodes 2 --nproc-per-node 8 ... cehn.py --data coco --data-root DIR
     python cehn.py --resume OUT_DIR                  # continue the last checkpoint (model, optimiser, theta, ...)
 """
-import math
+import os
 
 import torch
 import torch.nn.functional as F
+
+import common
+import data
+import eval as evaluation  # `eval` would shadow the builtin
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults. Real data: the final release script (scripts/run_multiple_nodes.sh) and params.py, spec section 3.
@@ -68,13 +72,23 @@ METHOD_DEFAULTS = dict(
 
 REAL_DEFAULTS = dict(
     model="ViT-B-32-quickgelu", pretrained="openai",  # open_clip ViT-B-32 with OpenAI weights (QuickGELU)
-    data="coco",             # COCO 2014 train captions, every caption is a sample (spec section 2)
-    lr=5e-6, wd=0.1, beta1=0.9, beta2=0.98, eps=1e-6,  # AdamW, run_multiple_nodes.sh
+    # data: --data coco = COCO 2014 train captions, every caption a sample (spec section 2); AdamW betas
+    # (0.9, 0.98) and eps 1e-6 are common.make_optimizer's defaults (run_multiple_nodes.sh).
+    lr=5e-6, wd=0.1,         # run_multiple_nodes.sh; no decay on biases, norms, logit scale (open_clip default)
     warmup=50,               # steps, then cosine (open_clip cosine_lr)
-    batch_size=378,          # per GPU, x 4 A100 = 1512 global (run_multiple_nodes.sh)
-    epochs=10,               # run_multiple_nodes.sh
-    precision="amp_bf16",    # release used fp16 amp; bf16 autocast is the project's CUDA precision
+    batch_size=378,          # per GPU, x 4 A100 = 1512 global (run_multiple_nodes.sh); use --gpus 8 --batch-size 189
+    epochs=10,               # run_multiple_nodes.sh (the README's evaluation loads epoch_5: try --epochs 5 too)
+    workers=8,               # per process; the release used 0
+    save_every=1000,
+    eval="aro,sugarcrepe,valse",  # the paper's benchmarks (Tables 1 and 3)
+    # precision: the release used fp16 amp; the project's CUDA default is bf16 autocast (--precision auto)
 )
+
+# Shapes: the shared budget (steps 400, batch 64, lr 1e-4, ...) so that every method runs at the same cost; the
+# method's own values are the paper's (METHOD_DEFAULTS): theta in logit units works unchanged because the tiny
+# model's logit scale is also clamped to [1, 100].
+DEFAULTS = {"shapes": {**common.SHAPES_DEFAULTS, **METHOD_DEFAULTS},
+            "real": {**REAL_DEFAULTS, **METHOD_DEFAULTS}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,3 +245,161 @@ def cehn_loss(image_emb, text_emb, neg_text_emb, neg_valid, logit_scale, theta_p
                 if valid_k.any():
                     parts[f"gap_{name}"] = (pos_logit[valid_k] - neg_logit[valid_k, k]).mean().item()
     return loss, parts, logits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model glue
+# ----------------------------------------------------------------------------------------------------------------
+class CeForward(torch.nn.Module):
+    """One forward of the CLIP towers: images, captions and the K negatives per caption in one text pass.
+
+    Returns L2-normalised image_emb (B, D), text_emb (B, D), neg_text_emb (B, K, D) or None, and s = exp(logit_scale)
+    (returned from inside forward so DDP sees every parameter it differentiates)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, texts, neg_texts=None):
+        image_emb = self.model.encode_image(images, normalize=True)
+        if neg_texts is None:
+            return image_emb, self.model.encode_text(texts, normalize=True), None, self.model.logit_scale.exp()
+        batch, k_types, length = neg_texts.shape
+        all_text = self.model.encode_text(torch.cat([texts, neg_texts.reshape(-1, length)]), normalize=True)
+        text_emb, neg_text_emb = all_text[:batch], all_text[batch:].reshape(batch, k_types, -1)
+        return image_emb, text_emb, neg_text_emb, self.model.logit_scale.exp()
+
+
+def release_placeholders(neg_texts, neg_valid, tokenizer):
+    """--mask-invalid cmr: invalid slots become the text "###", as in the release (data.py puts the original
+    caption there, which as an unmasked negative would contradict the positive)."""
+    placeholder = tokenizer(["###"])[0].to(neg_texts.device)
+    neg_texts = neg_texts.clone()
+    neg_texts[~neg_valid] = placeholder
+    return neg_texts
+
+
+def uses_negatives(args):
+    return bool(args.itc_hn or args.w_cmr or args.w_imc)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+def train(args):
+    run = common.Run(args, method="cehn")
+    device = run.device
+    model, train_tf, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
+    train_set = data.build_train_set(args, train_tf, tokenizer)
+    with_negatives = uses_negatives(args)
+    if with_negatives:
+        train_set = data.WithNegatives(train_set, data.CEHN_TYPES, progress=run.is_main)
+        collate = lambda b: data.collate_negatives(b, tokenizer)  # noqa: E731
+    else:
+        collate = lambda b: data.collate_plain(b, tokenizer)  # noqa: E731
+
+    before = evaluation.evaluate(model, tokenizer, val_tf, args.eval, root=args.eval_root, device=device) \
+        if run.is_main and args.eval else None
+    model.train()
+    forward = CeForward(model)
+    if run.world_size > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None)
+    total = common.steps_for(args, len(train_set), run.world_size)
+    optimizer = common.make_optimizer(model, args.lr, args.wd)
+    scheduler = common.cosine_schedule(optimizer, args.warmup, total)
+    start, extra = common.resume(run, model, optimizer, scheduler)
+    theta = torch.full((len(NEG_TYPES),), float(args.theta_init), device=device)
+    if "theta" in extra:
+        theta = extra["theta"].to(device)
+    last_epoch = extra.get("epoch")
+    run.print(f"cehn: {total} steps, batch {args.batch_size} x {run.world_size}, itc_hn={args.itc_hn} "
+              f"w_cmr={args.w_cmr} w_imc={args.w_imc} theta={args.threshold_type} imc={args.imc_variant} "
+              f"mask_invalid={args.mask_invalid}")
+    run.progress(total, initial=start)
+    epoch = last_epoch
+    for step, epoch, batch in common.batch_stream(train_set, collate, args.batch_size, args.seed, start, total,
+                                                  args.workers):
+        if args.theta_reset_per_epoch and last_epoch is not None and epoch != last_epoch:
+            theta.fill_(float(args.theta_init))  # the release re-creates theta at every epoch
+        last_epoch = epoch
+        batch = {k: v.to(device) for k, v in batch.items()}
+        neg_texts, neg_valid = batch.get("neg_texts"), batch.get("neg_valid")
+        if with_negatives and args.mask_invalid == "cmr":
+            neg_texts = release_placeholders(neg_texts, neg_valid, tokenizer)
+        with run.autocast():
+            image_emb, text_emb, neg_text_emb, scale = forward(batch["images"], batch["texts"], neg_texts)
+            image_emb, text_emb = common.gather_features(image_emb.float()), common.gather_features(text_emb.float())
+            if with_negatives:
+                neg_text_emb = common.gather_features(neg_text_emb.float())
+                neg_valid = common.gather_features(neg_valid.to(torch.uint8)).bool()
+            loss, parts, logits = cehn_loss(image_emb, text_emb, neg_text_emb, neg_valid, scale.float(), theta,
+                                            w_cmr=args.w_cmr, w_imc=args.w_imc, itc_hn=bool(args.itc_hn),
+                                            imc_variant=args.imc_variant, mask_invalid=args.mask_invalid)
+        common.check_finite(loss, parts, step)
+        optimizer.zero_grad(set_to_none=True)
+        if run.scaler is not None:
+            run.scaler.scale(loss * run.world_size).backward()  # DDP averages; the gathered loss needs the sum
+            run.scaler.step(optimizer)
+            run.scaler.update()
+        else:
+            (loss * run.world_size).backward()
+            optimizer.step()
+        scheduler.step()
+        common.clamp_logit_scale(model)
+        # theta for the next step, from this (global, so identical on every rank) batch: the one-step lag
+        if logits is not None:
+            theta = update_thresholds(*logits, neg_valid, theta, args.threshold_type, args.fixed_threshold,
+                                      args.upper_bound)
+        if run.bar is not None:
+            run.bar.update(1)
+        thetas = {f"theta_{name}": value for name, value in zip(NEG_TYPES, theta.tolist())}
+        run.log(step, args.batch_size * run.world_size, **parts, **thetas, lr=scheduler.get_last_lr()[0],
+                logit_scale=model.logit_scale.exp().item())  # every step: theta is the curriculum
+        if args.save_every and (step + 1) % args.save_every == 0:
+            common.save_checkpoint(run, step + 1, model, optimizer, scheduler,
+                                   extra={"theta": theta.cpu(), "epoch": epoch})
+    common.save_checkpoint(run, total, model, optimizer, scheduler, extra={"theta": theta.cpu(), "epoch": epoch})
+    run.close()
+    if not run.is_main:
+        return None
+    model.eval()
+    after = evaluation.evaluate(model, tokenizer, val_tf, args.eval, root=args.eval_root, device=device) \
+        if args.eval else None
+    common.export_open_clip(model, os.path.join(run.out, "final.pt"), meta={"method": "cehn"})
+    if before is not None:
+        evaluation.write_results(run.out, before, after, extra={"theta": theta.tolist()})
+        print(evaluation.format_table(before, after))
+    return {"before": before, "after": after, "out": run.out, "theta": theta.tolist()}
+
+
+def parse_args(argv=None):
+    p = common.base_parser("CE-CLIP: hard-negative ITC + cross-modal rank (CMR) + intra-modal contrast (IMC)")
+    g = p.add_argument_group("CE-CLIP")
+    g.add_argument("--itc-hn", type=int, default=None, help="1: the K negatives of every caption are extra "
+                   "image->text ITC columns; 0: plain ITC")
+    g.add_argument("--w-cmr", type=float, default=None, help="lambda_cmr (cross-modal rank loss)")
+    g.add_argument("--w-imc", type=float, default=None, help="lambda_imc (intra-modal contrast)")
+    g.add_argument("--threshold-type", default=None, choices=["mean", "max", "fixed"], help="CMR theta update")
+    g.add_argument("--fixed-threshold", type=float, default=None, help="theta for --threshold-type fixed")
+    g.add_argument("--upper-bound", type=float, default=None, help="theta is clipped to [0, upper bound] (logits)")
+    g.add_argument("--theta-init", type=float, default=None, help="theta before the first update")
+    g.add_argument("--theta-reset-per-epoch", type=int, default=None, help="1: reset theta every epoch (release)")
+    g.add_argument("--imc-variant", default=None, choices=["own", "all", "release"],
+                   help="own: caption's own valid negatives (default); all: every negative of the batch "
+                        "(7f4433a); release: the HEAD form (target = first negative of the batch, a bug)")
+    g.add_argument("--mask-invalid", default=None, choices=["all", "cmr"],
+                   help="all: invalid negatives masked in every term; cmr: only in CMR, as released")
+    args = p.parse_args(argv)
+    return common.apply_defaults(args, DEFAULTS)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.data != "shapes" and args.pretrained == "shapes":
+        raise SystemExit("--pretrained shapes goes with --data shapes")
+    return common.launch(train, args)
+
+
+if __name__ == "__main__":
+    main()
