@@ -57,7 +57,7 @@ Run:
     python eval.py --model ViT-B-16-SigLIP --pretrained runs/.../final.pt --eval sugarcrepe,imagenet
 """
 import math
-import time
+import os
 
 import torch
 import torch.nn as nn
@@ -80,7 +80,8 @@ PAPER_DEFAULTS = dict(
     warmup=50,  # linear warmup steps, then cosine (official scripts)
     epochs=5,  # CC3M epochs (official scripts); 8 GPUs x 96 = 768 global batch
     batch_size=96,  # per GPU (official scripts)
-    eval="sugarcrepe,imagenet,coco_retrieval,flickr_retrieval",  # the paper's benchmark families
+    eval="sugarcrepe,zeroshot,retrieval",  # the paper's benchmark families (SugarCrepe, ImageNet, COCO/Flickr)
+    save_every=1000,
 )
 C2LIP_DEFAULTS = dict(
     w_npc=1.0,  # weight of L_npc (official --npc-loss-scale)
@@ -295,3 +296,163 @@ def gather_concepts(concept_emb, concept_owner, local_batch_size):
     keep_emb = [all_emb[r * longest:r * longest + counts[r]] for r in range(world)]
     keep_owner = [all_owner[r][:counts[r]] + image_offsets[r] for r in range(world)]
     return torch.cat(keep_emb), torch.cat(keep_owner)
+
+
+class C2lipForward(nn.Module):
+    """One training forward (a module, so DDP sees every parameter, including the concept scale/bias).
+
+    Returns L2-normalized image (B, D), caption (B, D), patch (B, P, D) and concept (C, D) embeddings. The
+    captions and the concepts go through the text tower in one call (same result, one pass on the CPU).
+    With both concept weights at 0 only images and captions are encoded: a plain fine-tuning step."""
+
+    def __init__(self, model, concept_logits=None, with_concepts=True, with_patches=True):
+        super().__init__()
+        self.model, self.concept_logits = model, concept_logits
+        self.with_concepts, self.with_patches = with_concepts, with_patches
+
+    def forward(self, images, texts, concepts=None):
+        if self.with_patches:
+            image_emb, patch_emb = encode_image_with_patches(self.model, images)
+        else:
+            image_emb, patch_emb = F.normalize(self.model.encode_image(images), dim=-1), None
+        if self.with_concepts:
+            text_emb = F.normalize(self.model.encode_text(torch.cat([texts, concepts])), dim=-1)
+            text_emb, concept_emb = text_emb[:len(texts)], text_emb[len(texts):]
+        else:
+            text_emb, concept_emb = F.normalize(self.model.encode_text(texts), dim=-1), None
+        return {"image": image_emb, "text": text_emb, "patch": patch_emb, "concept": concept_emb,
+                "scales": self.scales()}
+
+    def scales(self):
+        """(t, b) of the main loss and (t, b) of the concept losses; b is None for a CLIP main loss."""
+        scale, bias = self.model.logit_scale.exp(), getattr(self.model, "logit_bias", None)
+        if self.concept_logits is None:
+            return scale, bias, scale, bias
+        return (scale, bias) + tuple(self.concept_logits(scale))
+
+
+def target_metric(metrics):
+    """The shapes-world target of C2LIP: mean of swap-att, replace-att and ADD (= mean of add-obj, add-att)."""
+    add = (metrics["add_obj"] + metrics["add_att"]) / 2
+    return (metrics["swap_att"] + metrics["replace_att"] + add) / 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+def _defaults():
+    shapes = dict(common.SHAPES_DEFAULTS, **C2LIP_DEFAULTS)
+    real = dict(C2LIP_DEFAULTS, **PAPER_DEFAULTS)
+    return {"shapes": shapes, "real": real}
+
+
+def train(args):
+    run = common.Run(args, method="c2lip")
+    device = run.device
+    model, train_tf, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
+    dataset = data.build_train_set(args, train_tf, tokenizer)
+    with_concepts = bool(args.w_npc or args.w_xac)
+    if with_concepts:
+        dataset = data.WithConcepts(dataset, cache_dir=os.path.join(common.cache_dir(), "concepts"),
+                                    progress=run.is_main and not args.no_progress)
+    before = evaluation.evaluate(model, tokenizer, val_tf, args.eval, root=args.eval_root, device=device) \
+        if run.is_main and args.eval else None
+
+    siglip = getattr(model, "logit_bias", None) is not None
+    concept_logits = None
+    if with_concepts and not siglip:
+        concept_logits = ConceptLogits(args.concept_scale, args.concept_scale_init, args.concept_bias_init).to(device)
+    model.train()
+    forward = C2lipForward(model, concept_logits, with_concepts, with_patches=bool(args.w_xac))
+    total = common.steps_for(args, len(dataset), run.world_size)
+    optimizer = common.make_optimizer(forward, args.lr, args.wd)
+    scheduler = common.cosine_schedule(optimizer, args.warmup, total)
+    start, _ = common.resume(run, forward, optimizer, scheduler)  # the concept scale/bias live in `forward`
+    ddp = forward
+    if run.world_size > 1:
+        ddp = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+    if with_concepts:
+        collate = lambda batch: data.collate_concepts(batch, tokenizer)  # noqa: E731
+    else:
+        collate = lambda batch: data.collate_plain(batch, tokenizer)  # noqa: E731
+    run.print(f"c2lip: {total} steps, batch {args.batch_size} x {run.world_size}, main loss "
+              f"{'SigLIP sigmoid' if siglip else 'CLIP softmax'}, w_npc={args.w_npc} w_xac={args.w_xac} "
+              f"tau={args.xac_temperature} concept scale={'model' if concept_logits is None else args.concept_scale}")
+    run.progress(total, initial=start)
+    for step, _, batch in common.batch_stream(dataset, collate, args.batch_size, args.seed, start, total,
+                                              args.workers):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with run.autocast():
+            out = ddp(batch["images"], batch["texts"], batch.get("concepts"))
+            image_emb = common.gather_features(out["image"].float())
+            text_emb = common.gather_features(out["text"].float())
+            patch_emb = common.gather_features(out["patch"].float()) if out["patch"] is not None else None
+            concept_emb = concept_owner = None
+            if with_concepts:
+                concept_emb, concept_owner = gather_concepts(out["concept"].float(), batch["concept_owner"],
+                                                             len(batch["images"]))
+            scale, bias, concept_scale, concept_bias = out["scales"]
+            loss, parts = c2lip_loss(image_emb, text_emb, patch_emb, concept_emb, concept_owner, scale, bias,
+                                     concept_scale, concept_bias, args.w_npc, args.w_xac, args.xac_temperature,
+                                     args.xac_chunk, recompute=args.xac_recompute)
+        common.check_finite(loss, parts, step)
+        optimizer.zero_grad(set_to_none=True)
+        (loss * run.world_size).backward()  # DDP averages; the gathered loss needs the sum (common.gather_features)
+        optimizer.step()
+        scheduler.step()
+        common.clamp_logit_scale(model)  # official train.py clamps to [0, ln 100] after every step
+        if concept_logits is not None:
+            concept_logits.clamp_()
+        if run.bar is not None:
+            run.bar.update(1)
+        if step % args.log_every == 0 or step == total - 1:
+            extra = {"concepts": int(len(concept_emb))} if with_concepts else {}
+            if with_concepts:
+                extra.update(concept_scale=float(concept_scale.detach()), concept_bias=float(concept_bias.detach()))
+            run.log(step, args.batch_size * run.world_size, **parts, lr=scheduler.get_last_lr()[0],
+                    logit_scale=float(scale.detach()), **extra)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            common.save_checkpoint(run, step + 1, forward, optimizer, scheduler)
+    common.save_checkpoint(run, total, forward, optimizer, scheduler)
+    run.close()
+    if not run.is_main:
+        return None
+    model.eval()
+    after = evaluation.evaluate(model, tokenizer, val_tf, args.eval, root=args.eval_root, device=device) \
+        if args.eval else None
+    common.export_open_clip(model, os.path.join(run.out, "final.pt"), meta={"method": "c2lip"})
+    if before is not None:
+        extra = {}
+        if "shapes" in before:
+            extra = {"target_before": target_metric(before["shapes"]["metrics"]),
+                     "target_after": target_metric(after["shapes"]["metrics"])}
+            run.print(f"target (swap-att, replace-att, add): {extra['target_before']:.2f} -> "
+                      f"{extra['target_after']:.2f}")
+        evaluation.write_results(run.out, before, after, extra=extra)
+        print(evaluation.format_table(before, after))
+    return {"before": before, "after": after, "out": run.out}
+
+
+def parse_args(argv=None):
+    p = common.base_parser("C2LIP: concept-centric fine-tuning (noun-phrase NPC + cross-attention XAC losses)")
+    g = p.add_argument_group("C2LIP")
+    g.add_argument("--w-npc", type=float, default=None, help="weight of L_npc (0 turns it off)")
+    g.add_argument("--w-xac", type=float, default=None, help="weight of L_xac (0 turns it off)")
+    g.add_argument("--xac-temperature", type=float, default=None, help="tau of the concept->patch softmax")
+    g.add_argument("--xac-chunk", type=int, default=None, help="concepts per XAC einsum chunk (memory bound)")
+    g.add_argument("--xac-recompute", action="store_true",
+                   help="recompute each XAC chunk in backward (bounds autograd memory at large batch)")
+    g.add_argument("--concept-scale", choices=["own", "shared"], default=None,
+                   help="CLIP models: own sigmoid scale+bias (SigLIP init) or the CLIP logit_scale + a new bias")
+    g.add_argument("--concept-scale-init", type=float, default=None, help="log of the initial own sigmoid scale")
+    g.add_argument("--concept-bias-init", type=float, default=None, help="initial sigmoid bias")
+    args = p.parse_args(argv)
+    return common.apply_defaults(args, _defaults())
+
+
+def main(argv=None):
+    return common.launch(train, parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
