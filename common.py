@@ -36,6 +36,7 @@ import fcntl
 import json
 import math
 import os
+import pickle
 import random
 import socket
 import sys
@@ -190,7 +191,9 @@ def shapes_base_path(steps=None, progress=True):
             if os.path.exists(path):
                 if _loads_as_model(path):
                     return path
-                print(f"[common] cached shapes base model {path} is corrupt; rebuilding it", file=sys.stderr)
+                print(f"[common] cached shapes base model {path} is corrupt (it does not load); rebuilding it",
+                      file=sys.stderr)
+            print(f"[common] building the shapes base model ({steps} steps, once) -> {path}", file=sys.stderr)
             build_shapes_base(path, steps=steps, progress=progress)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -198,6 +201,7 @@ def shapes_base_path(steps=None, progress=True):
 
 
 def _loads_as_model(path):
+    register_tiny_model()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = open_clip.create_model(TINY_MODEL)
@@ -207,9 +211,10 @@ def _loads_as_model(path):
         return False
 
 
-def build_shapes_base(path, steps=SHAPES_BASE_STEPS, batch_size=SHAPES_BASE_BATCH, lr=SHAPES_BASE_LR,
-                      seed=SHAPES_BASE_SEED, progress=True):
+def build_shapes_base(path, steps=SHAPES_BASE_STEPS, batch_size=None, lr=SHAPES_BASE_LR, seed=SHAPES_BASE_SEED,
+                      progress=True):
     """Train the tiny CLIP from scratch on bag-of-words shapes captions and save it (atomically) at `path`."""
+    batch_size = batch_size or SHAPES_BASE_BATCH
     import data   # data.py imports common-free modules only; imported here to keep module load light
     register_tiny_model()
     seed_everything(seed)
@@ -361,7 +366,8 @@ def _collecting_worker(rank, fn, world_size, port, queue, fn_args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        queue.put((rank, fn(rank, world_size, *fn_args)))
+        # plain pickle (not torch's shared-memory reductions): the result must outlive this process
+        queue.put((rank, pickle.dumps(fn(rank, world_size, *fn_args))))
     finally:
         dist.destroy_process_group()
 
@@ -375,7 +381,7 @@ def run_cpu_processes(fn, world_size, *fn_args):
     queue = context.SimpleQueue()
     mp.start_processes(_collecting_worker, args=(fn, world_size, _free_port(), queue, fn_args), nprocs=world_size,
                        join=True, start_method="spawn")
-    results = dict(queue.get() for _ in range(world_size))
+    results = {rank: pickle.loads(blob) for rank, blob in (queue.get() for _ in range(world_size))}
     return [results[r] for r in range(world_size)]
 
 

@@ -1,0 +1,213 @@
+"""Tests of common.py: distributed gather, resume, atomic checkpoints, export, the base-model cache."""
+import argparse
+import os
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+
+import common
+import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- distributed: 2 gloo processes with batch b == one process with batch 2b ---------------------------------
+def _gathered_clip_loss(rank, world_size, image_emb, text_emb, scale):
+    """Each rank takes its slice, gathers, computes the global loss, and returns its local gradients."""
+    b = len(image_emb) // world_size
+    local_image = image_emb[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+    local_text = text_emb[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+    all_image, all_text = common.gather_features(local_image), common.gather_features(local_text)
+    loss = common.clip_loss(all_image, all_text, scale)
+    loss.backward()
+    return loss.item(), local_image.grad, local_text.grad
+
+
+def test_gathered_clip_loss_equals_single_process():
+    torch.manual_seed(0)
+    image_emb = torch.nn.functional.normalize(torch.randn(8, 16, dtype=torch.float64), dim=-1)
+    text_emb = torch.nn.functional.normalize(torch.randn(8, 16, dtype=torch.float64), dim=-1)
+    results = common.run_cpu_processes(_gathered_clip_loss, 2, image_emb, text_emb, 14.3)
+    single_image, single_text = image_emb.clone().requires_grad_(True), text_emb.clone().requires_grad_(True)
+    single_loss = common.clip_loss(single_image, single_text, 14.3)
+    single_loss.backward()
+    for rank, (loss, grad_image, grad_text) in enumerate(results):
+        assert loss == pytest.approx(single_loss.item(), abs=1e-12)
+        torch.testing.assert_close(grad_image, single_image.grad[rank * 4:(rank + 1) * 4])
+        torch.testing.assert_close(grad_text, single_text.grad[rank * 4:(rank + 1) * 4])
+
+
+# --- token helpers ---------------------------------------------------------------------------------------------
+def test_token_features_match_open_clip_pooling():
+    model, _, _, tokenizer = common.create_backbone(common.TINY_MODEL, None)
+    model.eval()
+    texts = tokenizer(["a red circle", "a small blue square to the left of a large green star"])
+    pooled, tokens, pad_mask = common.encode_text_tokens(model, texts)
+    torch.testing.assert_close(pooled, model.encode_text(texts))
+    assert tokens.shape == (2, 32, 128) and pad_mask.sum(1).tolist() == [5, 14]   # SOT + words + EOT
+    eot = texts.argmax(-1)
+    torch.testing.assert_close(tokens[torch.arange(2), eot], pooled)
+    images = torch.randn(2, 3, 64, 64)
+    pooled_image, patches = common.encode_image_tokens(model, images)
+    torch.testing.assert_close(pooled_image, model.encode_image(images))
+    assert patches.shape == (2, 64, 128)
+    assert model.visual.output_tokens is False     # the switch is restored
+
+
+def test_tiny_model_is_an_open_clip_name():
+    common.register_tiny_model()
+    assert common.TINY_MODEL in open_clip.list_models()
+    assert open_clip.get_tokenizer(common.TINY_MODEL).context_length == 32
+    with pytest.raises(ValueError, match="unknown model"):
+        common.create_backbone("ViT-Nonexistent-1", None)
+
+
+# --- training utilities -----------------------------------------------------------------------------------------
+def test_optimizer_groups_and_schedule():
+    model, _, _, _ = common.create_backbone(common.TINY_MODEL, None)
+    optimizer = common.make_optimizer(model, lr=1.0, wd=0.1)
+    no_decay, decay = optimizer.param_groups
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.1
+    assert any(p is model.logit_scale for p in no_decay["params"])
+    assert all(p.ndim >= 2 for p in decay["params"])
+    scheduler = common.cosine_schedule(optimizer, warmup=2, total=6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:2] == pytest.approx([0.5, 1.0]) and lrs[2] == pytest.approx(1.0) and lrs[-1] < 0.2
+
+
+def test_gpus_beyond_machine_is_a_clear_error():
+    args = argparse.Namespace(gpus=torch.cuda.device_count() + 8)
+    with pytest.raises(SystemExit, match="GPUs but this machine has"):
+        common.launch(lambda a: None, args)
+
+
+# --- resume: interrupted + resumed == uninterrupted -------------------------------------------------------------
+class _Interrupt(Exception):
+    pass
+
+
+def _tiny_training(out, steps=6, resume=None, interrupt_after=None, save_every=2):
+    """A minimal CLIP fine-tuning loop built from common's pieces (what every method's train() does)."""
+    parser = common.base_parser("test")
+    args = parser.parse_args(["--out", str(out), "--steps", str(steps), "--seed", "3", "--no-progress"]
+                             + (["--resume", str(resume)] if resume else []))
+    args.batch_size, args.save_every = 8, save_every
+    run = common.Run(args, method="test")
+    model, _, val_tf, tokenizer = common.create_backbone(common.TINY_MODEL, None)
+    torch.manual_seed(0)   # same initial weights for every call
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02) if p.ndim >= 2 else None
+    dataset = data.ShapesDataset("train", size=40, seed=0, transform=val_tf)
+    optimizer = common.make_optimizer(model, lr=1e-3, wd=0.1)
+    scheduler = common.cosine_schedule(optimizer, warmup=2, total=steps)
+    ema = common.EMA(model, decay=0.9)
+    start, extra = common.resume(run, model, optimizer, scheduler, ema)
+    collate = lambda b: {"images": torch.stack([s["image"] for s in b]), "texts": tokenizer([s["caption"] for s in b])}
+    for step, epoch, batch in common.batch_stream(dataset, collate, 8, args.seed, start, steps, workers=0):
+        image_emb = model.encode_image(batch["images"], normalize=True)
+        text_emb = model.encode_text(batch["texts"], normalize=True)
+        loss = common.clip_loss(image_emb, text_emb, model.logit_scale.exp())
+        common.check_finite(loss, {"clip": loss.item()}, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        common.clamp_logit_scale(model)
+        ema.update(model)
+        if (step + 1) % args.save_every == 0:
+            common.save_checkpoint(run, step + 1, model, optimizer, scheduler, ema, extra={"seen": step + 1})
+        if interrupt_after is not None and step + 1 == interrupt_after:
+            raise _Interrupt
+    run.close()
+    return model, ema
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    reference, reference_ema = _tiny_training(tmp_path / "a")
+    with pytest.raises(_Interrupt):
+        _tiny_training(tmp_path / "b", interrupt_after=5)      # last checkpoint at step 4: one step is redone
+    resumed, resumed_ema = _tiny_training(tmp_path / "b", resume=tmp_path / "b")
+    for (name, p), q in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+    for p, q in zip(reference_ema.module.parameters(), resumed_ema.module.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_resume_refuses_another_methods_folder(tmp_path):
+    _tiny_training(tmp_path / "a", steps=2)
+    with pytest.raises(SystemExit, match="written by 'test', not 'degla'"):
+        common.load_checkpoint(str(tmp_path / "a"), "degla")
+
+
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    common._atomic_torch_save({"step": 1, "weights": torch.ones(3)}, str(path))
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt   # the process is interrupted in the middle of the write
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        common._atomic_torch_save({"step": 2, "weights": torch.zeros(3)}, str(path))
+    monkeypatch.undo()
+    state = torch.load(path)
+    assert state["step"] == 1 and torch.equal(state["weights"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]     # no temporary file left behind
+
+
+def test_non_finite_loss_names_step_and_terms():
+    with pytest.raises(FloatingPointError, match=r"step 7.*clip=nan"):
+        common.check_finite(torch.tensor(float("nan")), {"clip": float("nan"), "extra": 0.5}, 7)
+
+
+# --- export -----------------------------------------------------------------------------------------------------
+def test_exported_weights_load_with_plain_open_clip(tmp_path):
+    model, _, _, tokenizer = common.create_backbone(common.TINY_MODEL, None)
+    with torch.no_grad():
+        model.logit_scale.fill_(3.0)
+    path = str(tmp_path / "final.pt")
+    common.export_open_clip(model, path, meta={"method": "test"})
+    loaded = open_clip.create_model(common.TINY_MODEL, pretrained=path)
+    model.eval(), loaded.eval()
+    images, texts = torch.randn(2, 3, 64, 64), tokenizer(["a red circle", "a blue star"])
+    torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images))
+    torch.testing.assert_close(loaded.encode_text(texts), model.encode_text(texts))
+    assert loaded.logit_scale.item() == pytest.approx(3.0)
+
+
+# --- the base model cache ---------------------------------------------------------------------------------------
+def test_base_model_cache_built_once_and_rebuilt_when_corrupt(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COMPCLIP_CACHE", str(tmp_path))
+    builds = []
+    real_build = common.build_shapes_base
+    monkeypatch.setattr(common, "build_shapes_base",
+                        lambda path, **kw: builds.append(path) or real_build(path, batch_size=16, **kw))
+    path = common.shapes_base_path(steps=2, progress=False)
+    assert os.path.exists(path) and len(builds) == 1
+    assert common.shapes_base_path(steps=2, progress=False) == path and len(builds) == 1   # reused
+    with open(path, "wb") as f:
+        f.write(b"not a checkpoint")
+    capsys.readouterr()
+    common.shapes_base_path(steps=2, progress=False)
+    assert len(builds) == 2 and "corrupt" in capsys.readouterr().err
+    model, _, _, _ = common.create_backbone(common.TINY_MODEL, path)   # loads after the rebuild
+
+
+def test_two_processes_starting_together_build_once(tmp_path):
+    code = ("import common, torch; torch.set_num_threads(1); "
+            "common.SHAPES_BASE_BATCH = 16; print(common.shapes_base_path(steps=2, progress=False))")
+    env = dict(os.environ, COMPCLIP_CACHE=str(tmp_path), PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert outputs[0][0] == outputs[1][0]
+    assert sum("building the shapes base model" in err for _, err in outputs) == 1
