@@ -1235,6 +1235,61 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# ===== The failure figure: `python eval.py figure` =====
+
+def failure_figure(model, tokenizer, transform, path, device=None, subset="swap_att"):
+    """Draw one held-out shapes scene with its caption, the swapped negative and the model's scores for both.
+
+    The item shown is the first one of `subset` (in the suite's fixed order) on which the model prefers the
+    negative, i.e. a real failure, and the caption of the figure says how often the model is right on the
+    whole subset, so the picture is not mistaken for the typical case."""
+    import data
+    from PIL import ImageDraw
+    world, items = shapes_suite_items()
+    image_size = _transform_size(transform)
+    subset_items = items[subset]
+    images = [data.render_scene(world.scenes[i], image_size) for i, _, _ in subset_items]
+    image_emb, _ = encode_images(model, images, transform, device, workers=0)
+    pos_emb = encode_texts(model, tokenizer, [p for _, p, _ in subset_items], device)
+    neg_emb = encode_texts(model, tokenizer, [n for _, _, n in subset_items], device)
+    pos_score, neg_score = (image_emb * pos_emb).sum(-1), (image_emb * neg_emb).sum(-1)
+    accuracy = percent(pos_score > neg_score)
+    wrong = (pos_score <= neg_score).nonzero().flatten().tolist()
+    k = wrong[0] if wrong else 0
+    index, positive, negative = subset_items[k]
+    big = data.render_scene(world.scenes[index], 256)
+    canvas = Image.new("RGB", (900, 300), (255, 255, 255))
+    canvas.paste(big, (22, 22))
+    draw = ImageDraw.Draw(canvas)
+    lines = [(f"caption (true):   {positive}", (0, 110, 0)), (f"cosine = {pos_score[k]:.3f}", (0, 110, 0)), ("", None),
+             (f"{subset} negative: {negative}", (170, 0, 0)), (f"cosine = {neg_score[k]:.3f}", (170, 0, 0)), ("", None),
+             (f"the model prefers the {'negative (wrong)' if neg_score[k] >= pos_score[k] else 'caption (right)'}", (0, 0, 0)),
+             (f"on all {len(subset_items)} {subset} items it is right {accuracy:.1f}% of the time (chance 50%)", (0, 0, 0))]
+    y = 40
+    for text, color in lines:
+        if text:
+            draw.text((300, y), text, fill=color)
+        y += 22
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return {"index": index, "positive": positive, "negative": negative, "pos_score": float(pos_score[k]),
+            "neg_score": float(neg_score[k]), "subset_accuracy": accuracy}
+
+
+def figure_main(argv):
+    p = argparse.ArgumentParser(prog="eval.py figure", description="Picture of a compositionality failure "
+                                "(a held-out shapes scene, its caption, the swapped negative, the model's scores).")
+    p.add_argument("--model", default="shapes-tiny-vit")
+    p.add_argument("--pretrained", default="shapes")
+    p.add_argument("--subset", default="swap_att")
+    p.add_argument("--out", default="docs/failure.png")
+    args = p.parse_args(argv)
+    model, transform, tokenizer = create_backbone(args.model, args.pretrained, pick_device(None))
+    info = failure_figure(model, tokenizer, transform, args.out, subset=args.subset)
+    print(f"wrote {args.out}: {json.dumps(info)}")
+    return info
+
+
 # ===== Side by side: `python eval.py compare` =====
 # Runs plain fine-tuning and the four methods on the shapes world with the same base model, steps, batch size
 # and seeds (each run is an ordinary `python <method>.py ...` subprocess writing its own run folder), or reads
@@ -1379,6 +1434,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "compare":
         return compare_main(argv[1:])
+    if argv and argv[0] == "figure":
+        return figure_main(argv[1:])
     args = parse_args(argv)
     unknown = [b for b in args.bench.split(",") if b.strip() not in BENCHMARKS and b.strip() not in GROUPS]
     if unknown:
