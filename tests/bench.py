@@ -256,6 +256,67 @@ def bench_cehn_step(args):
     return t_cehn / t_plain, detail
 
 
+@row("degla_step")
+def bench_degla_step(args):
+    """A DeGLA training step (NegCLIP global + distill + IGC + TGC: K=4 negatives per caption through the
+    student text tower, a no-grad EMA teacher pass over images and all captions, EMA update) over a plain CLIP
+    step on the same batch."""
+    import torch.nn.functional as F
+    import common
+    import data
+    import degla
+    common.register_tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _, val_tf, tokenizer = common.create_backbone(common.TINY_MODEL, None)
+    model.train()
+    types = degla.PAPER_DEFAULTS["neg_types"].split(",")
+    dataset = data.WithNegatives(data.ShapesDataset("train", size=64, image_size=64, seed=0, transform=val_tf),
+                                 types, progress=False)
+    batch = data.collate_negatives([dataset[i] for i in range(64)], tokenizer)
+    n_images, k_types = batch["neg_texts"].shape[:2]
+    ema = common.EMA(model, 0.992)
+
+    def step(full):
+        model.zero_grad(set_to_none=True)
+        neg = batch["neg_texts"] if full else None
+        image, pos, neg_emb, scale = degla.encode_batch(model, batch["images"], batch["texts"], neg)
+        teacher = (None, None, None)
+        if full:
+            with torch.no_grad():
+                teacher = degla.encode_batch(ema.module, batch["images"], batch["texts"], neg)[:3]
+        weights = dict(distill_weight=0.02, igc_weight=0.1, tgc_weight=0.1) if full else \
+            dict(distill_weight=0, igc_weight=0, tgc_weight=0)
+        loss, _ = degla.degla_loss(image, pos, neg_emb, scale, *teacher, neg_valid=batch["neg_valid"],
+                                   global_negatives=full, **weights)
+        loss.backward()
+        if full:
+            ema.update(model)
+
+    def tower(encode, inputs, backward=True):
+        model.zero_grad(set_to_none=True)
+        if backward:
+            F.normalize(encode(inputs), dim=-1).sum().backward()
+        else:
+            with torch.no_grad():
+                encode(inputs)
+
+    t_plain = _time(lambda: step(False))
+    t_degla = _time(lambda: step(True))
+    t_image = _time(lambda: tower(model.encode_image, batch["images"]))
+    t_text = _time(lambda: tower(model.encode_text, batch["texts"]))
+    f_image = _time(lambda: tower(model.encode_image, batch["images"], False))
+    f_text = _time(lambda: tower(model.encode_text, batch["texts"], False))
+    # Extra passes: (1 + K) captions per image through the student text tower (forward + backward), and a
+    # forward-only teacher pass over the images and the same (1 + K) captions. Losses and EMA are negligible.
+    implied = (t_image + (1 + k_types) * t_text + f_image + (1 + k_types) * f_text) / (t_image + t_text)
+    detail = (f"tiny shapes CLIP, B={n_images}, K={k_types}: plain {t_plain * 1e3:.0f} ms, degla "
+              f"{t_degla * 1e3:.0f} ms per step; implied by the extra passes {implied:.2f}x (fwd+bwd image "
+              f"{t_image * 1e3:.0f} / text {t_text * 1e3:.0f} ms, forward-only image {f_image * 1e3:.0f} / "
+              f"text {f_text * 1e3:.0f} ms per B sequences)")
+    return t_degla / t_plain, detail
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default=None, help="run one row: " + ", ".join(n for n, _ in ROWS))
