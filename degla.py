@@ -85,20 +85,31 @@ PAPER_DEFAULTS = dict(
                                  # paper's listing order. With --negatives FILE only the count K is used.
 )
 
-# The shapes budget (400 steps of 64) is 20x shorter than the paper's ~8k steps, so two values are rescaled
-# by an explicit rule instead of copied (everything else is the paper's value):
+# The shapes budget (400 steps of 64, common.SHAPES_DEFAULTS) is 20x shorter than the paper's ~8k steps of 256,
+# so two values follow an explicit rule instead of being copied (None = apply the rule at run time):
+PAPER_TOTAL_STEPS = 8000      # ~414k COCO captions / 256 per step x 5 epochs (spec section 3)
+PAPER_GLOBAL_BATCH = 256
+
+
+def shapes_ema_decay(total_steps):
+    """EMA decay that keeps the paper's end state: after the whole COCO run the teacher still holds
+    0.9996^8000 = 4% of the initial weights (time constant 2,500 steps = 31% of the run). We keep that
+    fraction: d = 0.9996^(8000 / total_steps); 400 steps -> 0.9920 (time constant 125 steps, 31% of the run).
+    Copying 0.9996 to a 400-step run would leave the teacher 85% base model: a frozen copy, not an EMA."""
+    return PAPER_DEFAULTS["ema_decay"] ** (PAPER_TOTAL_STEPS / total_steps)
+
+
+def shapes_distill_weight(global_batch):
+    """L_distill is a *sum* over the batch while the contrastive terms are means, so its per-sample pull grows
+    with the batch. Keep the paper's per-sample balance: 0.005 * 256 / global batch (batch 64 -> 0.02)."""
+    return PAPER_DEFAULTS["distill_weight"] * PAPER_GLOBAL_BATCH / global_batch
+
+
 SHAPES_DEGLA_DEFAULTS = dict(
-    # EMA decay: keep the paper's *fraction of the run* the teacher remembers. On COCO the teacher still holds
-    # 0.9996^8000 = 4% of the initial weights at the end (time constant 2,500 steps = 31% of the run). With
-    # 400 steps the same end state needs d^400 = 0.04, d = 0.992 (time constant 125 steps = 31% of the run).
-    # 0.9996 here would leave the teacher at 85% base model, i.e. a frozen copy, not an EMA.
-    ema_decay=0.992,
-    # Distillation weight: L_distill is a *sum* over the batch while the contrastive terms are means, so its
-    # per-sample pull scales with the global batch. 0.005 at batch 256 = 0.02 at batch 64 (same per-sample
-    # balance as the paper).
-    distill_weight=0.02,
-    igc_weight=0.1, tgc_weight=0.1, tgc_scale=10.0, global_negatives=1,
-    betas=(0.9, 0.98), eps=1e-6,
+    ema_decay=None,              # shapes_ema_decay(total steps)
+    distill_weight=None,         # shapes_distill_weight(global batch)
+    igc_weight=0.1, tgc_weight=0.1, tgc_scale=10.0, global_negatives=1,   # paper values
+    betas=(0.9, 0.98), eps=1e-6,                                          # paper values
     neg_types=PAPER_DEFAULTS["neg_types"],
 )
 
@@ -320,6 +331,8 @@ def train(args):
     run = common.Run(args, method="degla")
     device = run.device
     model, train_tf, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
+    if args.distill_weight is None:
+        args.distill_weight = shapes_distill_weight(args.batch_size * run.world_size)
     use_negatives = bool(args.global_negatives or args.igc_weight or args.tgc_weight)
     use_teacher = bool(args.distill_weight or args.tgc_weight)
 
@@ -337,15 +350,17 @@ def train(args):
     if run.world_size > 1:   # DDP broadcasts rank 0's weights, so every rank starts from the same model
         student = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    total = common.steps_for(args, len(dataset), run.world_size)
+    if args.ema_decay is None:
+        args.ema_decay = shapes_ema_decay(total)
     # The teacher starts as an exact copy of the (synchronised) student and is never trained, only averaged.
     ema = common.EMA(model, args.ema_decay) if use_teacher else None
-    total = common.steps_for(args, len(dataset), run.world_size)
     optimizer = common.make_optimizer(model, args.lr, args.wd, args.betas, args.eps)
     scheduler = common.cosine_schedule(optimizer, args.warmup, total)
     start, _ = common.resume(run, model, optimizer, scheduler, ema)
     run.print(f"degla: {total} steps, batch {args.batch_size} x {run.world_size}, lr {args.lr}, weights "
               f"distill={args.distill_weight} igc={args.igc_weight} tgc={args.tgc_weight} "
-              f"(tgc mask {args.tgc_mask}), global negatives={bool(args.global_negatives)}, ema {args.ema_decay}")
+              f"(tgc mask {args.tgc_mask}), global negatives={bool(args.global_negatives)}, ema {args.ema_decay:.5f}")
     run.progress(total, initial=start)
     for step, _, batch in common.batch_stream(dataset, collate, args.batch_size, args.seed, start, total,
                                               args.workers):
@@ -412,7 +427,7 @@ def train(args):
 def parse_args(argv=None):
     p = common.base_parser("DeGLA: NegCLIP global loss + EMA self-distillation + IGC + TGC")
     g = p.add_argument_group("DeGLA")
-    g.add_argument("--distill-weight", type=float, default=None, help="lambda_d on L_distill (sum of squared L2)")
+    g.add_argument("--distill-weight", type=float, default=None, help="lambda_d on L_distill (sum of squared L2; shapes default: see shapes_distill_weight)")
     g.add_argument("--igc-weight", type=float, default=None, help="lambda_IGC on image-grounded contrast")
     g.add_argument("--tgc-weight", type=float, default=None, help="lambda_TGC on text-grounded contrast")
     g.add_argument("--tgc-scale", type=float, default=None, help="fixed TGC logit scale 1/tau")
@@ -420,7 +435,7 @@ def parse_args(argv=None):
                    help="TGC negatives: caption's own K (paper) or the release's tiled mask")
     g.add_argument("--global-negatives", type=int, default=None, choices=[0, 1],
                    help="1: hard negatives join the image->text candidates of the global loss (NegCLIP)")
-    g.add_argument("--ema-decay", type=float, default=None, help="EMA teacher decay alpha")
+    g.add_argument("--ema-decay", type=float, default=None, help="EMA teacher decay alpha (shapes default: see shapes_ema_decay)")
     g.add_argument("--neg-types", default=None,
                    help=f"comma-separated negative types (K = their number) from {', '.join(data.DEGLA_TYPES)}")
     g.add_argument("--negatives", default=None, help="DeGLA's released negatives JSON ({image_id, original, "
