@@ -393,8 +393,11 @@ def base_parser(description):
     for the shapes world) are left as None here and filled by `apply_defaults(args, DEFAULTS)`."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="shapes", help="shapes (built-in synthetic world) | coco | docci | dci | json | csv")
-    g.add_argument("--data-root", default=None, help="root folder of the real data set (see README for layouts)")
+    g.add_argument("--data", default=None, help="shapes (built-in synthetic world; the default) | coco | docci | dci | "
+                   "json | csv")
+    g.add_argument("--data-root", default=None, help="root folder of the real data set (see docs/real_data.md)")
+    g.add_argument("--karpathy-file", default=None, help="COCO: Karpathy dataset_coco.json; its val/test images are "
+                   "excluded from training")
     g.add_argument("--train-size", type=int, default=None, help="shapes world: number of training scenes")
     g.add_argument("--workers", type=int, default=None, help="DataLoader workers per process")
     g = p.add_argument_group("model")
@@ -407,14 +410,14 @@ def base_parser(description):
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--wd", type=float, default=None)
     g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps before the cosine decay")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default) = bf16 autocast on CUDA, fp32 on CPU")
     g = p.add_argument_group("system")
     g.add_argument("--gpus", type=int, default=0, help="GPUs on this node (0 = CPU or torchrun); DDP when > 1")
     g.add_argument("--cpu-procs", type=int, default=1, help=argparse.SUPPRESS)   # gloo processes, for tests
     g.add_argument("--out", default=None, help="run folder (default runs/<method>-<data>-<time>)")
     g.add_argument("--resume", default=None, help="run folder (or checkpoint) to continue from")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--eval", default=None, help="comma-separated benchmarks to run before and after training")
@@ -424,7 +427,21 @@ def base_parser(description):
 
 
 def apply_defaults(args, defaults):
-    """Fill every None argument from `defaults['shapes']` or `defaults['real']` (by --data)."""
+    """Fill every argument left at None: first from the run being resumed (its config.json, so that
+    `--resume RUN_DIR` alone continues with the same settings; flags given now win), then from
+    `defaults['shapes']` or `defaults['real']` (by --data)."""
+    if args.resume:
+        folder = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
+        config_path = os.path.join(folder, "config.json")
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                saved = json.load(f)
+            for key, value in saved.items():
+                if key in vars(args) and getattr(args, key) is None and key != "resume":
+                    setattr(args, key, value)
+    args.data = args.data or "shapes"
+    args.seed = 0 if args.seed is None else args.seed
+    args.precision = args.precision or "auto"
     table = defaults["shapes" if args.data == "shapes" else "real"]
     for key, value in table.items():
         if getattr(args, key, None) is None:

@@ -98,7 +98,7 @@ def _tiny_training(out, steps=6, resume=None, interrupt_after=None, save_every=2
     parser = common.base_parser("test")
     args = parser.parse_args(["--out", str(out), "--steps", str(steps), "--seed", "3", "--no-progress"]
                              + (["--resume", str(resume)] if resume else []))
-    args.batch_size, args.save_every = 8, save_every
+    common.apply_defaults(args, {"shapes": {"batch_size": 8, "save_every": save_every}, "real": {}})
     run = common.Run(args, method="test")
     model, _, val_tf, tokenizer = common.create_backbone(common.TINY_MODEL, None)
     torch.manual_seed(0)   # same initial weights for every call
