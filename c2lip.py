@@ -29,12 +29,13 @@ embeddings of image i in the joint space:
     to every token, with the latent query/key attention skipped (MaskCLIP-style identity attention).
 
 Scale and bias. SigLIP models use their own logit_scale and logit_bias for all three losses (paper). A CLIP
-model has no bias and its softmax temperature (t ~ 100 for OpenAI weights) is not a calibrated sigmoid scale,
-so by default it gets a small `ConceptLogits` module with one learnable bias b (init -10) and one learnable
-scale t (init 10) used only by the sigmoid terms: exactly SigLIP's initialization (spec section 6.4,
-option 1 with a separate scale). `--concept-scale shared` instead reuses the CLIP logit_scale with the new
-bias (one new scalar). These scalars are training-only: they are saved in checkpoints as method state and are
-not part of the exported open_clip weights.
+model has no bias, so it gets one new learnable bias b for the two sigmoid terms and shares its logit_scale
+(the paper's single scale; spec section 6.4, option 1). b starts "calibrated": minus t times the midpoint of
+the mean positive and mean negative cosine on the first batch. SigLIP's from-scratch init (b = -10, and with
+`--concept-scale own` a separate t = 10) is one flag away (`--concept-bias-init -10`); on the shapes world it
+leaves every concept logit far below 0, so only the positives get gradient (the loss just pulls images to
+their concepts) and, at lr 1e-4 over a few hundred steps, b cannot move (see docs/results_c2lip.md). These
+scalars are training-only: saved in checkpoints, not part of the exported open_clip weights.
 
 Differences from the official code (the paper's intent is the default):
   - NPC uses the gathered image embeddings. The release uses the local ones with global concept indices,
@@ -58,6 +59,7 @@ Run:
 """
 import math
 import os
+import zlib
 
 import torch
 import torch.nn as nn
@@ -88,9 +90,16 @@ C2LIP_DEFAULTS = dict(
     w_xac=0.01,  # weight of L_xac (official --xac-loss-scale)
     xac_temperature=1.0,  # tau of the concept->patch softmax (official smooth=1, no extra scaling)
     xac_chunk=64,  # concepts per einsum chunk: bounds XAC memory to chunk x B x max(P, D) (spec 3.6)
-    concept_scale="own",  # CLIP models: 'own' sigmoid scale+bias (SigLIP init) or 'shared' logit_scale + bias
-    concept_bias_init=-10.0,  # SigLIP's init_logit_bias (SigLIP paper; open_clip ViT-B-16-SigLIP config)
-    concept_scale_init=math.log(10.0),  # SigLIP's init_logit_scale (open_clip_train --siglip)
+    concept_scale="shared",  # CLIP models: the model's logit_scale (one scale for all losses, as the paper) or 'own'
+    concept_bias_init="calibrate",  # CLIP models: -t * (mean pos cos + mean neg cos) / 2 on the first batch, or a
+    #                                number (-10 = SigLIP's from-scratch init; measured: negatives get no gradient)
+    mask_duplicates=0,  # paper: a repeated phrase from another caption stays a negative
+    concept_scale_init=math.log(10.0),  # 'own' scale: SigLIP's from-scratch init_logit_scale (open_clip_train --siglip)
+)
+
+
+C2LIP_SHAPES = dict(
+    mask_duplicates=1,  # the shapes world repeats every phrase many times per batch: drop those false negatives
 )
 
 
@@ -106,6 +115,20 @@ def concept_labels(concept_owner, num_images):
     return (images[:, None] == concept_owner[None, :]).float() * 2.0 - 1.0
 
 
+def duplicate_concept_mask(concept_owner, concept_key, num_images):
+    """(B, N) bool: False where concept k is a copy of one of image i's own concepts but belongs to another image.
+
+    Such a pair is a false negative ("a red circle" from caption 3 against image 5, whose caption also says
+    "the red circle"). The paper keeps them (rare in CC3M); in the dense shapes world nearly every concept has
+    copies in a batch of 64, so by default they are dropped there (--mask-duplicates). concept_key: (N,) long,
+    equal for equal phrases (see `concept_keys`).
+    """
+    own = F.one_hot(concept_owner, num_images).t().to(torch.float32)  # (B, N): concept j belongs to image i
+    same = (concept_key[:, None] == concept_key[None, :]).to(torch.float32)  # (N, N)
+    duplicate = (own @ same) > 0  # image i owns a concept equal to k
+    return ~duplicate | (concept_labels(concept_owner, num_images) > 0)
+
+
 def siglip_loss(image_emb, text_emb, logit_scale, logit_bias):
     """SigLIP's sigmoid loss on image-caption pairs (paper L_con for SigLIP models).
 
@@ -119,17 +142,21 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias):
     return loss, {"con": loss.item()}
 
 
-def npc_loss(image_emb, concept_emb, concept_owner, logit_scale, logit_bias):
+def npc_loss(image_emb, concept_emb, concept_owner, logit_scale, logit_bias, pair_mask=None):
     """Noun-phrase concept loss: multi-positive sigmoid loss, global image embedding vs every concept.
 
     L_npc = -(1/N) sum_{i=1..B} sum_{k=1..N} log sigmoid(l_ik (t <v_i, c_k> + b)).
     image_emb: (B, D) L2-normalized v_i; concept_emb: (N, D) L2-normalized c_k; concept_owner: (N,) long in
     [0, B); logit_scale t and logit_bias b: scalar tensors. A phrase that occurs in two captions is a positive
-    for its own image only (no deduplication, as in the paper).
+    for its own image only (no deduplication, as in the paper). pair_mask: optional (B, N) bool, False drops the
+    pair (i, k) from the sum (see `duplicate_concept_mask`); the normalizer stays N.
     """
     logits = logit_scale * image_emb @ concept_emb.t() + logit_bias
     labels = concept_labels(concept_owner, len(image_emb)).to(logits.dtype)
-    loss = -F.logsigmoid(labels * logits).sum() / len(concept_emb)
+    terms = F.logsigmoid(labels * logits)
+    if pair_mask is not None:
+        terms = terms * pair_mask.to(terms.dtype)
+    loss = -terms.sum() / len(concept_emb)
     return loss, {"npc": loss.item()}
 
 
@@ -162,22 +189,26 @@ def xac_similarity(patch_emb, concept_emb, temperature=1.0, chunk_size=64, recom
 
 
 def xac_loss(patch_emb, concept_emb, concept_owner, logit_scale, logit_bias, temperature=1.0, chunk_size=64,
-             recompute=False):
+             recompute=False, pair_mask=None):
     """Cross-attention concept loss: the concept-pooled image vector against its query concept.
 
     L_xac = -(1/N) sum_{i=1..B} sum_{k=1..N} log sigmoid(l_ik (t <v^_i(c_k), c_k> + b))   (v^ from xac_similarity).
     patch_emb: (B, P, D) L2-normalized; concept_emb: (N, D) L2-normalized; concept_owner: (N,) long in [0, B);
     logit_scale t, logit_bias b: scalar tensors. Negatives: image i' != owner pooled by concept k.
+    pair_mask: optional (B, N) bool as in `npc_loss`.
     """
     logits = logit_scale * xac_similarity(patch_emb, concept_emb, temperature, chunk_size, recompute) + logit_bias
     labels = concept_labels(concept_owner, len(patch_emb)).to(logits.dtype)
-    loss = -F.logsigmoid(labels * logits).sum() / len(concept_emb)
+    terms = F.logsigmoid(labels * logits)
+    if pair_mask is not None:
+        terms = terms * pair_mask.to(terms.dtype)
+    loss = -terms.sum() / len(concept_emb)
     return loss, {"xac": loss.item()}
 
 
 def c2lip_loss(image_emb, text_emb, patch_emb, concept_emb, concept_owner, logit_scale, logit_bias,
                concept_scale, concept_bias, w_npc=1.0, w_xac=0.01, temperature=1.0, chunk_size=64,
-               recompute=False):
+               recompute=False, pair_mask=None):
     """Total C2LIP loss L = L_con + w_npc L_npc + w_xac L_xac (shapes as in the functions above).
 
     logit_bias is None for CLIP models: L_con is then CLIP's InfoNCE with scale logit_scale; otherwise it is
@@ -191,12 +222,12 @@ def c2lip_loss(image_emb, text_emb, patch_emb, concept_emb, concept_owner, logit
     else:
         loss, parts = siglip_loss(image_emb, text_emb, logit_scale, logit_bias)
     if w_npc:
-        npc, npc_parts = npc_loss(image_emb, concept_emb, concept_owner, concept_scale, concept_bias)
+        npc, npc_parts = npc_loss(image_emb, concept_emb, concept_owner, concept_scale, concept_bias, pair_mask)
         loss = loss + w_npc * npc
         parts.update(npc_parts)
     if w_xac:
         xac, xac_parts = xac_loss(patch_emb, concept_emb, concept_owner, concept_scale, concept_bias,
-                                  temperature, chunk_size, recompute)
+                                  temperature, chunk_size, recompute, pair_mask)
         loss = loss + w_xac * xac
         parts.update(xac_parts)
     parts["loss"] = loss.item()
@@ -209,19 +240,33 @@ def c2lip_loss(image_emb, text_emb, patch_emb, concept_emb, concept_owner, logit
 class ConceptLogits(nn.Module):
     """The sigmoid scale t and bias b of L_npc / L_xac for a CLIP model (SigLIP models use their own).
 
-    mode 'own': t = exp(log_scale) with log_scale a new parameter (init ln 10) and a new bias (init -10):
-    SigLIP's initialization. mode 'shared': t is the CLIP model's logit_scale, only the bias is new.
+    mode 'shared': t is the CLIP model's logit_scale and one new learnable bias b is added (the paper uses one
+    scale for all three losses). mode 'own': also a new learnable log-scale (init ln 10, SigLIP's from-scratch
+    value). bias_init: a number, or 'calibrate': b = -t (mean positive cos + mean negative cos) / 2 over the
+    first training batch, so that a softmax-trained model starts with positives above 0 and negatives below.
+    Why: SigLIP's b = -10 with t = 10 (or a tiny CLIP's t ~ 15) puts every concept logit far below 0, so
+    negatives get almost no gradient and at lr 1e-4 the bias cannot move in a short fine-tuning run.
     """
 
-    def __init__(self, mode="own", scale_init=math.log(10.0), bias_init=-10.0):
+    def __init__(self, mode="shared", scale_init=math.log(10.0), bias_init="calibrate"):
         super().__init__()
         self.mode = mode
-        self.logit_bias = nn.Parameter(torch.tensor(float(bias_init)))
+        calibrate = bias_init == "calibrate"
+        self.logit_bias = nn.Parameter(torch.tensor(0.0 if calibrate else float(bias_init)))
         self.logit_scale = nn.Parameter(torch.tensor(float(scale_init))) if mode == "own" else None
+        self.register_buffer("needs_calibration", torch.tensor(calibrate))  # saved, so --resume does not redo it
 
     def forward(self, model_logit_scale):
         scale = model_logit_scale if self.logit_scale is None else self.logit_scale.exp()
         return scale, self.logit_bias
+
+    @torch.no_grad()
+    def calibrate_(self, scale, image_emb, concept_emb, concept_owner):
+        """Set b from one (gathered) batch: the midpoint of the mean positive and mean negative logits."""
+        cos = image_emb @ concept_emb.t()
+        positive = concept_labels(concept_owner, len(image_emb)) > 0
+        self.logit_bias.fill_(float(-scale * (cos[positive].mean() + cos[~positive].mean()) / 2))
+        self.needs_calibration.fill_(False)
 
     @torch.no_grad()
     def clamp_(self):
@@ -269,17 +314,32 @@ def encode_image_with_patches(model, images):
     return F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1)
 
 
-def gather_concepts(concept_emb, concept_owner, local_batch_size):
+def concept_key(text):
+    """A stable integer per phrase, equal for phrases that differ only in case, articles or punctuation."""
+    words = [w.strip(".,;:!?\"'") for w in text.lower().split()]
+    return zlib.crc32(" ".join(w for w in words if w and w not in ("a", "an", "the")).encode())
+
+
+def collate_with_keys(batch, tokenizer):
+    """data.collate_concepts plus "concept_key": (C,) long, one `concept_key` per concept (same order)."""
+    out = data.collate_concepts(batch, tokenizer)
+    if out is not None:
+        keys = [concept_key(c) for sample in batch if sample is not None for c in sample["concepts"]]
+        out["concept_key"] = torch.tensor(keys, dtype=torch.long)
+    return out
+
+
+def gather_concepts(concept_emb, concept_owner, local_batch_size, concept_key=None):
     """All ranks' concepts in rank order; the local slice keeps its gradient; owners index the gathered batch.
 
-    concept_emb: (N_local, D); concept_owner: (N_local,) long in [0, local_batch_size). Counts differ per rank,
-    so the concepts are padded to the largest count, gathered with common.gather_features and un-padded.
+    concept_emb: (N_local, D); concept_owner: (N_local,) long in [0, local_batch_size); concept_key: optional
+    (N_local,) long, gathered alongside. Counts differ per rank, so the concepts are padded to the largest
+    count, gathered with common.gather_features and un-padded. Returns (emb, owner, key).
     """
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return concept_emb, concept_owner
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
+            or torch.distributed.get_world_size() == 1:
+        return concept_emb, concept_owner, concept_key
     world = torch.distributed.get_world_size()
-    if world == 1:
-        return concept_emb, concept_owner
     device = concept_emb.device
     sizes = torch.tensor([len(concept_emb), local_batch_size], device=device, dtype=torch.long)
     all_sizes = [torch.zeros_like(sizes) for _ in range(world)]
@@ -288,14 +348,19 @@ def gather_concepts(concept_emb, concept_owner, local_batch_size):
     image_offsets = torch.tensor([0] + [int(s[1]) for s in all_sizes], device=device).cumsum(0)
     longest = max(counts)
     pad = longest - len(concept_emb)
+
+    def gather_long(values):
+        padded = torch.cat([values, values.new_zeros(pad)])
+        parts = [torch.zeros_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(parts, padded)
+        return [part[:counts[r]] for r, part in enumerate(parts)]
+
     padded_emb = torch.cat([concept_emb, concept_emb.new_zeros(pad, concept_emb.shape[1])])
-    padded_owner = torch.cat([concept_owner, concept_owner.new_zeros(pad)])
     all_emb = common.gather_features(padded_emb)  # (world * longest, D), local slice differentiable
-    all_owner = [torch.zeros_like(padded_owner) for _ in range(world)]
-    torch.distributed.all_gather(all_owner, padded_owner)
-    keep_emb = [all_emb[r * longest:r * longest + counts[r]] for r in range(world)]
-    keep_owner = [all_owner[r][:counts[r]] + image_offsets[r] for r in range(world)]
-    return torch.cat(keep_emb), torch.cat(keep_owner)
+    emb = torch.cat([all_emb[r * longest:r * longest + counts[r]] for r in range(world)])
+    owner = torch.cat([part + image_offsets[r] for r, part in enumerate(gather_long(concept_owner))])
+    key = torch.cat(gather_long(concept_key)) if concept_key is not None else None
+    return emb, owner, key
 
 
 class C2lipForward(nn.Module):
@@ -341,7 +406,7 @@ def target_metric(metrics):
 # Training
 # ----------------------------------------------------------------------------------------------------------
 def _defaults():
-    shapes = dict(common.SHAPES_DEFAULTS, **C2LIP_DEFAULTS)
+    shapes = dict(common.SHAPES_DEFAULTS, **C2LIP_DEFAULTS, **C2LIP_SHAPES)
     real = dict(C2LIP_DEFAULTS, **PAPER_DEFAULTS)
     return {"shapes": shapes, "real": real}
 
@@ -372,7 +437,7 @@ def train(args):
     if run.world_size > 1:
         ddp = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
     if with_concepts:
-        collate = lambda batch: data.collate_concepts(batch, tokenizer)  # noqa: E731
+        collate = lambda batch: collate_with_keys(batch, tokenizer)  # noqa: E731
     else:
         collate = lambda batch: data.collate_plain(batch, tokenizer)  # noqa: E731
     run.print(f"c2lip: {total} steps, batch {args.batch_size} x {run.world_size}, main loss "
@@ -387,14 +452,19 @@ def train(args):
             image_emb = common.gather_features(out["image"].float())
             text_emb = common.gather_features(out["text"].float())
             patch_emb = common.gather_features(out["patch"].float()) if out["patch"] is not None else None
-            concept_emb = concept_owner = None
+            concept_emb = concept_owner = pair_mask = None
             if with_concepts:
-                concept_emb, concept_owner = gather_concepts(out["concept"].float(), batch["concept_owner"],
-                                                             len(batch["images"]))
+                concept_emb, concept_owner, keys = gather_concepts(out["concept"].float(), batch["concept_owner"],
+                                                                   len(batch["images"]), batch["concept_key"])
+                if args.mask_duplicates:
+                    pair_mask = duplicate_concept_mask(concept_owner, keys, len(image_emb))
             scale, bias, concept_scale, concept_bias = out["scales"]
+            if concept_logits is not None and bool(concept_logits.needs_calibration):
+                concept_logits.calibrate_(concept_scale.detach(), image_emb, concept_emb, concept_owner)
+                run.print(f"concept bias calibrated on the first batch: b = {concept_logits.logit_bias.item():.3f}")
             loss, parts = c2lip_loss(image_emb, text_emb, patch_emb, concept_emb, concept_owner, scale, bias,
                                      concept_scale, concept_bias, args.w_npc, args.w_xac, args.xac_temperature,
-                                     args.xac_chunk, recompute=args.xac_recompute)
+                                     args.xac_chunk, recompute=args.xac_recompute, pair_mask=pair_mask)
         common.check_finite(loss, parts, step)
         optimizer.zero_grad(set_to_none=True)
         (loss * run.world_size).backward()  # DDP averages; the gathered loss needs the sum (common.gather_features)
@@ -442,10 +512,13 @@ def parse_args(argv=None):
     g.add_argument("--xac-chunk", type=int, default=None, help="concepts per XAC einsum chunk (memory bound)")
     g.add_argument("--xac-recompute", action="store_true",
                    help="recompute each XAC chunk in backward (bounds autograd memory at large batch)")
+    g.add_argument("--mask-duplicates", type=int, choices=[0, 1], default=None,
+                   help="1: drop (image, concept) pairs where the concept repeats one of the image's own (false "
+                        "negatives); paper: 0")
     g.add_argument("--concept-scale", choices=["own", "shared"], default=None,
                    help="CLIP models: own sigmoid scale+bias (SigLIP init) or the CLIP logit_scale + a new bias")
     g.add_argument("--concept-scale-init", type=float, default=None, help="log of the initial own sigmoid scale")
-    g.add_argument("--concept-bias-init", type=float, default=None, help="initial sigmoid bias")
+    g.add_argument("--concept-bias-init", default=None, help="CLIP models: initial sigmoid bias, or 'calibrate'")
     args = p.parse_args(argv)
     return common.apply_defaults(args, _defaults())
 

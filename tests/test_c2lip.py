@@ -27,10 +27,12 @@ def log_sigmoid(x):
 
 
 # ---- naive references: explicit Python loops over samples --------------------------------------------------
-def naive_sigmoid_pairs(left, right, is_positive, scale, bias, normalizer):
+def naive_sigmoid_pairs(left, right, is_positive, scale, bias, normalizer, keep=lambda i, k: True):
     total = 0.0
     for i in range(len(left)):
         for k in range(len(right)):
+            if not keep(i, k):
+                continue
             z = scale * torch.dot(left[i], right[k]) + bias
             sign = 1.0 if is_positive(i, k) else -1.0
             total = total - F.logsigmoid(sign * z)
@@ -43,10 +45,12 @@ def naive_pool(patches_i, concept_k, temperature):
     return pooled / pooled.norm()
 
 
-def naive_xac(patch, concept, owner, scale, bias, temperature=1.0):
+def naive_xac(patch, concept, owner, scale, bias, temperature=1.0, keep=lambda i, k: True):
     total = 0.0
     for i in range(len(patch)):
         for k in range(len(concept)):
+            if not keep(i, k):
+                continue
             z = scale * torch.dot(naive_pool(patch[i], concept[k], temperature), concept[k]) + bias
             sign = 1.0 if owner[k] == i else -1.0
             total = total - F.logsigmoid(sign * z)
@@ -89,6 +93,27 @@ def test_xac_loss_matches_loops(chunk_size, recompute, temperature):
     check_value_and_grad(fast, slow, (patch, concept, scale, bias))
 
 
+def test_duplicate_concept_mask_and_masked_losses():
+    image, _, patch, concept, owner, scale, bias = random_batch()  # owners 0 0 1 2 2 2 3 4 4
+    phrases = ["a red circle", "a blue star", "the red circle", "A Blue Star.", "a green cross", "a cyan ring",
+               "a red circle", "an orange heart", "a green cross"]
+    keys = torch.tensor([c2lip.concept_key(p) for p in phrases])
+    mask = c2lip.duplicate_concept_mask(owner, keys, len(image))
+    for i in range(len(image)):
+        own = {keys[j].item() for j in range(len(phrases)) if owner[j] == i}
+        for k in range(len(phrases)):
+            expected = owner[k] == i or keys[k].item() not in own
+            assert bool(mask[i, k]) == bool(expected), (i, k)
+    assert not mask[0, 2] and not mask[0, 3] and not mask[4, 4] and not mask[1, 0] and mask[1, 3] and mask[0, 0]
+    keep = lambda i, k: bool(mask[i, k])  # noqa: E731
+    fast, _ = c2lip.npc_loss(image, concept, owner, scale, bias, mask)
+    slow = naive_sigmoid_pairs(image, concept, lambda i, k: owner[k] == i, scale, bias, len(concept), keep)
+    check_value_and_grad(fast, slow, (image, concept, scale, bias))
+    fast, _ = c2lip.xac_loss(patch, concept, owner, scale, bias, 1.0, 4, False, mask)
+    slow = naive_xac(patch, concept, owner, scale, bias, 1.0, keep)
+    check_value_and_grad(fast, slow, (patch, concept, scale, bias))
+
+
 def per_concept_bmm_similarity(patch, concept, temperature=1.0):
     """The official code's shape of computation: one bmm per concept over the whole batch."""
     columns = []
@@ -128,7 +153,9 @@ def _distributed_loss(rank, world_size, tensors, counts, per_rank, siglip):
     local = [t.clone().requires_grad_() for t in local]
     local_owner = owner[first:last] - lo
     all_image, all_text, all_patch = (common.gather_features(t) for t in local[:3])
-    all_concept, all_owner = c2lip.gather_concepts(local[3], local_owner, per_rank)
+    local_key = owner[first:last] * 7 % 3  # any long tensor: it must come back in rank order
+    all_concept, all_owner, all_key = c2lip.gather_concepts(local[3], local_owner, per_rank, local_key)
+    assert all_key.tolist() == (owner * 7 % 3).tolist()
     loss, _ = c2lip.c2lip_loss(all_image, all_text, all_patch, all_concept, all_owner, scale,
                                bias if siglip else None, scale, bias, 1.0, 0.5, chunk_size=3)
     grads = torch.autograd.grad(loss, local)
@@ -220,3 +247,15 @@ def test_siglip_concept_losses_train_the_value_path():
     assert key_grad.abs().sum() == 0  # the query-key attention is skipped for the tokens
     assert head.latent.grad is None or head.latent.grad.abs().sum() == 0
     assert model.logit_bias.grad is not None and model.text.text_projection.weight.grad is not None
+
+
+# ---- learning: a short seeded run moves the target metric ------------------------------------------------
+def test_short_run_improves_target_metric(shapes_base, tmp_path):
+    """swap-att / replace-att / add (C2LIP's shapes target) must rise above the base model in a short run."""
+    args = c2lip.parse_args(["--pretrained", shapes_base, "--steps", "60", "--batch-size", "32",
+                             "--train-size", "1920", "--lr", "2e-4", "--warmup", "5", "--seed", "0",
+                             "--eval", "shapes", "--no-progress", "--save-every", "0", "--out", str(tmp_path)])
+    result = c2lip.train(args)
+    before = c2lip.target_metric(result["before"]["shapes"]["metrics"])
+    after = c2lip.target_metric(result["after"]["shapes"]["metrics"])
+    assert after > before + 2.0, (before, after)
