@@ -315,6 +315,28 @@ def _crop_tensor(image, box):
     return F.interpolate(image[None, :, y0:y1, x0:x1], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
+def _lism_crops(dataset, index, sample):
+    """Candidate boxes and their crops (transformed like the image). Real loaders: boxes in original pixels,
+    cut from the original image (as GOAL crops the original RGB image). Shapes world: boxes in the rendered
+    image's pixels (= the transformed image's), cut from the tensor and resized back."""
+    image = sample["image"]
+    if hasattr(dataset, "load_image") and hasattr(dataset, "_segment_entry"):
+        original = dataset.load_image(index)
+        boxes, crops = [], []
+        for box in dataset._segment_entry(index)["boxes"]:
+            x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
+            x1 = min(original.size[0], max(x0 + 1, int(round(box[2]))))
+            y1 = min(original.size[1], max(y0 + 1, int(round(box[3]))))
+            crop = dataset.transform(original.crop((x0, y0, x1, y1)))
+            if crop.shape[-2:] != image.shape[-2:]:
+                crop = F.interpolate(crop[None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
+            boxes.append([float(v) for v in box])
+            crops.append(crop)
+        return boxes, crops
+    boxes = [[float(v) for v in box] for box in sample["segments"]]
+    return boxes, [_crop_tensor(image, box) for box in boxes]
+
+
 @torch.no_grad()
 def run_lism(model, tokenizer, dataset, long_tokenizer, device, log_every=2000):
     """Score every (candidate, sentence) pair with the starting model and keep one local pair per image.
@@ -330,14 +352,13 @@ def run_lism(model, tokenizer, dataset, long_tokenizer, device, log_every=2000):
     matched = {}
     for index in range(len(dataset)):
         sample = dataset[index]
-        if sample is None or not sample.get("segments"):
+        if sample is None or not sample.get("segments"):   # no candidate crops: no local pair
             continue
-        boxes = [list(map(float, b)) for b in sample["segments"]]
         sentences = [s for s, _, _ in data.sentence_spans(sample["caption"], long_tokenizer)]
         if not sentences:
             continue
-        image = sample["image"]
-        candidates = torch.stack([image] + [_crop_tensor(image, b) for b in boxes]).to(device)
+        boxes, crops = _lism_crops(dataset, index, sample)
+        candidates = torch.stack([sample["image"]] + crops).to(device)
         image_emb = F.normalize(model.encode_image(candidates), dim=-1)
         text_emb = F.normalize(model.encode_text(tokenizer(sentences).to(device)), dim=-1)
         best = lism_best_pair(100.0 * image_emb @ text_emb.t())
