@@ -317,6 +317,58 @@ def bench_degla_step(args):
     return t_degla / t_plain, detail
 
 
+@row("goal_step")
+def bench_goal_step(args):
+    """A GOAL training step (crops + sentences through the towers, region/span pooling, local + TSL losses) over
+    a plain CLIP step (extra weights 0) on the same shapes long-caption batch, both at the stretched context."""
+    import torch.nn.functional as F
+    import common
+    import data
+    import goal
+    import open_clip
+    common.register_tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _, val_tf, _ = common.create_backbone(common.TINY_MODEL, None)
+    context, keep = goal.SHAPES_GOAL_DEFAULTS["context_length"], goal.SHAPES_GOAL_DEFAULTS["keep_positions"]
+    goal.stretch_text_positions(model, context, keep)
+    tokenizer = open_clip.get_tokenizer(common.TINY_MODEL, context_length=context)
+    model.train()
+    dataset = data.LocalPairs(data.ShapesDataset("train", size=64, image_size=64, seed=0, transform=val_tf,
+                                                 long=True), tokenizer)
+    batch = data.collate_local([dataset[i] for i in range(64)], tokenizer)
+    plain = goal.GoalForward(model, with_local=False)
+    full = goal.GoalForward(model, with_local=True)
+
+    def step(forward, local_weight, tsl_weight):
+        model.zero_grad(set_to_none=True)
+        if forward.with_local:
+            out = forward(batch["images"], batch["texts"], batch["crops"], batch["sentences"], batch["boxes"],
+                          batch["sentence_span"])
+        else:
+            out = forward(batch["images"], batch["texts"])
+        loss, _ = goal.goal_loss(out["image"], out["text"], out.get("crop"), out.get("sentence"), out.get("region"),
+                                 out.get("span"), model.logit_scale, local_weight, tsl_weight)
+        loss.backward()
+
+    def tower(encode, inputs):
+        model.zero_grad(set_to_none=True)
+        F.normalize(encode(model, inputs)[0], dim=-1).sum().backward()
+
+    t_plain = _time(lambda: step(plain, 0.0, 0.0))
+    t_goal = _time(lambda: step(full, 0.5, 1.0))
+    t_image = _time(lambda: tower(goal.encode_image_with_tokens, batch["images"]))
+    t_text = _time(lambda: tower(goal.encode_text_with_tokens, plain._trim(batch["texts"])))
+    t_sentence = _time(lambda: tower(goal.encode_text_with_tokens, plain._trim(batch["sentences"])))
+    # Extra passes: B crops through the image tower and B sentences through the text tower.
+    implied = (2 * t_image + t_text + t_sentence) / (t_image + t_text)
+    detail = (f"tiny shapes CLIP, B=64, context {context} (longest caption {plain._trim(batch['texts']).shape[1]}, "
+              f"sentence {plain._trim(batch['sentences']).shape[1]} tokens): plain {t_plain * 1e3:.0f} ms, goal "
+              f"{t_goal * 1e3:.0f} ms per step; implied by the extra crop + sentence passes {implied:.2f}x "
+              f"(2 passes per tower by count: 2.0x)")
+    return t_goal / t_plain, detail
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default=None, help="run one row: " + ", ".join(n for n, _ in ROWS))
