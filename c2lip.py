@@ -406,7 +406,8 @@ def target_metric(metrics):
 # Training
 # ----------------------------------------------------------------------------------------------------------
 def _defaults():
-    shapes = dict(common.SHAPES_DEFAULTS, **C2LIP_DEFAULTS, **C2LIP_SHAPES)
+    shapes = dict(common.SHAPES_DEFAULTS, **C2LIP_DEFAULTS)
+    shapes.update(C2LIP_SHAPES)
     real = dict(C2LIP_DEFAULTS, **PAPER_DEFAULTS)
     return {"shapes": shapes, "real": real}
 
