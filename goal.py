@@ -338,37 +338,46 @@ def _lism_crops(dataset, index, sample):
 
 
 @torch.no_grad()
-def run_lism(model, tokenizer, dataset, long_tokenizer, device, log_every=2000):
+def run_lism(model, tokenizer, dataset, long_tokenizer, device, chunk=64, log_every=2000):
     """Score every (candidate, sentence) pair with the starting model and keep one local pair per image.
 
     dataset: a long-caption set (shapes world with long=True, or a real loader with a segments file) whose
-    samples carry "image" (transformed tensor) and "segments" (boxes in its pixels). Crops are cut from the
-    transformed image (the shapes world renders at model size; on real data, SAM boxes are coarse enough).
-    Sentences are those of data.sentence_spans under the *training* context (not truncated away), scored as
-    separate texts with `tokenizer` (the starting model's own). Scores are 100 * cosine, as in the release.
+    samples carry "image" (transformed tensor) and "segments". Sentences are those of data.sentence_spans under
+    the *training* context (not truncated away), encoded as separate texts with `tokenizer` (the starting
+    model's own). Scores are 100 * cosine, as in the release. Images are processed `chunk` at a time (one
+    encoder call per chunk; the decision is still per image, `lism_best_pair`).
     Returns {image_id: {"boxes": [...], "pairs": [{"sentence", "box", "score"}]}}: data.SEGMENTS_FORMAT.
     """
     model.eval()
     matched = {}
-    for index in range(len(dataset)):
-        sample = dataset[index]
-        if sample is None or not sample.get("segments"):   # no candidate crops: no local pair
+    for first in range(0, len(dataset), chunk):
+        items, images, texts = [], [], []
+        for index in range(first, min(first + chunk, len(dataset))):
+            sample = dataset[index]
+            if sample is None or not sample.get("segments"):   # no candidate crops: no local pair
+                continue
+            sentences = [s for s, _, _ in data.sentence_spans(sample["caption"], long_tokenizer)]
+            if not sentences:
+                continue
+            boxes, crops = _lism_crops(dataset, index, sample)
+            items.append((sample["image_id"], boxes, sentences, len(images), len(texts)))
+            images += [sample["image"]] + crops
+            texts += sentences
+        if not items:
             continue
-        sentences = [s for s, _, _ in data.sentence_spans(sample["caption"], long_tokenizer)]
-        if not sentences:
-            continue
-        boxes, crops = _lism_crops(dataset, index, sample)
-        candidates = torch.stack([sample["image"]] + crops).to(device)
-        image_emb = F.normalize(model.encode_image(candidates), dim=-1)
-        text_emb = F.normalize(model.encode_text(tokenizer(sentences).to(device)), dim=-1)
-        best = lism_best_pair(100.0 * image_emb @ text_emb.t())
-        entry = {"boxes": boxes, "pairs": []}
-        if best is not None:
-            crop, sentence, score = best
-            entry["pairs"].append({"sentence": sentences[sentence], "box": boxes[crop], "score": round(score, 4)})
-        matched[str(sample["image_id"])] = entry
-        if log_every and (index + 1) % log_every == 0:
-            print(f"[lism] {index + 1}/{len(dataset)} images", file=sys.stderr)
+        image_emb = F.normalize(model.encode_image(torch.stack(images).to(device)), dim=-1)
+        text_emb = F.normalize(model.encode_text(tokenizer(texts).to(device)), dim=-1)
+        for image_id, boxes, sentences, i0, t0 in items:
+            scores = 100.0 * image_emb[i0:i0 + 1 + len(boxes)] @ text_emb[t0:t0 + len(sentences)].t()
+            best = lism_best_pair(scores)
+            entry = {"boxes": boxes, "pairs": []}
+            if best is not None:
+                crop, sentence, score = best
+                entry["pairs"].append({"sentence": sentences[sentence], "box": boxes[crop], "score": round(score, 4)})
+            matched[str(image_id)] = entry
+        done = min(first + chunk, len(dataset))
+        if log_every and done // log_every > first // log_every:
+            print(f"[lism] {done}/{len(dataset)} images", file=sys.stderr)
     return matched
 
 
