@@ -51,6 +51,13 @@ import torch.nn.functional as F
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
+class InputError(ValueError):
+    """Bad input from the user (unknown model name, impossible flag combination, ...). `launch` turns it, and
+    every exception marked `user_error = True` (data.DataError, eval.BenchmarkDataError), into one clear
+    message and a non-zero exit instead of a traceback."""
+    user_error = True
+
+
 # =====================================================================================================
 # 1. Backbone
 # =====================================================================================================
@@ -87,11 +94,11 @@ def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_
     """
     register_tiny_model()
     if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
-        raise ValueError(f"unknown model {name!r}: expected an open_clip model name such as {TINY_MODEL!r}, "
+        raise InputError(f"unknown model {name!r}: expected an open_clip model name such as {TINY_MODEL!r}, "
                          f"'ViT-B-32-quickgelu' or 'ViT-B-16' (see open_clip.list_models())")
     if pretrained == "shapes":
         if name != TINY_MODEL:
-            raise ValueError(f"--pretrained shapes exists only for --model {TINY_MODEL}, not {name!r}")
+            raise InputError(f"--pretrained shapes exists only for --model {TINY_MODEL}, not {name!r}")
         pretrained = shapes_base_path()
     elif pretrained in ("", "none", "None"):
         pretrained = None
@@ -325,7 +332,7 @@ def _spawned_worker(local_rank, fn, args, world_size, backend, port):
                       LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
     _init_from_env(backend)
     try:
-        fn(args)
+        _user_errors_as_exit(fn, args)
     finally:
         dist.destroy_process_group()
 
@@ -335,6 +342,17 @@ def _init_from_env(backend):
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(minutes=30))
+
+
+def _user_errors_as_exit(fn, args):
+    """Run fn(args); an exception marked as the user's error becomes one line on stderr and exit code 2."""
+    try:
+        return fn(args)
+    except Exception as error:
+        if getattr(error, "user_error", False):
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
 
 
 def launch(fn, args):
@@ -351,7 +369,7 @@ def launch(fn, args):
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         _init_from_env("nccl" if torch.cuda.is_available() else "gloo")
         try:
-            return fn(args)
+            return _user_errors_as_exit(fn, args)
         finally:
             dist.destroy_process_group()
     cpu_procs = getattr(args, "cpu_procs", 1) or 1
@@ -359,7 +377,7 @@ def launch(fn, args):
         n, backend = (gpus, "nccl") if gpus > 1 else (cpu_procs, "gloo")
         mp.spawn(_spawned_worker, args=(fn, args, n, backend, _free_port()), nprocs=n, join=True)
         return None
-    return fn(args)
+    return _user_errors_as_exit(fn, args)
 
 
 def _collecting_worker(rank, fn, world_size, port, queue, fn_args):
@@ -533,6 +551,8 @@ class Run:
             self._log = open(os.path.join(self.out, "log.jsonl"), "a")
         self.bar = None
         self._last_time, self._last_step = time.time(), None
+        self.started = time.time()
+        self.train_seconds, self.train_samples = 0.0, 0
 
     def autocast(self):
         """The one autocast context of the run: bf16/fp16 on CUDA, nothing (fp32) on CPU."""
@@ -551,6 +571,8 @@ class Run:
         now = time.time()
         if self._last_step is not None and step > self._last_step:
             values["samples_per_s"] = samples_per_step * (step - self._last_step) / max(1e-9, now - self._last_time)
+            self.train_seconds += now - self._last_time
+            self.train_samples += samples_per_step * (step - self._last_step)
         self._last_time, self._last_step = now, step
         if self.is_main:
             record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}}
@@ -559,6 +581,13 @@ class Run:
             if self.bar is not None:
                 shown = {k: f"{v:.3f}" for k, v in values.items() if k in ("loss", "samples_per_s")}
                 self.bar.set_postfix(shown)
+
+    def timing(self):
+        """Wall time of the run so far and training throughput (samples/s over all processes), for results.json.
+        Training time accumulates between `log` calls, so evaluation before and after is not counted in it."""
+        return {"wall_seconds": round(time.time() - self.started, 1),
+                "train_seconds": round(self.train_seconds, 1),
+                "samples_per_s": round(self.train_samples / self.train_seconds, 1) if self.train_seconds else None}
 
     def print(self, *text):
         if self.is_main:
@@ -599,7 +628,7 @@ def batch_stream(dataset, collate_fn, batch_size, seed, start_step, total_steps,
     rank, world_size = world_info()
     steps_per_epoch = len(dataset) // world_size // batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"the data set has {len(dataset)} samples, fewer than one batch of {batch_size} per process")
+        raise InputError(f"the data set has {len(dataset)} samples, fewer than one batch of {batch_size} per process")
     workers = _default_workers() if workers is None else workers
     step = start_step
     while step < total_steps:

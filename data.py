@@ -58,6 +58,7 @@ from torch.utils.data import Dataset
 
 class DataError(ValueError):
     """Bad input data: a missing root, a wrong format, or a file that is not where the layout says."""
+    user_error = True   # common.launch prints the message and exits, no traceback
 
 
 # =====================================================================================================

@@ -74,6 +74,7 @@ import open_clip
 
 class BenchmarkDataError(ValueError):
     """Bad or missing benchmark files. The message names what was expected and where it comes from."""
+    user_error = True   # common.launch prints the message and exits, no traceback
 
 
 # ===== Device and precision =====
@@ -1128,7 +1129,7 @@ def evaluate(model, tokenizer, transform, benchmarks, root=None, device=None, ba
     names = [b.strip() for b in benchmarks.split(",")] if isinstance(benchmarks, str) else list(benchmarks)
     unknown = [b for b in names if b not in BENCHMARKS and b not in GROUPS]
     if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}; known: {', '.join(known_benchmarks())}")
+        raise BenchmarkDataError(f"unknown benchmark(s) {unknown}; known: {', '.join(known_benchmarks())}")
     device = pick_device(device)
     ctx = _Context(model, tokenizer, transform, root, device, batch_size, workers)
     was_training = model.training

@@ -1,0 +1,134 @@
+"""Failure behaviour of a real method script (degla.py, the most stateful one: EMA teacher + negatives).
+
+- a run killed with SIGKILL in the middle resumes from its last checkpoint and ends with the same weights as a
+  run that was never killed;
+- a loss that becomes NaN stops the run with a message naming the step and the loss terms, and the last
+  checkpoint stays intact;
+- wrong inputs each give one clear error (exit code 2 or a SystemExit message, no traceback).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+
+
+def _degla_command(base, out, steps=10, extra=()):
+    return [sys.executable, os.path.join(ROOT, "degla.py"), "--pretrained", base, "--steps", str(steps),
+            "--batch-size", "8", "--train-size", "96", "--save-every", "2", "--log-every", "1", "--eval", "",
+            "--no-progress", "--out", str(out), *extra]
+
+
+def _weights(run_dir):
+    return torch.load(os.path.join(run_dir, "final.pt"), map_location="cpu")["state_dict"]
+
+
+def _logged_steps(run_dir):
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return -1
+    with open(path) as f:
+        steps = [json.loads(line)["step"] for line in f if line.strip()]
+    return max(steps, default=-1)
+
+
+def test_sigkill_then_resume_gives_the_same_weights(shapes_base, tmp_path):
+    subprocess.run(_degla_command(shapes_base, tmp_path / "straight"), env=ENV, check=True, capture_output=True)
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(_degla_command(shapes_base, killed_dir), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _logged_steps(killed_dir) < 4 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    saved = torch.load(killed_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert 2 <= saved["step"] < 10
+    # `--resume RUN_DIR` alone: the run's own settings come back from its config.json
+    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "degla.py"), "--resume", str(killed_dir),
+                              "--no-progress"], env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed degla from step {saved['step']}" in resumed.stdout + resumed.stderr
+    straight, after_kill = _weights(tmp_path / "straight"), _weights(killed_dir)
+    for name, value in straight.items():
+        assert torch.equal(value, after_kill[name]), name
+
+
+def test_nan_loss_stops_with_step_and_terms_and_keeps_checkpoint(shapes_base, tmp_path, monkeypatch):
+    import degla
+    real_loss, calls = degla.degla_loss, []
+
+    def loss_that_turns_nan(*args, **kwargs):
+        loss, parts = real_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 6:   # the 6th step (step index 5) produces NaN
+            loss = loss * float("nan")
+            parts = dict(parts, igc=float("nan"))
+        return loss, parts
+
+    monkeypatch.setattr(degla, "degla_loss", loss_that_turns_nan)
+    args = degla.parse_args(_degla_command(shapes_base, tmp_path / "run")[2:])
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 5: .*igc=nan"):
+        degla.train(args)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 4     # saved after steps 2 and 4; nothing written after the NaN
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def _coco_fixture(root, image_ids=(1, 2)):
+    """A tiny COCO 2014 layout: annotations/captions_train2014.json + train2014/ images."""
+    from PIL import Image
+    os.makedirs(root / "annotations"), os.makedirs(root / "train2014")
+    images, annotations = [], []
+    for n, image_id in enumerate(image_ids):
+        name = f"COCO_train2014_{image_id:012d}.jpg"
+        Image.new("RGB", (32, 32), (40 * n, 80, 120)).save(root / "train2014" / name)
+        images.append({"id": image_id, "file_name": name, "height": 32, "width": 32})
+        annotations.append({"id": 100 + n, "image_id": image_id, "caption": f"a red ball next to a dog number {n}"})
+    (root / "annotations" / "captions_train2014.json").write_text(
+        json.dumps({"images": images, "annotations": annotations}))
+
+
+def _fails_clearly(command, expected, cwd=None):
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert done.returncode != 0
+    assert expected in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def test_wrong_inputs_give_one_clear_error(shapes_base, tmp_path):
+    degla_py = [sys.executable, os.path.join(ROOT, "degla.py"), "--no-progress", "--eval", "", "--out",
+                str(tmp_path / "out"), "--train-size", "96", "--steps", "2", "--batch-size", "8"]
+    # a missing data root
+    _fails_clearly(degla_py + ["--data", "coco", "--data-root", str(tmp_path / "nowhere"), "--pretrained", "none",
+                               "--model", "shapes-tiny-vit"], "nowhere")
+    # a captions file in the wrong format
+    bad = tmp_path / "bad"
+    os.makedirs(bad / "annotations")
+    (bad / "annotations" / "captions_train2014.json").write_text(json.dumps([{"caption": "not the COCO format"}]))
+    _fails_clearly(degla_py + ["--data", "coco", "--data-root", str(bad), "--pretrained", "none",
+                               "--model", "shapes-tiny-vit"], "captions_train2014.json")
+    # a negatives file whose image ids are absent from the COCO annotations
+    coco = tmp_path / "coco"
+    _coco_fixture(coco)
+    negatives = tmp_path / "DeGLA.json"
+    negatives.write_text(json.dumps([{"image_id": 999, "original": "a cat", "enhanced": ["a dog"] * 4}]))
+    _fails_clearly(degla_py + ["--data", "coco", "--data-root", str(coco), "--negatives", str(negatives),
+                               "--pretrained", "none", "--model", "shapes-tiny-vit"], "999")
+    # an unknown model name
+    _fails_clearly(degla_py + ["--model", "ViT-Imaginary-99", "--pretrained", "none"], "unknown model")
+    # --gpus 8 on a machine without (8) GPUs
+    _fails_clearly(degla_py + ["--gpus", "8"], "--gpus 8")
+    # --resume with a run folder written by another method
+    other = tmp_path / "cehn-run"
+    os.makedirs(other)
+    torch.save({"method": "cehn", "step": 3}, other / "checkpoint.pt")
+    _fails_clearly([a for a in degla_py if a not in ("--out", str(tmp_path / "out"))]
+                   + ["--resume", str(other), "--pretrained", shapes_base], "written by 'cehn'")
