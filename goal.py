@@ -41,6 +41,13 @@ Run:
   torchrun --nproc_per_node 8 goal.py --data dci --data-root DIR --lism lism.json         # same, under torchrun
   python goal.py --resume OUT_DIR                  # continue an interrupted run
   python goal.py --local-weight 0 --tsl-weight 0   # the plain fine-tuning baseline
+The exported `final.pt` has a stretched text table, so load it as: `m = open_clip.create_model(NAME);
+goal.stretch_text_positions(m, CONTEXT, KEEP); m.load_state_dict(torch.load(path)["state_dict"])` (the values
+are in its "meta"), and tokenize with `open_clip.get_tokenizer(NAME, context_length=CONTEXT)`.
+Differences from the release kept on purpose: one forward pass per tower returns both the pooled embeddings and
+the pre-LN tokens (the release runs the towers twice; same maths); padding columns after the longest text in
+the batch are dropped (exact under the causal mask); weight decay skips norms/biases/logit scale
+(common.make_optimizer; the release decays everything).
 """
 import json
 import math
@@ -570,7 +577,7 @@ def parse_args(argv=None):
     g.add_argument("--tsl-weight", type=float, default=None, help="lambda_TSL on the token-similarity loss")
     g.add_argument("--context-length", type=int, default=None, help="text context after the Long-CLIP stretch")
     g.add_argument("--keep-positions", type=int, default=None, help="positions copied unchanged by the stretch")
-    g.add_argument("--released-box-mapping", action="store_true",
+    g.add_argument("--released-box-mapping", action="store_true", default=None,
                    help="map boxes to patches as the release does (divides by the crop size; 16-px cells)")
     g.add_argument("--lism", default=None, help="LISM output (segments file with pairs); shapes: computed if absent")
     g.add_argument("--segments-file", default=None, help="lism: candidate boxes (SAM/detector) per image")
