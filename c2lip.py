@@ -30,8 +30,8 @@ embeddings of image i in the joint space:
 
 Scale and bias. SigLIP models use their own logit_scale and logit_bias for all three losses (paper). A CLIP
 model has no bias, so it gets one new learnable bias b for the two sigmoid terms and shares its logit_scale
-(the paper's single scale; spec section 6.4, option 1). b starts "calibrated": minus t times the midpoint of
-the mean positive and mean negative cosine on the first batch. SigLIP's from-scratch init (b = -10, and with
+(the paper's single scale; spec section 6.4, option 1). b starts "calibrated": at the value minimizing L_npc
+on the first batch (where a learned SigLIP bias would settle). SigLIP's from-scratch init (b = -10, and with
 `--concept-scale own` a separate t = 10) is one flag away (`--concept-bias-init -10`); on the shapes world it
 leaves every concept logit far below 0, so only the positives get gradient (the loss just pulls images to
 their concepts) and, at lr 1e-4 over a few hundred steps, b cannot move (see docs/results_c2lip.md). These
@@ -91,8 +91,8 @@ C2LIP_DEFAULTS = dict(
     xac_temperature=1.0,  # tau of the concept->patch softmax (official smooth=1, no extra scaling)
     xac_chunk=64,  # concepts per einsum chunk: bounds XAC memory to chunk x B x max(P, D) (spec 3.6)
     concept_scale="shared",  # CLIP models: the model's logit_scale (one scale for all losses, as the paper) or 'own'
-    concept_bias_init="calibrate",  # CLIP models: -t * (mean pos cos + mean neg cos) / 2 on the first batch, or a
-    #                                number (-10 = SigLIP's from-scratch init; measured: negatives get no gradient)
+    concept_bias_init="calibrate",  # CLIP models: the L_npc-minimizing bias on the first batch, or a number
+    #                                (-10 = SigLIP's from-scratch init; measured: negatives get no gradient)
     mask_duplicates=0,  # paper: a repeated phrase from another caption stays a negative
     concept_scale_init=math.log(10.0),  # 'own' scale: SigLIP's from-scratch init_logit_scale (open_clip_train --siglip)
 )
@@ -261,11 +261,21 @@ class ConceptLogits(nn.Module):
         return scale, self.logit_bias
 
     @torch.no_grad()
-    def calibrate_(self, scale, image_emb, concept_emb, concept_owner):
-        """Set b from one (gathered) batch: the midpoint of the mean positive and mean negative logits."""
-        cos = image_emb @ concept_emb.t()
-        positive = concept_labels(concept_owner, len(image_emb)) > 0
-        self.logit_bias.fill_(float(-scale * (cos[positive].mean() + cos[~positive].mean()) / 2))
+    def calibrate_(self, scale, image_emb, concept_emb, concept_owner, pair_mask=None, newton_steps=20):
+        """Set b to the minimizer of L_npc over one (gathered) batch, the other weights fixed (1-D, convex).
+
+        This is the value a learned SigLIP bias settles at: with about B negatives per positive it is well below
+        the midpoint of the positive and negative logits."""
+        base = scale * image_emb @ concept_emb.t()
+        labels = concept_labels(concept_owner, len(image_emb)).to(base.dtype)
+        weight = torch.ones_like(base) if pair_mask is None else pair_mask.to(base.dtype)
+        bias = torch.zeros((), dtype=base.dtype, device=base.device)
+        for _ in range(newton_steps):  # d/db -log sigmoid(l (s + b)) = -l sigmoid(-l (s + b))
+            z = labels * (base + bias)
+            grad = -(weight * labels * torch.sigmoid(-z)).sum()
+            hess = (weight * torch.sigmoid(z) * torch.sigmoid(-z)).sum().clamp_min(1e-12)
+            bias = bias - grad / hess
+        self.logit_bias.fill_(float(bias))
         self.needs_calibration.fill_(False)
 
     @torch.no_grad()
@@ -461,7 +471,8 @@ def train(args):
                     pair_mask = duplicate_concept_mask(concept_owner, keys, len(image_emb))
             scale, bias, concept_scale, concept_bias = out["scales"]
             if concept_logits is not None and bool(concept_logits.needs_calibration):
-                concept_logits.calibrate_(concept_scale.detach(), image_emb, concept_emb, concept_owner)
+                concept_logits.calibrate_(concept_scale.detach(), image_emb.detach(), concept_emb.detach(),
+                                          concept_owner, pair_mask)
                 run.print(f"concept bias calibrated on the first batch: b = {concept_logits.logit_bias.item():.3f}")
             loss, parts = c2lip_loss(image_emb, text_emb, patch_emb, concept_emb, concept_owner, scale, bias,
                                      concept_scale, concept_bias, args.w_npc, args.w_xac, args.xac_temperature,
