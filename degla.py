@@ -38,15 +38,18 @@ plain CLIP fine-tuning on the same images and captions (`--baseline plain` sets 
 `--baseline negclip` keeps only the NegCLIP global loss.
 
 Run:
-    python degla.py                                   # shapes world, cached `shapes` base model, CPU, ~5 min
+    python degla.py                                   # shapes world, cached `shapes` base model, CPU
     python degla.py --baseline plain                  # plain CLIP fine-tuning, same data and budget
     python degla.py --data coco --data-root /data/coco --negatives DeGLA.json --gpus 8      # the paper's run
     torchrun --nproc_per_node 8 degla.py --data coco --data-root /data/coco                # same, via torchrun
     torchrun --nnodes 2 --nproc_per_node 4 --rdzv-endpoint HOST:29500 degla.py --data coco --data-root ...
     python degla.py --resume runs/degla-...           # continue an interrupted run (teacher included)
-    python eval.py --model ViT-B-32-quickgelu --pretrained runs/degla-.../final.pt --eval aro,sugarcrepe
+    python eval.py --model ViT-B-32-quickgelu --pretrained runs/degla-.../final.pt --bench aro,sugarcrepe --root ~/bench
+
+On the shapes world two values are rescaled from the paper by a stated rule (see `shapes_ema_decay` and
+`shapes_distill_weight`): the EMA decay keeps the paper's end state (teacher holds 4% of the initial weights
+at the end of the run), and the distillation weight keeps the paper's per-sample balance (0.005 x 256 / batch).
 """
-import math
 import os
 
 import torch

@@ -194,3 +194,38 @@ def test_two_processes_equal_one(tgc_mask):
         assert rank_parts.keys() == parts.keys()
         for g, full_g in zip(rank_grads, grads):
             assert torch.allclose(g, full_g[rank * per:(rank + 1) * per], rtol=1e-9, atol=1e-12)
+
+
+# ----- a short seeded run on the shapes world moves the target metric (swap + replace) up ----------------
+def _target_score(model, tokenizer, transform, n_scenes=200):
+    """Mean accuracy of the shapes suite's swap and replace subsets on `n_scenes` held-out scenes."""
+    import data
+    import eval as ev
+    world, items = ev.shapes_suite_items(n_scenes=n_scenes)
+    model.eval()
+    image_emb, _ = ev.encode_images(model, [data.render_scene(s, 64) for s in world.scenes], transform, "cpu",
+                                    workers=0)
+    scores = []
+    for name in degla.TARGET_SUBSETS:
+        rows = torch.tensor([i for i, _, _ in items[name]])
+        pos = ev.encode_texts(model, tokenizer, [p for _, p, _ in items[name]], "cpu")
+        neg = ev.encode_texts(model, tokenizer, [n for _, _, n in items[name]], "cpu")
+        scores.append(ev.binary_choice_accuracy(image_emb[rows], pos, neg))
+    return sum(scores) / len(scores)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "measured 2026-11-25 on the 150-step test base: 20 steps x 32 at lr 3e-4 moved the target 63.04 -> 63.60, "
+    "30 steps at lr 1e-3 63.04 -> 63.13; the 80-step x 64 three-seed claim did not beat plain fine-tuning either "
+    "(docs/results_degla.md). The hard-negative losses barely fall within such short runs; not yet explained."))
+def test_short_run_improves_swap_replace(shapes_base, tmp_path):
+    import common
+    model, _, val_tf, tokenizer = common.create_backbone(common.TINY_MODEL, shapes_base)
+    before = _target_score(model, tokenizer, val_tf)
+    args = degla.parse_args(["--pretrained", shapes_base, "--steps", "20", "--batch-size", "32", "--lr", "3e-4",
+                             "--warmup", "3", "--train-size", "640", "--eval", "", "--save-every", "0",
+                             "--out", str(tmp_path / "run"), "--no-progress", "--seed", "0"])
+    degla.train(args)
+    tuned, _, _, _ = common.create_backbone(common.TINY_MODEL, str(tmp_path / "run" / "final.pt"))
+    after = _target_score(tuned, tokenizer, val_tf)
+    assert after > before + 2.0, (before, after)
