@@ -1300,11 +1300,11 @@ def figure_main(argv):
 # name -> (script, extra flags). "plain" is CLIP fine-tuning on the same short captions with every extra
 # weight at 0 (the baseline of every claim); GOAL's own plain baseline (long captions) is "plain-long".
 COMPARE_METHODS = OrderedDict([
-    ("plain", ("degla.py", ["--baseline", "plain"])),
+    ("plain", ("degla.py", ["--baseline", "plain"])),    # = cehn/c2lip with their extra weights at 0
     ("degla", ("degla.py", [])),
     ("cehn", ("cehn.py", [])),
     ("c2lip", ("c2lip.py", [])),
-    ("plain-long", ("goal.py", ["--baseline", "plain"])),
+    ("plain-long", ("goal.py", ["--local-weight", "0", "--tsl-weight", "0"])),
     ("goal", ("goal.py", [])),
 ])
 COMPARE_BEGIN, COMPARE_END = "<!-- compare:begin -->", "<!-- compare:end -->"
@@ -1325,7 +1325,16 @@ def _run_stats(run_dir):
     payload = json.loads((run_dir / "results.json").read_text())
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
     extra = payload.get("extra") or {}
-    return payload, config, extra.get("wall_seconds"), extra.get("samples_per_s")
+    wall = extra.get("wall_seconds")
+    if wall is None and (run_dir / "compare_time.json").exists():   # written by `compare` around the run
+        wall = json.loads((run_dir / "compare_time.json").read_text())["wall_seconds"]
+    throughput = extra.get("samples_per_s")
+    if throughput is None and (run_dir / "log.jsonl").exists():      # mean of the logged training throughput
+        logged = [json.loads(line).get("samples_per_s") for line in (run_dir / "log.jsonl").read_text().splitlines()
+                  if line.strip()]
+        logged = [v for v in logged if v is not None]
+        throughput = sum(logged) / len(logged) if logged else None
+    return payload, config, wall, throughput
 
 
 def compare_table(runs, title=None):
@@ -1419,6 +1428,7 @@ def compare_main(argv):
                     if done.returncode != 0:
                         raise SystemExit(f"eval.py compare: {m} seed {seed} failed (exit {done.returncode}); "
                                          f"rerun the same command to continue from its checkpoint")
+                    _atomic_write(run_dir / "compare_time.json", json.dumps({"wall_seconds": time.time() - t0}))
                     print(f"[compare] {m} seed {seed}: done in {time.time() - t0:.0f} s", flush=True)
                 runs[m].append(run_dir)
     table = compare_table(runs)
