@@ -390,6 +390,8 @@ def parse_args(argv=None):
                         "(7f4433a); release: the HEAD form (target = first negative of the batch, a bug)")
     g.add_argument("--mask-invalid", default=None, choices=["all", "cmr"],
                    help="all: invalid negatives masked in every term; cmr: only in CMR, as released")
+    for action in g._group_actions:  # show the method's defaults (the flags themselves default to None)
+        action.help += f" [CE-CLIP default: {METHOD_DEFAULTS[action.dest]}]"
     args = p.parse_args(argv)
     return common.apply_defaults(args, DEFAULTS)
 
