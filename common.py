@@ -749,12 +749,13 @@ def export_open_clip(model, path, meta=None):
 
 
 # The shared budget of every method on the shapes world, so that `python <method>.py` runs compare at equal
-# cost (the side-by-side table in the README uses exactly these): about 2-4 minutes of training on 2 CPU cores.
+# cost (the side-by-side table in the README uses exactly these): about 1-4 minutes of training on 2 CPU cores.
 SHAPES_DEFAULTS = {
     "model": TINY_MODEL, "pretrained": "shapes",
-    "steps": 400,          # optimizer steps
+    "steps": 250,          # optimizer steps: 18 runs (6 settings x 3 seeds) of `eval.py compare` fit in an hour
     "batch_size": 64,      # per process
-    "lr": 1e-4,            # the base model was trained at 1e-3; fine-tuning at a tenth of it
+    "lr": 3e-4,            # the base model was trained at 1e-3; 1e-4 barely moved the hard-negative losses in
+                           # 80-400 steps (docs/results_*.md), so fine-tuning runs at 0.3x the pre-training lr
     "wd": 0.1,
     "warmup": 20,
     "train_size": 20000,   # scenes in the training split (more than steps x batch: no scene is seen twice)
