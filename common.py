@@ -210,9 +210,7 @@ def shapes_base_path(steps=None, progress=True):
 def _loads_as_model(path):
     register_tiny_model()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = open_clip.create_model(TINY_MODEL)
-        model.load_state_dict(state["state_dict"])
+        open_clip.create_model(TINY_MODEL, pretrained=path)   # loads strictly: every key, every shape
         return True
     except Exception:   # any failure to read or match means the file cannot be trusted
         return False
