@@ -461,5 +461,33 @@ def test_cli_end_to_end_tiny_model(tmp_path, capsys):
     assert set(saved["before"]["sugarcrepe"]["metrics"]) == set(ev.SUGARCREPE_SUBSETS)
     with pytest.raises(SystemExit, match="unknown benchmark"):
         ev.main(["--model", "ViT-B-32", "--bench", "bogus"])
-    with pytest.raises(SystemExit, match="compare"):
-        ev.main(["compare"])
+    with pytest.raises(SystemExit, match="unknown method"):
+        ev.main(["compare", "--methods", "bogus"])
+
+
+def _fake_run(folder, method, seed_offset, steps_logged=(10, 20)):
+    """A finished run folder as the method scripts write it (config.json, log.jsonl, results.json)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"method": method}))
+    (folder / "log.jsonl").write_text("".join(json.dumps({"step": s, "samples_per_s": 100.0 + seed_offset}) + "\n"
+                                              for s in steps_logged))
+    result = lambda v: {"shapes": {"metrics": {"swap_att": v}, "summary": {"SWAP": v}, "n": 10, "missing": 0}}
+    (folder / "results.json").write_text(json.dumps({"before": result(50.0), "after": result(60.0 + seed_offset),
+                                                     "extra": {"wall_seconds": 30.0 + seed_offset}}))
+
+
+def test_compare_tabulates_finished_runs(tmp_path, capsys):
+    for seed in (0, 2):
+        _fake_run(tmp_path / f"degla-{seed}", "degla", seed)
+    _fake_run(tmp_path / "plain-0", "plain", 0)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{ev.COMPARE_BEGIN}\nold\n{ev.COMPARE_END}\noutro\n")
+    table = ev.main(["compare", "--runs", str(tmp_path / "degla-0"), str(tmp_path / "degla-2"),
+                     str(tmp_path / "plain-0"), "--out", str(tmp_path / "cmp"), "--readme", str(readme)])
+    # mean +- sample std over the two degla seeds: 61 +- 1.4; plain a single run: 60 +- 0
+    assert "| shapes | **SWAP** | 50.00 | 61.0 ± 1.4 | 60.0 ± 0.0 |" in table
+    assert "| run | wall time per run (s) | | 31 ± 1 | 30 ± 0 |" in table
+    assert "| run | training samples/s | | 101 ± 1 | 100 ± 0 |" in table
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and table in text
+    assert (tmp_path / "cmp" / "compare.md").read_text().strip() == table.strip()
