@@ -62,6 +62,7 @@ import tempfile
 import time
 import warnings
 from collections import OrderedDict, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -1384,6 +1385,27 @@ def _replace_readme_section(readme, table, command, seconds):
     _atomic_write(readme, text[:start] + body + text[end:])
 
 
+def _compare_run(method, seed, run_dir, args, here, env):
+    """Train and evaluate one (method, seed) as an ordinary subprocess; returns an error string or None."""
+    script, flags = COMPARE_METHODS[method]
+    command = [sys.executable, str(here / script), "--seed", str(seed), "--out", str(run_dir), "--no-progress",
+               *flags, *args.extra.split()]
+    if args.steps:
+        command += ["--steps", str(args.steps)]
+    if (run_dir / "checkpoint.pt").exists():
+        command += ["--resume", str(run_dir)]
+    print(f"[compare] {method} seed {seed}: {' '.join(command[1:])}", flush=True)
+    t0 = time.time()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "stdout.txt", "a") as log:
+        done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        return f"{method} seed {seed} failed (exit {done.returncode}, see {run_dir / 'stdout.txt'})"
+    _atomic_write(run_dir / "compare_time.json", json.dumps({"wall_seconds": time.time() - t0}))
+    print(f"[compare] {method} seed {seed}: done in {time.time() - t0:.0f} s", flush=True)
+    return None
+
+
 def compare_main(argv):
     p = argparse.ArgumentParser(prog="eval.py compare", description="Side-by-side table of plain fine-tuning and "
                                 "the four methods (shapes world by default, or finished runs with --runs).")
@@ -1395,6 +1417,7 @@ def compare_main(argv):
                    "(e.g. real COCO/DOCCI runs); grouped by the method in their config.json")
     p.add_argument("--readme", default=None, help="also write the table into this README's compare section")
     p.add_argument("--extra", default="", help="extra flags passed to every run, e.g. '--train-size 5000'")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU threads are split between them)")
     args = p.parse_args(argv)
     start = time.time()
     if args.runs:
@@ -1411,26 +1434,22 @@ def compare_main(argv):
         seeds = [int(s) for s in args.seeds.split(",")]
         here = Path(__file__).resolve().parent
         runs = OrderedDict((m, []) for m in methods)
+        jobs = []
         for seed in seeds:
             for m in methods:
-                script, flags = COMPARE_METHODS[m]
                 run_dir = Path(args.out) / f"{m}-seed{seed}"
-                if not (run_dir / "results.json").exists():
-                    command = [sys.executable, str(here / script), "--seed", str(seed), "--out", str(run_dir),
-                               "--no-progress", *flags, *args.extra.split()]
-                    if args.steps:
-                        command += ["--steps", str(args.steps)]
-                    if (run_dir / "checkpoint.pt").exists():
-                        command += ["--resume", str(run_dir)]
-                    print(f"[compare] {m} seed {seed}: {' '.join(command[1:])}", flush=True)
-                    t0 = time.time()
-                    done = subprocess.run(command)
-                    if done.returncode != 0:
-                        raise SystemExit(f"eval.py compare: {m} seed {seed} failed (exit {done.returncode}); "
-                                         f"rerun the same command to continue from its checkpoint")
-                    _atomic_write(run_dir / "compare_time.json", json.dumps({"wall_seconds": time.time() - t0}))
-                    print(f"[compare] {m} seed {seed}: done in {time.time() - t0:.0f} s", flush=True)
                 runs[m].append(run_dir)
+                if not (run_dir / "results.json").exists():
+                    jobs.append((m, seed, run_dir))
+        # `--jobs` runs at a time, each on `threads` CPU threads: on small models two one-thread processes get
+        # more done than one process using two threads.
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            failures = [f for f in pool.map(lambda job: _compare_run(*job, args, here, env), jobs) if f]
+        if failures:
+            raise SystemExit("eval.py compare: " + "; ".join(failures) + "; rerun the same command to continue "
+                             "(finished runs are reused, interrupted ones resume from their checkpoint)")
     table = compare_table(runs)
     seconds = time.time() - start
     Path(args.out).mkdir(parents=True, exist_ok=True)
