@@ -489,5 +489,5 @@ def test_compare_tabulates_finished_runs(tmp_path, capsys):
     assert "| run | wall time per run (s) | | 31 ± 1 | 30 ± 0 |" in table
     assert "| run | training samples/s | | 101 ± 1 | 100 ± 0 |" in table
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and table in text
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "\nold\n" not in text and table in text
     assert (tmp_path / "cmp" / "compare.md").read_text().strip() == table.strip()
