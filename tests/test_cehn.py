@@ -193,9 +193,7 @@ def _distributed_worker(rank, world_size, inputs, theta):
 
 
 def test_two_processes_equal_one_process():
-    common = pytest.importorskip("common")
-    if not hasattr(common, "run_cpu_processes"):
-        pytest.skip("common.run_cpu_processes not available yet")
+    import common
     inputs = make_inputs(7, num=8)
     theta = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
     image, text, neg, valid, s = inputs

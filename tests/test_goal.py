@@ -11,13 +11,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import goal  # noqa: E402
 
-try:
-    import common  # noqa: F401
-    HAVE_COMMON = hasattr(common, "run_cpu_processes")
-except ImportError:
-    HAVE_COMMON = False
-
-
 def _unit(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1).requires_grad_(True)
@@ -233,7 +226,6 @@ def _rank_fn(rank, world_size, seed):
     return loss.item(), [g.detach().numpy() for g in grads]  # numpy: tensors would travel via shared memory
 
 
-@pytest.mark.skipif(not HAVE_COMMON, reason="common.py (run_cpu_processes) not available yet")
 def test_two_processes_equal_one():
     import common
     feats = [f.requires_grad_(True) for f in _features(7)]
