@@ -190,7 +190,7 @@ OBJECT_WORDS: dict[str, list[tuple[str, ...]]] = {
     "structure": _groups("building", "house", "tower", "bridge", "fence", "wall", "window", "door"),
     "plant": _groups("tree", "flower", "bush|bushes", "plant"),
     # the shapes world
-    "shape": _groups("circle", "square", "triangle", "star", "cross|crosses", "hexagon", "diamond", "heart",
+    "shape": _groups("circle", "square", "triangle", "star", "cross|crosses", "ring", "hexagon", "diamond", "heart",
                      "pentagon", "rectangle", "octagon", "oval", "ellipse", "crescent", "arrow"),
 }
 
@@ -486,8 +486,16 @@ def _neg_swap_adjs(doc, rng) -> str | None:
     return editor.render()
 
 
-def _neg_replace_attribute(doc, rng) -> str | None:
-    """Replace one attribute by a word of the same category, another synonym group ("red" -> "green")."""
+def _in_vocabulary(words, vocabulary):
+    """The words a replacement may use: all of them, or those of a closed world's `vocabulary`."""
+    return list(words) if vocabulary is None else [w for w in words if w in vocabulary]
+
+
+def _neg_replace_attribute(doc, rng, vocabulary=None) -> str | None:
+    """Replace one attribute by a word of the same category, another synonym group ("red" -> "green").
+
+    With a `vocabulary` (a closed world such as the shapes world) only its words are used, so that the
+    negative is a plausible caption of that world ("red" -> "cyan", never "magenta")."""
     candidates = [(token, owner) for token, owner in _attribute_tokens(doc) if token.lower_ in _ATTRIBUTE_INFO]
     if not candidates:
         return None
@@ -495,17 +503,19 @@ def _neg_replace_attribute(doc, rng) -> str | None:
     category, group_index, _ = _ATTRIBUTE_INFO[token.lower_]
     # do not pick an attribute the same noun already has ("a red and blue car": blue would stay true)
     taken = {_ATTRIBUTE_INFO[t.lower_][1] for t, o in candidates if o == owner and _ATTRIBUTE_INFO[t.lower_][0] == category}
-    groups = [g for g in range(len(ATTRIBUTE_WORDS[category])) if g not in taken | {group_index}]
+    groups = [g for g in range(len(ATTRIBUTE_WORDS[category])) if g not in taken | {group_index}
+              and _in_vocabulary(_ATTRIBUTE_SURFACE[(category, g, False)], vocabulary)]
     if not groups:
         return None
-    new_word = _ATTRIBUTE_SURFACE[(category, rng.choice(groups), False)][0]
+    new_word = _in_vocabulary(_ATTRIBUTE_SURFACE[(category, rng.choice(groups), False)], vocabulary)[0]
     editor = _Editor(doc)
     editor.replace(token.i, token.i + 1, _match_case(new_word, token.text))
     return editor.render()
 
 
-def _neg_replace_object(doc, rng) -> str | None:
-    """Replace one object noun by another of the same category, keeping its number ("dogs" -> "cats")."""
+def _neg_replace_object(doc, rng, vocabulary=None) -> str | None:
+    """Replace one object noun by another of the same category, keeping its number ("dogs" -> "cats").
+    With a `vocabulary`, only by nouns of that closed world (as `_neg_replace_attribute`)."""
     candidates = []
     for start, end in _object_units(doc):
         text = doc[start:end].text.lower()
@@ -520,10 +530,12 @@ def _neg_replace_object(doc, rng) -> str | None:
     present = {doc[s:e].text.lower() for s, e in _object_units(doc)}
     groups = [g for g in range(len(OBJECT_WORDS[category]))
               if g != group_index and not set(_OBJECT_SURFACE[(category, g, False)] +
-                                              _OBJECT_SURFACE[(category, g, True)]) & present]
+                                              _OBJECT_SURFACE[(category, g, True)]) & present
+              and _in_vocabulary(_OBJECT_SURFACE[(category, g, False)], vocabulary)]
     if not groups:
         return None
-    new_word = _OBJECT_SURFACE[(category, rng.choice(groups), is_plural)][0]
+    new_word = _in_vocabulary(_OBJECT_SURFACE[(category, rng.choice(groups), is_plural)],
+                              None if vocabulary is None else {_plural(w) for w in vocabulary} | set(vocabulary))[0]
     editor = _Editor(doc)
     editor.replace(start, end, _match_case(new_word, doc[start].text))
     return editor.render()
@@ -571,12 +583,16 @@ def _normalize(text: str) -> str:
     return " ".join(text.lower().split()).strip(" .")
 
 
-def negatives_for_doc(doc, types: Sequence[str]) -> tuple[list[str], list[bool]]:
+_REPLACING_RULES = (_neg_replace_attribute, _neg_replace_object)   # the rules that take a `vocabulary`
+
+
+def negatives_for_doc(doc, types: Sequence[str], vocabulary=None) -> tuple[list[str], list[bool]]:
     """All requested negatives of one parsed caption; an impossible type gives (original, False)."""
     negatives, valid = [], []
     for negative_type in types:
         rng = random.Random(_stable_seed(negative_type, doc.text))
-        negative = NEGATIVE_RULES[negative_type](doc, rng)
+        rule = NEGATIVE_RULES[negative_type]
+        negative = rule(doc, rng, vocabulary) if rule in _REPLACING_RULES else rule(doc, rng)
         ok = negative is not None and _normalize(negative) != _normalize(doc.text)
         negatives.append(negative if ok else doc.text)
         valid.append(ok)
@@ -584,7 +600,7 @@ def negatives_for_doc(doc, types: Sequence[str]) -> tuple[list[str], list[bool]]
 
 
 def make_negatives(captions: Sequence[str], types: Sequence[str], cache_dir: str | None = None,
-                   progress: bool = True) -> tuple[list[list[str]], list[list[bool]]]:
+                   progress: bool = True, vocabulary=None) -> tuple[list[list[str]], list[list[bool]]]:
     """One rule-based hard negative per type per caption, plus a validity mask.
 
     DeGLA types (`DEGLA_TYPES`):
@@ -600,21 +616,24 @@ def make_negatives(captions: Sequence[str], types: Sequence[str], cache_dir: str
                     known verb, flip a spatial relation ("left" -> "right")
     Returns `(negatives, valid)`, both `len(captions) x len(types)`. A slot is invalid when the type is not
     possible for the caption (no adjective, one noun, ...) or would not change it; invalid slots hold the
-    original caption, which must never be used as a negative. Deterministic: the random choices are seeded
-    by the caption text. Results are cached under `cache_dir` (default `$CLIP_TEXT_CACHE` or
+    original caption, which must never be used as a negative. `vocabulary` (a set of words, or None for
+    open-world captions) restricts the replacement types to the words of a closed world: the shapes world
+    passes its colours, shapes and sizes, so no negative names a colour or shape its images never show.
+    Deterministic: the random choices are seeded by the caption text. Results are cached under `cache_dir` (default `$CLIP_TEXT_CACHE` or
     `~/.cache/clip_text_tools`), keyed by a hash of the captions and types.
     """
     unknown = [t for t in types if t not in NEGATIVE_RULES]
     if unknown:
         raise ValueError(f"unknown negative types {unknown}; known: {list(NEGATIVE_RULES)}")
     captions = list(captions)
-    path = _cache_path(cache_dir, "negatives", [NEGATIVES_VERSION, list(types), captions])
+    vocabulary = None if vocabulary is None else sorted(vocabulary)
+    path = _cache_path(cache_dir, "negatives", [NEGATIVES_VERSION, list(types), captions, vocabulary])
     cached = _read_cache(path)
     if cached is not None and len(cached["negatives"]) == len(captions):
         return cached["negatives"], cached["valid"]
     negatives, valid = [], []
     for doc in _parse(captions, progress, "hard negatives"):
-        doc_negatives, doc_valid = negatives_for_doc(doc, types)
+        doc_negatives, doc_valid = negatives_for_doc(doc, types, vocabulary)
         negatives.append(doc_negatives)
         valid.append(doc_valid)
     _write_cache_atomically(path, {"negatives": negatives, "valid": valid})
@@ -1200,7 +1219,9 @@ class WithNegatives(Dataset):
         self.dataset, self.types = dataset, tuple(types)
         captions = dataset.captions
         if negatives_file is None:
-            self.negatives, self.valid = make_negatives(captions, self.types, cache_dir=cache_dir, progress=progress)
+            # a closed world (the shapes world) declares its words, so that replacements stay inside it
+            self.negatives, self.valid = make_negatives(captions, self.types, cache_dir=cache_dir, progress=progress,
+                                                        vocabulary=getattr(dataset, "vocabulary", None))
             return
         table = load_degla_negatives(negatives_file)
         known_ids = getattr(dataset, "all_image_ids", None) or set(getattr(dataset, "image_ids", []))
@@ -1695,6 +1716,9 @@ class ShapesDataset(torch.utils.data.Dataset):
     stand-in for SAM output in GOAL's LISM); bag_of_words=True: captions with shuffled words (base model).
     Everything is a pure function of (seed, split, index): same seed, same pixels and captions.
     """
+
+    # every word a caption may use for an attribute or an object: hard-negative replacements stay inside it
+    vocabulary = frozenset(SHAPES + COLORS + SIZES)
 
     def __init__(self, split="train", size=20000, image_size=64, seed=0, transform=None, long=False,
                  bag_of_words=False, n_objects=None):

@@ -85,6 +85,29 @@ def test_valid_negatives_differ_and_replacements_use_word_lists(negatives):
         assert len(changed) == 1 and data._OBJECT_INFO[changed[0]][0] == "shape"
 
 
+def test_closed_vocabulary_keeps_replacements_inside_the_shapes_world(tmp_path):
+    """Shapes captions get replacement negatives that name only the world's colours, shapes and sizes (an
+    open-world list would also offer "magenta" or "crescent", words the shapes images never show)."""
+    world = data.ShapesDataset("train", size=200, seed=3)
+    types = ("replace_adjs", "replace_nouns", "attribute", "object")
+    negs, valid = data.make_negatives(world.captions, types, cache_dir=str(tmp_path), progress=False,
+                                      vocabulary=world.vocabulary)
+    caption_words = {w for caption in world.captions for w in caption.split()}
+    plurals = {data._plural(s) for s in data.SHAPES}
+    n_valid = 0
+    for caption, row, flags in zip(world.captions, negs, valid):
+        for negative, ok in zip(row, flags):
+            if ok:
+                n_valid += 1
+                changed = _changed_words(negative, caption)
+                assert len(changed) == 1 and changed[0] in world.vocabulary | plurals, (caption, negative)
+                assert set(negative.split()) <= caption_words | plurals, (caption, negative)
+    assert n_valid > 0.9 * len(types) * len(world.captions)
+    # the open-world lists do leave the shapes world on the same captions (what the vocabulary is for)
+    open_negs, _ = data.make_negatives(world.captions, types, cache_dir=str(tmp_path), progress=False)
+    assert any(w not in caption_words for row in open_negs for n in row for w in n.split())
+
+
 def test_articles_and_verb_forms(tmp_path):
     captions = ["An orange cat sitting on a wooden bench.", "A woman holding an umbrella."]
     negs, valid = data.make_negatives(captions, ("action", "replace_adjs"), cache_dir=str(tmp_path), progress=False)
