@@ -169,9 +169,11 @@ def clip_loss(image_emb, text_emb, logit_scale):
 # =====================================================================================================
 # Plays the role of downloading OpenAI weights: a tiny CLIP trained from scratch on bag-of-words captions of
 # the shapes world (words of each caption in random order; 1-object scenes keep their words too), so that it
-# knows every colour and shape but has never had a reason to bind them: like web-trained CLIP, it is
-# "bag of words". Built on first use (budget below), cached, and reused by every method.
-SHAPES_BASE_STEPS = 600       # about 4 minutes on 2 CPU cores; see README for the measured accuracies
+# has never had a reason to bind attributes to objects: like web-trained CLIP, it is "bag of words".
+# Built on first use (budget below), cached, and reused by every method.
+# Known limitation (measured): it knows every colour (zero-shot 100%) but few shapes (23%), because colour
+# alone separates almost every pair of a contrastive batch; docs/base_model_notes.md lists what was tried.
+SHAPES_BASE_STEPS = 600       # about 6 minutes on 2 idle CPU cores; see README for the measured accuracies
 SHAPES_BASE_BATCH = 128
 SHAPES_BASE_LR = 1e-3
 SHAPES_BASE_SEED = 1234       # its own random stream of scenes, disjoint from the test split
