@@ -1384,17 +1384,22 @@ def compare_targets_table(runs):
 
 
 def _run_clock(runs):
-    """Wall-clock span of the runs (first start to last end) and their summed run time, from compare_time.json."""
-    starts, ends, total = [], [], 0.0
+    """Wall-clock time during which at least one run was going (the union of the runs' intervals, so that pauses
+    between two `compare` invocations do not count) and the summed run time, from compare_time.json."""
+    intervals, total = [], 0.0
     for dirs in runs.values():
         for d in dirs:
             path = Path(d) / "compare_time.json"
             if path.exists():
                 seconds = json.loads(path.read_text())["wall_seconds"]
-                ends.append(path.stat().st_mtime)
-                starts.append(ends[-1] - seconds)
+                end = path.stat().st_mtime
+                intervals.append((end - seconds, end))
                 total += seconds
-    return (max(ends) - min(starts) if ends else None), total
+    busy, covered_until = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        busy += max(0.0, end - max(start, covered_until))
+        covered_until = max(covered_until, end)
+    return (busy if intervals else None), total
 
 
 def compare_table(runs, title=None):

@@ -491,3 +491,17 @@ def test_compare_tabulates_finished_runs(tmp_path, capsys):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "\nold\n" not in text and table in text
     assert (tmp_path / "cmp" / "compare.md").read_text().strip() == table.strip()
+
+
+def test_compare_clock_counts_only_time_when_a_run_was_going(tmp_path):
+    """Two overlapping runs and one run an hour later: busy time 150 s + 100 s, not the 3,700 s span."""
+    import eval as evaluation
+    runs = {}
+    for name, end, seconds in (("a", 1000.0, 100.0), ("b", 1050.0, 100.0), ("c", 4700.0, 100.0)):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "compare_time.json").write_text(json.dumps({"wall_seconds": seconds}))
+        os.utime(run_dir / "compare_time.json", (end, end))
+        runs[name] = [run_dir]
+    busy, total = evaluation._run_clock(runs)
+    assert busy == pytest.approx(250.0) and total == pytest.approx(300.0)
