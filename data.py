@@ -396,7 +396,7 @@ def _attribute_tokens(doc) -> list:
     return found
 
 
-def _neg_reshuffle(doc, rng) -> str | None:
+def _neg_reshuffle(doc, rng, vocabulary=None) -> str | None:
     """Reorder phrases: permute the object noun phrases, each with its determiner and adjectives."""
     chunks = _object_chunks(doc)
     texts = [_span_text(doc, s, e) for s, e in chunks]
@@ -451,7 +451,7 @@ def _swap_two_units(doc, first, second) -> str:
     return editor.render()
 
 
-def _neg_swap_nouns(doc, rng) -> str | None:
+def _neg_swap_nouns(doc, rng, vocabulary=None) -> str | None:
     """Exchange two object nouns; determiners and adjectives stay where they are."""
     units = _object_units(doc)
     pairs = [(a, b) for i, a in enumerate(units) for b in units[i + 1:]
@@ -459,7 +459,7 @@ def _neg_swap_nouns(doc, rng) -> str | None:
     return _swap_two_units(doc, *rng.choice(pairs)) if pairs else None
 
 
-def _neg_relation(doc, rng) -> str | None:
+def _neg_relation(doc, rng, vocabulary=None) -> str | None:
     """CE-CLIP's relation negative: swap the first two (different) object nouns.
 
     The released code requires *more than* two nouns and swaps with str.replace (also inside other
@@ -472,7 +472,7 @@ def _neg_relation(doc, rng) -> str | None:
     return None
 
 
-def _neg_swap_adjs(doc, rng) -> str | None:
+def _neg_swap_adjs(doc, rng, vocabulary=None) -> str | None:
     """Exchange attributes between two different nouns ("red car, blue bus" -> "blue car, red bus")."""
     attributes = [(token, owner) for token, owner in _attribute_tokens(doc) if token.pos_ == "ADJ"]
     pairs = [(a, b) for i, a in enumerate(attributes) for b in attributes[i + 1:]
@@ -534,14 +534,13 @@ def _neg_replace_object(doc, rng, vocabulary=None) -> str | None:
               and _in_vocabulary(_OBJECT_SURFACE[(category, g, False)], vocabulary)]
     if not groups:
         return None
-    new_word = _in_vocabulary(_OBJECT_SURFACE[(category, rng.choice(groups), is_plural)],
-                              None if vocabulary is None else {_plural(w) for w in vocabulary} | set(vocabulary))[0]
+    new_word = _in_vocabulary(_OBJECT_SURFACE[(category, rng.choice(groups), is_plural)], vocabulary)[0]
     editor = _Editor(doc)
     editor.replace(start, end, _match_case(new_word, doc[start].text))
     return editor.render()
 
 
-def _neg_action(doc, rng) -> str | None:
+def _neg_action(doc, rng, vocabulary=None) -> str | None:
     """Replace a verb by another verb of the same transitivity, in the same form ("sitting" -> "running").
 
     Captions without a known verb ("a red circle to the left of a square") get their spatial relation
@@ -571,6 +570,7 @@ def _neg_action(doc, rng) -> str | None:
     return editor.render()
 
 
+# Every rule is rule(doc, rng, vocabulary) -> negative text or None; only the replacement rules use `vocabulary`.
 NEGATIVE_RULES = {
     "reshuffle": _neg_reshuffle, "swap_nouns": _neg_swap_nouns, "swap_adjs": _neg_swap_adjs,
     "replace_adjs": _neg_replace_attribute, "replace_nouns": _neg_replace_object,
@@ -583,16 +583,12 @@ def _normalize(text: str) -> str:
     return " ".join(text.lower().split()).strip(" .")
 
 
-_REPLACING_RULES = (_neg_replace_attribute, _neg_replace_object)   # the rules that take a `vocabulary`
-
-
 def negatives_for_doc(doc, types: Sequence[str], vocabulary=None) -> tuple[list[str], list[bool]]:
     """All requested negatives of one parsed caption; an impossible type gives (original, False)."""
     negatives, valid = [], []
     for negative_type in types:
         rng = random.Random(_stable_seed(negative_type, doc.text))
-        rule = NEGATIVE_RULES[negative_type]
-        negative = rule(doc, rng, vocabulary) if rule in _REPLACING_RULES else rule(doc, rng)
+        negative = NEGATIVE_RULES[negative_type](doc, rng, vocabulary)
         ok = negative is not None and _normalize(negative) != _normalize(doc.text)
         negatives.append(negative if ok else doc.text)
         valid.append(ok)
@@ -617,17 +613,20 @@ def make_negatives(captions: Sequence[str], types: Sequence[str], cache_dir: str
     Returns `(negatives, valid)`, both `len(captions) x len(types)`. A slot is invalid when the type is not
     possible for the caption (no adjective, one noun, ...) or would not change it; invalid slots hold the
     original caption, which must never be used as a negative. `vocabulary` (a set of words, or None for
-    open-world captions) restricts the replacement types to the words of a closed world: the shapes world
-    passes its colours, shapes and sizes, so no negative names a colour or shape its images never show.
-    Deterministic: the random choices are seeded by the caption text. Results are cached under `cache_dir` (default `$CLIP_TEXT_CACHE` or
-    `~/.cache/clip_text_tools`), keyed by a hash of the captions and types.
+    open-world captions) restricts the replacement types to the words of a closed world (plural nouns
+    included): the shapes world passes its colours, shapes and sizes, so no negative names a colour or shape
+    its images never show. Deterministic: the random choices are seeded by the caption text. Results are
+    cached under `cache_dir` (default `$CLIP_TEXT_CACHE` or `~/.cache/clip_text_tools`), keyed by a hash of
+    the captions, types and vocabulary.
     """
     unknown = [t for t in types if t not in NEGATIVE_RULES]
     if unknown:
         raise ValueError(f"unknown negative types {unknown}; known: {list(NEGATIVE_RULES)}")
     captions = list(captions)
-    vocabulary = None if vocabulary is None else sorted(vocabulary)
-    path = _cache_path(cache_dir, "negatives", [NEGATIVES_VERSION, list(types), captions, vocabulary])
+    if vocabulary is not None:   # the plural of every noun of the world is a word of the world too
+        vocabulary = frozenset(vocabulary) | {_plural(word) for word in vocabulary}
+    path = _cache_path(cache_dir, "negatives", [NEGATIVES_VERSION, list(types), captions,
+                                                None if vocabulary is None else sorted(vocabulary)])
     cached = _read_cache(path)
     if cached is not None and len(cached["negatives"]) == len(captions):
         return cached["negatives"], cached["valid"]
