@@ -57,6 +57,35 @@ def test_token_features_match_open_clip_pooling():
     assert model.visual.output_tokens is False     # the switch is restored
 
 
+def test_trimmed_text_padding_gives_the_same_features():
+    """Dropping the all-padding columns (what the base build does) changes nothing under the causal mask."""
+    model, _, _, tokenizer = common.create_backbone(common.TINY_MODEL, None)
+    model.eval()
+    texts = tokenizer(["red circle small", "a small blue square to the left of a large green star"])
+    trimmed = common.trim_padding(texts)
+    assert trimmed.shape == (2, 14)
+    pooled, tokens, pad_mask = common.encode_text_tokens(model, trimmed)
+    torch.testing.assert_close(pooled, model.encode_text(texts))
+    full_tokens = common.encode_text_tokens(model, texts)[1]
+    torch.testing.assert_close(tokens, full_tokens[:, :14])
+
+
+def test_base_build_attribute_labels_only_for_single_objects():
+    """The build's attribute head sees (shape, colour, size) of one-object scenes; -1 (ignored) otherwise."""
+    world = data.ShapesDataset("train", size=40, seed=5)
+    labelled = common._SceneWithAttributes(world)
+    for index in range(40):
+        _, caption, labels = labelled[index]
+        scene = world.scenes[index]
+        assert caption == world.captions[index]
+        if len(scene) == 1:
+            assert labels.tolist() == [data.SHAPES.index(scene[0].shape), data.COLORS.index(scene[0].color),
+                                       data.SIZES.index(scene[0].size)]
+        else:
+            assert labels.tolist() == [-1, -1, -1]
+    assert any(len(s) == 1 for s in world.scenes) and any(len(s) > 1 for s in world.scenes)
+
+
 def test_tiny_model_is_an_open_clip_name():
     common.register_tiny_model()
     assert common.TINY_MODEL in open_clip.list_models()
