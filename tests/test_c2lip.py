@@ -261,17 +261,17 @@ def test_siglip_concept_losses_train_the_value_path():
 
 
 # ---- learning: a short seeded run moves the target metric ------------------------------------------------
-@pytest.mark.xfail(strict=False, reason="measured: C2LIP's concept losses lower the shapes target against plain "
-                                       "fine-tuning on the tiny CLIP (three seeds, curriculum base that knows its "
-                                       "shapes: 77.1 vs 81.4, -4.3 +- 0.6); this 60-step run measured 69.61 -> "
-                                       "71.51, short of +2. Leading suspect: the sigmoid NPC loss (4.2) dominates "
-                                       "CLIP's softmax loss (0.6) at the paper's weight 1.0 (README, C2LIP)")
 def test_short_run_improves_target_metric(shapes_base, tmp_path):
-    """swap-att / replace-att / add (C2LIP's shapes target) must rise above the base model in a short run."""
+    """swap-att / replace-att / add (C2LIP's shapes target) must rise above the base model in a short run.
+
+    Measured on the 300-step shared-head test base (2026-11-29): 69.97 -> 72.11, a thin margin over +2. On the
+    earlier curriculum test base it measured 69.61 -> 71.51 and was marked xfail. Against plain fine-tuning C2LIP
+    does not win on this target (README, issue #7); this test only checks the direction against the base."""
     args = c2lip.parse_args(["--pretrained", shapes_base, "--steps", "60", "--batch-size", "32",
                              "--train-size", "1920", "--lr", "2e-4", "--warmup", "5", "--seed", "0",
                              "--eval", "shapes", "--no-progress", "--save-every", "0", "--out", str(tmp_path)])
     result = c2lip.train(args)
     before = c2lip.target_metric(result["before"]["shapes"]["metrics"])
     after = c2lip.target_metric(result["after"]["shapes"]["metrics"])
+    print(f"C2LIP target (swap_att, replace_att, ADD): {before:.2f} -> {after:.2f}")
     assert after > before + 2.0, (before, after)

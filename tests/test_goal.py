@@ -302,6 +302,10 @@ def _long_r1(model, tokenizer, transform, n_scenes):
 
 
 def test_short_goal_run_improves_long_retrieval(shapes_base, tmp_path):
+    """60 steps of 32 on long captions raise long-caption R@1 over the base model by more than 2 points.
+
+    On the shared-head test base of 2026-11-29 a 20-step run measured 32.83 -> 30.17 (the first steps on the
+    stretched positions cost the base some accuracy); lengthened to the 60 steps the other learning tests use."""
     import common
     import open_clip
     threads = torch.get_num_threads()
@@ -309,7 +313,7 @@ def test_short_goal_run_improves_long_retrieval(shapes_base, tmp_path):
     try:
         torch.manual_seed(0)
         result = goal.train(goal.parse_args([
-            "--pretrained", shapes_base, "--steps", "20", "--batch-size", "32", "--train-size", "640", "--lr", "3e-4",
+            "--pretrained", shapes_base, "--steps", "60", "--batch-size", "32", "--train-size", "1920", "--lr", "3e-4",
             "--warmup", "2", "--eval", "", "--out", str(tmp_path / "run"), "--seed", "0", "--no-progress"]))
         base, _, val_tf, tokenizer = common.create_backbone(common.TINY_MODEL, shapes_base)
         tuned = open_clip.create_model(common.TINY_MODEL)
@@ -320,5 +324,6 @@ def test_short_goal_run_improves_long_retrieval(shapes_base, tmp_path):
         after = _long_r1(tuned, long_tokenizer, val_tf, 300)
     finally:
         torch.set_num_threads(threads)
+    print(f"long-caption R@1: {before:.2f} -> {after:.2f}")
     assert result["out"] == str(tmp_path / "run")
     assert after > before + 2.0, (before, after)
