@@ -1316,8 +1316,15 @@ def _mean_std(values):
     if not values:
         return None, None
     mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return mean, std
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+    return mean, std   # std None for a single run: one seed has no spread, and "± 0.0" would claim one
+
+
+def _pm(mean, std, digits=1):
+    """'mean ± std', or just 'mean' when there is one run (no spread to show)."""
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _run_stats(run_dir):
@@ -1367,7 +1374,7 @@ def compare_targets_table(runs):
                 pass
         return out
 
-    fmt = lambda v: "–" if v[0] is None else f"{v[0]:.1f} ± {v[1]:.1f}"
+    fmt = lambda v: _pm(*v)
     zero_shot = _mean_of(*ZEROSHOT_KEYS)
     lines = ["| method | target | base | plain fine-tuning | method | method - plain | zero-shot base / plain / method |",
              "|---|---|---:|---:|---:|---:|---|"]
@@ -1422,14 +1429,14 @@ def compare_table(runs, title=None):
             cells = []
             for m in methods:
                 mean, std = _mean_std([(p["after"] or {}).get(bench, {}).get(field, {}).get(key) for p, *_ in stats[m]])
-                cells.append("–" if mean is None else f"{mean:.1f} ± {std:.1f}")
+                cells.append(_pm(mean, std))
             label = f"**{key}**" if is_summary else key
             lines.append(f"| {bench} | {label} | {_fmt(before)} | " + " | ".join(cells) + " |")
     for label, index in (("wall time per run (s)", 2), ("training samples/s", 3)):
         cells = []
         for m in methods:
             mean, std = _mean_std([s[index] for s in stats[m]])
-            cells.append("–" if mean is None else f"{mean:.0f} ± {std:.0f}")
+            cells.append(_pm(mean, std, digits=0))
         lines.append(f"| run | {label} | | " + " | ".join(cells) + " |")
     seeds = {m: len(v) for m, v in stats.items()}
     lines.append("")
