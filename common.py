@@ -273,8 +273,8 @@ def build_shapes_base(path, steps=SHAPES_BASE_STEPS, batch_size=None, lr=SHAPES_
               thing besides colour and size that tells two captions apart, so the towers must learn the shapes;
       phase 2 (the rest): half one-object scenes, half the default world of 1-4 objects (retrieval, counting).
     Loss: CLIP's InfoNCE + aux_weight x cross-entropy of one linear head (joint-space embedding -> shape,
-    colour, size), applied to the image and to the caption embedding of the one-object scenes of the batch. Captions are bag-of-words throughout, so attribute binding stays
-    at chance. Only the CLIP weights are saved."""
+    colour, size), applied to the image and to the caption embedding of the one-object scenes of the batch.
+    Captions are bag-of-words throughout, so attribute binding stays at chance. Only the CLIP weights are saved."""
     batch_size = batch_size or SHAPES_BASE_BATCH
     import data   # data.py imports common-free modules only; imported here to keep module load light
     register_tiny_model()

@@ -410,7 +410,7 @@ class GoalForward(torch.nn.Module):
         to a later position. 248 (or 104) slots for 15-token sentences would cost ~7x the text compute."""
         if getattr(_text_tower(self.model), "attn_mask", None) is None:
             return texts
-        return texts[:, :max(1, int((texts != 0).sum(1).max()))]
+        return common.trim_padding(texts)
 
     def forward(self, images, texts, crops=None, sentences=None, boxes=None, spans=None):
         n = images.shape[0]
