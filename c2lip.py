@@ -115,18 +115,26 @@ def concept_labels(concept_owner, num_images):
     return (images[:, None] == concept_owner[None, :]).float() * 2.0 - 1.0
 
 
-def duplicate_concept_mask(concept_owner, concept_key, num_images):
-    """(B, N) bool: False where concept k is a copy of one of image i's own concepts but belongs to another image.
+def duplicate_concept_mask(concept_owner, concept_words, num_images, subsets=False):
+    """(B, N) bool: False where concept k is a false negative for image i: it belongs to another image but
+    repeats one of image i's own concepts (or, with subsets=True, says less than one of them).
 
-    Such a pair is a false negative ("a red circle" from caption 3 against image 5, whose caption also says
-    "the red circle"). The paper keeps them (rare in CC3M); in the dense shapes world nearly every concept has
-    copies in a batch of 64, so by default they are dropped there (--mask-duplicates). concept_key: (N,) long,
-    equal for equal phrases (see `concept_keys`).
+    "a red circle" from caption 3 against image 5, whose caption says "the red circle", is a copy; against an
+    image whose caption says "the small red circle" it is a subset: in both cases the phrase is true of image i.
+    The paper keeps such pairs as negatives (rare in CC3M). In the shapes world a batch of 64 holds ~2.4
+    positives per image and ~3.9 phrases from other captions that are true of it (scene-graph count,
+    docs/results_c2lip.md); copies account for ~2.0 of them, subsets for ~1.3 more.
+    concept_words: (N, W) long, each concept's content words as sorted ids padded with -1 (`concept_words`).
     """
-    own = F.one_hot(concept_owner, num_images).t().to(torch.float32)  # (B, N): concept j belongs to image i
-    same = (concept_key[:, None] == concept_key[None, :]).to(torch.float32)  # (N, N)
-    duplicate = (own @ same) > 0  # image i owns a concept equal to k
-    return ~duplicate | (concept_labels(concept_owner, num_images) > 0)
+    own = F.one_hot(concept_owner, num_images).t().to(torch.float32)      # (B, N): concept j belongs to image i
+    if subsets:
+        # covered[k, j]: every word of k is a word of j (padding counts as covered)
+        found = (concept_words[:, None, :, None] == concept_words[None, :, None, :]).any(-1)   # (N, N, W)
+        covered = (found | (concept_words[:, None, :] < 0)).all(-1)
+    else:
+        covered = (concept_words[:, None, :] == concept_words[None, :, :]).all(-1)             # same word set
+    false_negative = (own @ covered.t().to(torch.float32)) > 0          # image i owns a j that covers k
+    return ~false_negative | (concept_labels(concept_owner, num_images) > 0)
 
 
 def siglip_loss(image_emb, text_emb, logit_scale, logit_bias):
@@ -324,31 +332,37 @@ def encode_image_with_patches(model, images):
     return F.normalize(pooled, dim=-1), F.normalize(patches, dim=-1)
 
 
-def concept_key(text):
-    """A stable integer per phrase, equal for phrases that differ only in case, articles or punctuation."""
-    words = [w.strip(".,;:!?\"'") for w in text.lower().split()]
-    return zlib.crc32(" ".join(w for w in words if w and w not in ("a", "an", "the")).encode())
+CONCEPT_WORDS = 8   # content words kept per concept for the false-negative mask (longer phrases: the first 8)
 
 
-def collate_with_keys(batch, tokenizer):
-    """data.collate_concepts plus "concept_key": (C,) long, one `concept_key` per concept (same order)."""
+def concept_words(text, width=CONCEPT_WORDS):
+    """Content words of a phrase as a fixed-width row of ids: sorted crc32 of each lower-case word, articles
+    and punctuation dropped, padded with -1. Equal rows = the same phrase up to case, articles, punctuation
+    and word order; a row whose ids all occur in another row says less than that phrase."""
+    words = {w.strip(".,;:!?\"'") for w in text.lower().split()} - {"", "a", "an", "the"}
+    ids = sorted(zlib.crc32(w.encode()) for w in words)[:width]
+    return ids + [-1] * (width - len(ids))
+
+
+def collate_with_words(batch, tokenizer):
+    """data.collate_concepts plus "concept_words": (C, CONCEPT_WORDS) long, `concept_words` of each concept."""
     out = data.collate_concepts(batch, tokenizer)
     if out is not None:
-        keys = [concept_key(c) for sample in batch if sample is not None for c in sample["concepts"]]
-        out["concept_key"] = torch.tensor(keys, dtype=torch.long)
+        words = [concept_words(c) for sample in batch if sample is not None for c in sample["concepts"]]
+        out["concept_words"] = torch.tensor(words, dtype=torch.long)
     return out
 
 
-def gather_concepts(concept_emb, concept_owner, local_batch_size, concept_key=None):
+def gather_concepts(concept_emb, concept_owner, local_batch_size, concept_words=None):
     """All ranks' concepts in rank order; the local slice keeps its gradient; owners index the gathered batch.
 
-    concept_emb: (N_local, D); concept_owner: (N_local,) long in [0, local_batch_size); concept_key: optional
-    (N_local,) long, gathered alongside. Counts differ per rank, so the concepts are padded to the largest
-    count, gathered with common.gather_features and un-padded. Returns (emb, owner, key).
+    concept_emb: (N_local, D); concept_owner: (N_local,) long in [0, local_batch_size); concept_words: optional
+    (N_local, W) long, gathered alongside. Counts differ per rank, so the concepts are padded to the largest
+    count, gathered with common.gather_features and un-padded. Returns (emb, owner, words).
     """
     if not torch.distributed.is_available() or not torch.distributed.is_initialized() \
             or torch.distributed.get_world_size() == 1:
-        return concept_emb, concept_owner, concept_key
+        return concept_emb, concept_owner, concept_words
     world = torch.distributed.get_world_size()
     device = concept_emb.device
     sizes = torch.tensor([len(concept_emb), local_batch_size], device=device, dtype=torch.long)
@@ -360,7 +374,7 @@ def gather_concepts(concept_emb, concept_owner, local_batch_size, concept_key=No
     pad = longest - len(concept_emb)
 
     def gather_long(values):
-        padded = torch.cat([values, values.new_zeros(pad)])
+        padded = torch.cat([values, values.new_zeros((pad,) + values.shape[1:])])
         parts = [torch.zeros_like(padded) for _ in range(world)]
         torch.distributed.all_gather(parts, padded)
         return [part[:counts[r]] for r, part in enumerate(parts)]
@@ -369,8 +383,8 @@ def gather_concepts(concept_emb, concept_owner, local_batch_size, concept_key=No
     all_emb = common.gather_features(padded_emb)  # (world * longest, D), local slice differentiable
     emb = torch.cat([all_emb[r * longest:r * longest + counts[r]] for r in range(world)])
     owner = torch.cat([part + image_offsets[r] for r, part in enumerate(gather_long(concept_owner))])
-    key = torch.cat(gather_long(concept_key)) if concept_key is not None else None
-    return emb, owner, key
+    words = torch.cat(gather_long(concept_words)) if concept_words is not None else None
+    return emb, owner, words
 
 
 class C2lipForward(nn.Module):
@@ -448,7 +462,7 @@ def train(args):
     if run.world_size > 1:
         ddp = nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
     if with_concepts:
-        collate = lambda batch: collate_with_keys(batch, tokenizer)  # noqa: E731
+        collate = lambda batch: collate_with_words(batch, tokenizer)  # noqa: E731
     else:
         collate = lambda batch: data.collate_plain(batch, tokenizer)  # noqa: E731
     run.print(f"c2lip: {total} steps, batch {args.batch_size} x {run.world_size}, main loss "
@@ -465,10 +479,11 @@ def train(args):
             patch_emb = common.gather_features(out["patch"].float()) if out["patch"] is not None else None
             concept_emb = concept_owner = pair_mask = None
             if with_concepts:
-                concept_emb, concept_owner, keys = gather_concepts(out["concept"].float(), batch["concept_owner"],
-                                                                   len(batch["images"]), batch["concept_key"])
+                concept_emb, concept_owner, words = gather_concepts(out["concept"].float(), batch["concept_owner"],
+                                                                    len(batch["images"]), batch["concept_words"])
                 if args.mask_duplicates:
-                    pair_mask = duplicate_concept_mask(concept_owner, keys, len(image_emb))
+                    pair_mask = duplicate_concept_mask(concept_owner, words, len(image_emb),
+                                                       subsets=args.mask_duplicates == 2)
             scale, bias, concept_scale, concept_bias = out["scales"]
             if concept_logits is not None and bool(concept_logits.needs_calibration):
                 concept_logits.calibrate_(concept_scale.detach(), image_emb.detach(), concept_emb.detach(),
@@ -524,9 +539,9 @@ def parse_args(argv=None):
     g.add_argument("--xac-chunk", type=int, default=None, help="concepts per XAC einsum chunk (memory bound)")
     g.add_argument("--xac-recompute", action="store_true",
                    help="recompute each XAC chunk in backward (bounds autograd memory at large batch)")
-    g.add_argument("--mask-duplicates", type=int, choices=[0, 1], default=None,
-                   help="1: drop (image, concept) pairs where the concept repeats one of the image's own (false "
-                        "negatives); paper: 0")
+    g.add_argument("--mask-duplicates", type=int, choices=[0, 1, 2], default=None,
+                   help="drop false-negative (image, concept) pairs: 1 = the concept repeats one of the image's "
+                        "own, 2 = also when its words are a subset of one of them; paper: 0")
     g.add_argument("--concept-scale", choices=["own", "shared"], default=None,
                    help="CLIP models: own sigmoid scale+bias (SigLIP init) or the CLIP logit_scale + a new bias")
     g.add_argument("--concept-scale-init", type=float, default=None, help="log of the initial own sigmoid scale")

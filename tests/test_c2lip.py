@@ -93,18 +93,22 @@ def test_xac_loss_matches_loops(chunk_size, recompute, temperature):
     check_value_and_grad(fast, slow, (patch, concept, scale, bias))
 
 
-def test_duplicate_concept_mask_and_masked_losses():
+@pytest.mark.parametrize("subsets", [False, True])
+def test_duplicate_concept_mask_and_masked_losses(subsets):
     image, _, patch, concept, owner, scale, bias = random_batch()  # owners 0 0 1 2 2 2 3 4 4
-    phrases = ["a red circle", "a blue star", "the red circle", "A Blue Star.", "a green cross", "a cyan ring",
+    phrases = ["a red circle", "a blue star", "the red circle", "A Blue Star.", "a small green cross", "a cyan ring",
                "a red circle", "an orange heart", "a green cross"]
-    keys = torch.tensor([c2lip.concept_key(p) for p in phrases])
-    mask = c2lip.duplicate_concept_mask(owner, keys, len(image))
-    for i in range(len(image)):
-        own = {keys[j].item() for j in range(len(phrases)) if owner[j] == i}
+    words = torch.tensor([c2lip.concept_words(p) for p in phrases])
+    mask = c2lip.duplicate_concept_mask(owner, words, len(image), subsets=subsets)
+    content = [set(p.lower().strip(".").split()) - {"a", "an", "the"} for p in phrases]
+    for i in range(len(image)):   # naive: image i drops k when one of its own phrases says as much as k
+        own = [content[j] for j in range(len(phrases)) if owner[j] == i]
         for k in range(len(phrases)):
-            expected = owner[k] == i or keys[k].item() not in own
-            assert bool(mask[i, k]) == bool(expected), (i, k)
-    assert not mask[0, 2] and not mask[0, 3] and not mask[4, 4] and not mask[1, 0] and mask[1, 3] and mask[0, 0]
+            said = any(content[k] <= o if subsets else content[k] == o for o in own)
+            assert bool(mask[i, k]) == bool(owner[k] == i or not said), (i, k, subsets)
+    assert not mask[0, 2] and not mask[0, 3] and not mask[1, 0] and mask[1, 3] and mask[0, 0]
+    assert mask[4, 4]   # image 4 says only "a green cross": "a small green cross" says more, stays a negative
+    assert bool(mask[2, 8]) != subsets   # "a green cross" is said by image 2's "a small green cross"
     keep = lambda i, k: bool(mask[i, k])  # noqa: E731
     fast, _ = c2lip.npc_loss(image, concept, owner, scale, bias, mask)
     slow = naive_sigmoid_pairs(image, concept, lambda i, k: owner[k] == i, scale, bias, len(concept), keep)
@@ -164,9 +168,9 @@ def _distributed_loss(rank, world_size, tensors, counts, per_rank, siglip):
     local = [t.clone().requires_grad_() for t in local]
     local_owner = owner[first:last] - lo
     all_image, all_text, all_patch = (common.gather_features(t) for t in local[:3])
-    local_key = owner[first:last] * 7 % 3  # any long tensor: it must come back in rank order
-    all_concept, all_owner, all_key = c2lip.gather_concepts(local[3], local_owner, per_rank, local_key)
-    assert all_key.tolist() == (owner * 7 % 3).tolist()
+    local_words = torch.stack([owner[first:last] * 7 % 3, -owner[first:last]], 1)  # must come back in rank order
+    all_concept, all_owner, all_words = c2lip.gather_concepts(local[3], local_owner, per_rank, local_words)
+    assert all_words.tolist() == torch.stack([owner * 7 % 3, -owner], 1).tolist()
     loss, _ = c2lip.c2lip_loss(all_image, all_text, all_patch, all_concept, all_owner, scale,
                                bias if siglip else None, scale, bias, 1.0, 0.5, chunk_size=3)
     grads = torch.autograd.grad(loss, local)
