@@ -1493,6 +1493,8 @@ def compare_main(argv):
     p.add_argument("--readme", default=None, help="also write the table into this README's compare section")
     p.add_argument("--extra", default="", help="extra flags passed to every run, e.g. '--train-size 5000'")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU threads are split between them)")
+    p.add_argument("--no-train", action="store_true",
+                   help="train nothing: tabulate the finished runs among those requested (others are left out)")
     args = p.parse_args(argv)
     start = time.time()
     if args.runs:
@@ -1513,8 +1515,10 @@ def compare_main(argv):
         for seed in seeds:
             for m in methods:
                 run_dir = Path(args.out) / f"{m}-seed{seed}"
-                runs[m].append(run_dir)
-                if not (run_dir / "results.json").exists():
+                finished = (run_dir / "results.json").exists()
+                if finished or not args.no_train:
+                    runs[m].append(run_dir)
+                if not finished and not args.no_train:
                     jobs.append((m, seed, run_dir))
         # `--jobs` runs at a time, each on `threads` CPU threads: on small models two one-thread processes get
         # more done than one process using two threads.

@@ -493,6 +493,17 @@ def test_compare_tabulates_finished_runs(tmp_path, capsys):
     assert (tmp_path / "cmp" / "compare.md").read_text().strip() == table.strip()
 
 
+def test_compare_no_train_tabulates_only_finished_runs(tmp_path, monkeypatch):
+    """--no-train: requested runs without results.json are left out, and nothing is started."""
+    _fake_run(tmp_path / "plain-seed0", "plain", 0)
+    _fake_run(tmp_path / "plain-seed1", "plain", 2)
+    _fake_run(tmp_path / "degla-seed0", "degla", 1)
+    monkeypatch.setattr(ev, "_compare_run", lambda *a, **k: pytest.fail("--no-train started a run"))
+    table = ev.main(["compare", "--methods", "plain,degla", "--seeds", "0,1", "--out", str(tmp_path), "--no-train"])
+    assert "| shapes | **SWAP** | 50.00 | 61.0 ± 1.4 | 61.0 |" in table   # plain: 2 runs; degla: its one run
+    assert "runs per method: plain 2, degla 1" in table
+
+
 def test_compare_clock_counts_only_time_when_a_run_was_going(tmp_path):
     """Two overlapping runs and one run an hour later: busy time 150 s + 100 s, not the 3,700 s span."""
     import eval as evaluation
