@@ -1515,10 +1515,10 @@ def compare_main(argv):
         for seed in seeds:
             for m in methods:
                 run_dir = Path(args.out) / f"{m}-seed{seed}"
-                finished = (run_dir / "results.json").exists()
-                if finished or not args.no_train:
+                if (run_dir / "results.json").exists():
                     runs[m].append(run_dir)
-                if not finished and not args.no_train:
+                elif not args.no_train:
+                    runs[m].append(run_dir)
                     jobs.append((m, seed, run_dir))
         # `--jobs` runs at a time, each on `threads` CPU threads: on small models two one-thread processes get
         # more done than one process using two threads.
