@@ -4,8 +4,8 @@ Read a method script first (degla.py is a good start); come here when it calls `
 Everything in this file is used by at least two methods; method-specific math stays in the method files.
 
 Sections
-  1. Backbone: open_clip models, the tiny `shapes-tiny-vit` config, per-token features in the joint space.
-  2. The shapes base model (`pretrained="shapes"`): a tiny CLIP trained on bag-of-words captions, cached.
+  1. Backbone: open_clip models, the tiny `shapes-tiny-vit` / `shapes-tiny-siglip` configs, per-token features.
+  2. The shapes base models (`pretrained="shapes"`): tiny CLIP and SigLIP shipped in models/, and their recipe.
   3. EMA teacher.
   4. Distributed: `launch`, `gather_features`, rank helpers, `run_cpu_processes` (tests).
   5. Training utilities: arguments, optimizer, schedule, precision, seeding, logging, the data stream.
@@ -32,7 +32,6 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import fcntl
 import json
 import math
 import os
@@ -69,37 +68,50 @@ TINY_MODEL_CONFIG = {
     "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32, "mlp_ratio": 4.0},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
+# Its SigLIP twin (C2LIP fine-tunes SigLIP): the same towers, plus SigLIP's learned logit bias, initialised as in
+# the SigLIP paper (t' = log 10, b = -10; open_clip's SigLIP configs set init_logit_bias the same way). open_clip
+# then builds it as its CLIP class with a `logit_bias`, which is what open_clip's SigLipLoss and c2lip.py read.
+TINY_SIGLIP_CONFIG = {**TINY_MODEL_CONFIG, "init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
+TINY_MODELS = {"shapes-tiny-vit": TINY_MODEL_CONFIG, "shapes-tiny-siglip": TINY_SIGLIP_CONFIG}
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 
 
 def register_tiny_model():
-    """Make `shapes-tiny-vit` a model name open_clip itself knows (create_model, get_tokenizer, list_models).
+    """Make `shapes-tiny-vit` and `shapes-tiny-siglip` model names open_clip itself knows (create_model,
+    list_models).
 
     open_clip has no public dict-registration API; `add_model_config(dir)` rescans a folder of JSON configs, so
-    we keep the config in `model_configs/` next to this file (it is written from TINY_MODEL_CONFIG if absent)."""
-    if TINY_MODEL in open_clip.list_models():
+    we keep the configs in `model_configs/` next to this file (written from TINY_MODELS if absent)."""
+    if all(name in open_clip.list_models() for name in TINY_MODELS):
         return
-    path = os.path.join(_CONFIG_DIR, TINY_MODEL + ".json")
-    if not os.path.exists(path):
-        os.makedirs(_CONFIG_DIR, exist_ok=True)
-        _atomic_write_text(path, json.dumps(TINY_MODEL_CONFIG, indent=2))
+    for name, config in TINY_MODELS.items():
+        path = os.path.join(_CONFIG_DIR, name + ".json")
+        if not os.path.exists(path):
+            os.makedirs(_CONFIG_DIR, exist_ok=True)
+            _atomic_write_text(path, json.dumps(config, indent=2))
     open_clip.add_model_config(_CONFIG_DIR)
+
+
+def tokenizer_for(name, context_length=None):
+    """open_clip's tokenizer for model `name`. The tiny SigLIP uses CLIP's BPE tokenizer, like its CLIP twin:
+    open_clip picks its (downloaded) SigLIP tokenizer for every model name containing 'siglip', so we ask for
+    the twin's tokenizer by name (`open_clip.get_tokenizer('shapes-tiny-vit')` in your own code)."""
+    return open_clip.get_tokenizer(TINY_MODEL if name == "shapes-tiny-siglip" else name, context_length=context_length)
 
 
 def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_length=None, **model_kwargs):
     """Model, train transform, val transform and tokenizer, all through open_clip.
 
     pretrained: an open_clip tag ('openai', needs the internet), a path to weights, None (random init) or
-    'shapes' (the tiny base model trained on the shapes world, built once and cached; see `shapes_base_path`).
+    'shapes' (the base model shipped in models/ for `shapes-tiny-vit` or `shapes-tiny-siglip`; see
+    `shapes_base_path`).
     """
     register_tiny_model()
     if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
         raise InputError(f"unknown model {name!r}: expected an open_clip model name such as {TINY_MODEL!r}, "
                          f"'ViT-B-32-quickgelu' or 'ViT-B-16' (see open_clip.list_models())")
     if pretrained == "shapes":
-        if name != TINY_MODEL:
-            raise InputError(f"--pretrained shapes exists only for --model {TINY_MODEL}, not {name!r}")
-        pretrained = shapes_base_path()
+        pretrained = shapes_base_path(name)
     elif pretrained in ("", "none", "None"):
         pretrained = None
     try:
@@ -110,7 +122,7 @@ def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_
             raise RuntimeError(f"could not load pretrained weights {pretrained!r} for {name!r}: a tag needs the "
                                f"internet (or a local open_clip cache); a path must exist. ({error})") from None
         raise
-    tokenizer = open_clip.get_tokenizer(name, context_length=context_length)
+    tokenizer = tokenizer_for(name, context_length=context_length)
     return model, train_tf, val_tf, tokenizer
 
 
@@ -176,66 +188,77 @@ def clip_loss(image_emb, text_emb, logit_scale):
 
 
 # =====================================================================================================
-# 2. The shapes base model
+# 2. The shapes base models (`pretrained="shapes"`), shipped in models/
 # =====================================================================================================
-# Plays the role of downloading OpenAI weights: a tiny CLIP trained from scratch on bag-of-words captions of
-# the shapes world (words of each caption in random order), so that it has never had a reason to bind
-# attributes to objects: like web-trained CLIP, it is "bag of words". Built on first use, cached, reused.
-# Why two phases and an auxiliary head: trained on the default mix of 1-4 objects only, CLIP learns every
-# colour but hardly any shape (23% after 600 steps of 128), because colour alone separates almost every pair of
-# a contrastive batch. On one-object scenes it does learn the shapes, but late and suddenly (about 50% after
-# 250 steps of 128, 90% after 500): image and text tower must discover shape together, from scratch. So during
-# the build one linear head, shared by both towers, reads the object's shape, colour and size from the image
-# embedding and from the caption embedding of every one-object scene (single objects only: it says nothing
-# about which colour goes with which shape). Both towers then put the shapes in the same directions of the
-# joint space from the first steps, and CLIP's loss only has to fine-align them: colour+shape zero-shot 94%
-# after 540 steps of 64, where plain CLIP needed about 1000 steps of 128. The head is thrown away afterwards.
-# docs/base_model_notes.md has every run.
-SHAPES_BASE_STEPS = 500             # steps of 64: under 5 minutes once on 2 idle CPU cores (issue #2)
-SHAPES_BASE_ONE_OBJECT_SHARE = 0.5  # phase 1 = the first half of the steps, one-object scenes only
+# They play the role of downloading OpenAI (CLIP) or WebLI (SigLIP) weights: tiny open_clip models trained from
+# scratch on the shapes world's captions *in natural word order*, shipped in the repository as fp16 files with a
+# sidecar JSON (how each was made, its sha256 and its shapes-suite metrics). Like web-trained CLIP they name
+# single objects well and bind attributes poorly, not because word order was destroyed but because a random
+# batch of 64 scenes almost never holds the swapped twin of a scene (data.py, "difficulty check"), so the
+# contrastive loss never needs binding. That is the situation NegCLIP's hard negatives fix on real data, and
+# docs/base_model_notes.md checks that they do here too.
+#
+# The recipe (`build_shapes_base`, one command: `python common.py build-base --arch clip`):
+#   phase 1 (the first SHAPES_BASE_ONE_OBJECT_STEPS): one-object scenes only. Colour alone separates almost
+#           every pair of a batch of 1-4-object scenes, so on the usual mix CLIP learns the colours and hardly
+#           any shape (23% after 600 steps); on single objects the shape is what is left to tell captions apart.
+#   phase 2 (the rest): half one-object scenes, half the default world of 1-4 objects (retrieval, counting).
+#   Throughout, one linear head shared by both towers names shape, colour and size of each one-object scene from
+#   its image embedding and from its caption embedding (cross-entropy; thrown away afterwards). It puts the shapes
+#   in the same directions of the joint space on both sides from the first steps; it never sees two objects, so
+#   it teaches nothing about which colour goes with which shape.
+SHAPES_SIGLIP_MODEL = "shapes-tiny-siglip"
+SHAPES_BASE_ARCHS = {"clip": TINY_MODEL, "siglip": SHAPES_SIGLIP_MODEL}
+SHAPES_BASE_STEPS = 2000            # steps of 64 (about 30 minutes on one core; run once, the result is shipped)
+SHAPES_BASE_ONE_OBJECT_STEPS = 400  # phase 1
 SHAPES_BASE_BATCH = 64
 SHAPES_BASE_LR = 1e-3
+SHAPES_BASE_WARMUP = 100
 SHAPES_BASE_AUX_WEIGHT = 1.0        # weight of the attribute head's cross-entropy (one-object scenes only)
 SHAPES_BASE_SEED = 1234             # its own random stream of scenes, disjoint from the test split
+MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 
 
-def cache_dir():
-    """Where cached artefacts live: $COMPCLIP_CACHE, else ~/.cache/compositional-clip."""
-    path = os.environ.get("COMPCLIP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "compositional-clip")
-    os.makedirs(path, exist_ok=True)
+def shipped_base_path(arch="clip"):
+    """Where the shipped base model of `arch` ('clip' or 'siglip') lives: models/<model name>-shapes-base.pt."""
+    return os.path.join(MODELS_DIR, f"{SHAPES_BASE_ARCHS[arch]}-shapes-base.pt")
+
+
+def rebuild_command(arch):
+    return f"python common.py build-base --arch {arch}"
+
+
+def _sha256(path):
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shapes_base_path(name=TINY_MODEL):
+    """Path of the shipped shapes base model for model `name`, after checking it against its sidecar's sha256.
+
+    A missing file, a missing sidecar or a hash mismatch (a corrupt or replaced file, or a Git LFS pointer)
+    is one InputError that names the file and the command that rebuilds it."""
+    arch = {model: arch for arch, model in SHAPES_BASE_ARCHS.items()}.get(name)
+    if arch is None:
+        raise InputError(f"--pretrained shapes exists only for --model {' or '.join(SHAPES_BASE_ARCHS.values())}, "
+                         f"not {name!r}")
+    path = shipped_base_path(arch)
+    sidecar = path[:-3] + ".json"
+    if not os.path.exists(path) or not os.path.exists(sidecar):
+        raise InputError(f"the shipped shapes base model {path} (or its sidecar {os.path.basename(sidecar)}) is "
+                         f"missing; restore it with `git checkout -- models/` or rebuild it: {rebuild_command(arch)}")
+    with open(sidecar) as f:
+        expected = json.load(f).get("sha256")
+    actual = _sha256(path)
+    if actual != expected:
+        raise InputError(f"{path} does not match its sidecar (sha256 {actual[:12]}... instead of "
+                         f"{str(expected)[:12]}...): the file is corrupt or was replaced. Restore it with "
+                         f"`git checkout -- models/` or rebuild it: {rebuild_command(arch)}")
     return path
-
-
-def shapes_base_path(steps=None, progress=True):
-    """Path of the cached shapes base model, building it first if needed.
-
-    Safe when several processes start together: one takes an exclusive file lock and builds, the others wait
-    on the lock and then find the file. The file is written atomically (temp file, then rename), so a crash
-    never leaves a half-written model; a file that does not load (corrupt) is reported and rebuilt."""
-    steps = steps or int(os.environ.get("COMPCLIP_BASE_STEPS", SHAPES_BASE_STEPS))
-    path = os.path.join(cache_dir(), f"{TINY_MODEL}-shapes-base-aux-{steps}steps-seed{SHAPES_BASE_SEED}.pt")
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if os.path.exists(path):
-                if _loads_as_model(path):
-                    return path
-                print(f"[common] cached shapes base model {path} is corrupt (it does not load); rebuilding it",
-                      file=sys.stderr)
-            print(f"[common] building the shapes base model ({steps} steps, once) -> {path}", file=sys.stderr)
-            build_shapes_base(path, steps=steps, progress=progress)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return path
-
-
-def _loads_as_model(path):
-    register_tiny_model()
-    try:
-        open_clip.create_model(TINY_MODEL, pretrained=path)   # loads strictly: every key, every shape
-        return True
-    except Exception:   # any failure to read or match means the file cannot be trusted
-        return False
 
 
 class _SceneWithAttributes(torch.utils.data.Dataset):
@@ -263,75 +286,156 @@ class _SceneWithAttributes(torch.utils.data.Dataset):
         return sample["image"], sample["caption"], torch.tensor(labels)
 
 
-def build_shapes_base(path, steps=SHAPES_BASE_STEPS, batch_size=None, lr=SHAPES_BASE_LR, seed=SHAPES_BASE_SEED,
-                      one_object_share=SHAPES_BASE_ONE_OBJECT_SHARE, aux_weight=SHAPES_BASE_AUX_WEIGHT,
-                      progress=True):
-    """Train the tiny CLIP from scratch on bag-of-words shapes captions and save it (atomically) at `path`.
+def _base_batch_indices(step, batch_size, one_object_steps):
+    """Which samples step `step` trains on, as [(data set, index), ...]: a pure function of the step, so that a
+    resumed build sees exactly the batches of an uninterrupted one. The data sets are random streams already
+    (scene i is drawn from its own seeded generator), so consecutive indices need no shuffling.
+    Phase 1: one-object scenes; phase 2: even positions one-object scenes, odd positions 1-4-object scenes."""
+    if step < one_object_steps:
+        return [("one", step * batch_size + j) for j in range(batch_size)]
+    first_single = one_object_steps * batch_size + (step - one_object_steps) * (batch_size // 2)
+    first_world = (step - one_object_steps) * (batch_size - batch_size // 2)
+    singles = [("one", first_single + j) for j in range(batch_size // 2)]
+    worlds = [("world", first_world + j) for j in range(batch_size - batch_size // 2)]
+    return [x for pair in zip(singles, worlds) for x in pair] + singles[len(worlds):] + worlds[len(singles):]
 
-    One AdamW run with one cosine schedule over all `steps`, fed by two data sets in turn:
-      phase 1 (the first `one_object_share` of the steps): one-object scenes only, where the shape is the only
-              thing besides colour and size that tells two captions apart, so the towers must learn the shapes;
-      phase 2 (the rest): half one-object scenes, half the default world of 1-4 objects (retrieval, counting).
-    Loss: CLIP's InfoNCE + aux_weight x cross-entropy of one linear head (joint-space embedding -> shape,
-    colour, size), applied to the image and to the caption embedding of the one-object scenes of the batch.
-    Captions are bag-of-words throughout, so attribute binding stays at chance. Only the CLIP weights are saved."""
-    batch_size = batch_size or SHAPES_BASE_BATCH
-    import data   # data.py imports common-free modules only; imported here to keep module load light
+
+def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_steps=SHAPES_BASE_ONE_OBJECT_STEPS,
+                      batch_size=SHAPES_BASE_BATCH, lr=SHAPES_BASE_LR, warmup=SHAPES_BASE_WARMUP,
+                      aux_weight=SHAPES_BASE_AUX_WEIGHT, seed=SHAPES_BASE_SEED, checkpoint_every=100,
+                      eval_every=0, progress=True, command=None):
+    """Train a tiny CLIP (arch 'clip') or SigLIP (arch 'siglip') from scratch on the shapes world and save it
+    at `path` (fp16, atomically) with a sidecar `path[:-3] + '.json'`. Returns the sidecar dict.
+
+    One AdamW run, one cosine schedule over all `steps`; batches from `_base_batch_indices` (two phases, see the
+    section comment). Loss: the model's own contrastive loss (CLIP's InfoNCE, or open_clip's SigLipLoss with the
+    learned scale and bias) + aux_weight x cross-entropy of the shared attribute head on the image and on the
+    caption embedding of the one-object scenes. Captions are in natural word order (data.scene_caption).
+    Resumable: every `checkpoint_every` steps the full state goes to `path + '.partial'`; calling again with
+    the same arguments continues from it and ends with the same weights."""
+    import data
     register_tiny_model()
+    name = SHAPES_BASE_ARCHS[arch]
     seed_everything(seed)
-    model, _, val_tf = open_clip.create_model_and_transforms(TINY_MODEL)
-    tokenizer = open_clip.get_tokenizer(TINY_MODEL)
+    model, _, val_tf = open_clip.create_model_and_transforms(name)
+    tokenizer = open_clip.get_tokenizer(TINY_MODEL)   # both tiny models use CLIP's BPE tokenizer (see tokenizer_for)
+    siglip_loss = open_clip.loss.SigLipLoss() if arch == "siglip" else None
     class_counts = (len(data.SHAPES), len(data.COLORS), len(data.SIZES))
     attribute_head = torch.nn.Linear(model.visual.output_dim, sum(class_counts))
-    phase1_steps = int(round(steps * one_object_share))
-    phase2_steps = steps - phase1_steps
-    n1, n2 = phase1_steps * batch_size, phase2_steps * batch_size
-    one_object = data.ShapesDataset("train", size=n1 + n2 // 2, image_size=64, seed=seed, transform=val_tf,
-                                    bag_of_words=True, n_objects=1)
-    world = data.ShapesDataset("train", size=n2 - n2 // 2, image_size=64, seed=seed + 1, transform=val_tf,
-                               bag_of_words=True)
-    one_object, world = _SceneWithAttributes(one_object), _SceneWithAttributes(world)
-    phases = [torch.utils.data.Subset(one_object, range(n1)),
-              torch.utils.data.ConcatDataset([torch.utils.data.Subset(one_object, range(n1, len(one_object))),
-                                              world])]
+    n_one = one_object_steps * batch_size + max(0, steps - one_object_steps) * (batch_size // 2)
+    n_world = max(0, steps - one_object_steps) * (batch_size - batch_size // 2)
+    sources = {"one": _SceneWithAttributes(data.ShapesDataset("train", size=n_one, image_size=64, seed=seed,
+                                                              transform=val_tf, n_objects=1)),
+               "world": _SceneWithAttributes(data.ShapesDataset("train", size=max(1, n_world), image_size=64,
+                                                                seed=seed + 1, transform=val_tf))}
     optimizer = make_optimizer(torch.nn.ModuleList([model, attribute_head]), lr=lr, wd=0.1, betas=(0.9, 0.98),
                                eps=1e-6)
-    scheduler = cosine_schedule(optimizer, warmup=min(100, steps // 20), total=steps)
+    scheduler = cosine_schedule(optimizer, warmup=warmup, total=steps)
+    partial = path + ".partial"
+    start, seconds, history = 0, 0.0, []
+    if os.path.exists(partial):
+        state = torch.load(partial, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        attribute_head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start, seconds, history = state["step"], state["seconds"], state["history"]
+        print(f"[build-base] resuming {arch} from step {start} ({partial})", file=sys.stderr)
     model.train()
-    start = time.time()
-    bar = tqdm(total=steps, desc="building the shapes base model (once)", disable=not progress, file=sys.stderr)
-    for phase, dataset in enumerate(phases, start=1):
-        if len(dataset) < batch_size:
-            continue
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=_default_workers(),
-            collate_fn=lambda b: (torch.stack([s[0] for s in b]), tokenizer([s[1] for s in b]),
-                                  torch.stack([s[2] for s in b])),
-            generator=torch.Generator().manual_seed(seed + phase), persistent_workers=False)
-        for images, texts, labels in loader:
-            image_features = model.encode_image(images)
-            text_features = encode_text_tokens(model, trim_padding(texts))[0]   # 5-20 of 32 columns are used
-            loss = clip_loss(F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1),
-                             model.logit_scale.exp())
-            if aux_weight and (labels[:, 0] >= 0).any():
-                for features in (image_features, text_features):   # one head, shared: both towers in one space
-                    heads = attribute_head(features).split(class_counts, dim=-1)
-                    aux = sum(F.cross_entropy(h, y, ignore_index=-1) for h, y in zip(heads, labels.unbind(1)))
-                    loss = loss + aux_weight * aux
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            clamp_logit_scale(model)
-            bar.update(1)
-            bar.set_postfix(phase=phase, loss=f"{loss.item():.3f}")
+    bar = tqdm(total=steps, initial=start, desc=f"building the shapes {arch} base", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    tick = time.time()
+    for step in range(start, steps):
+        samples = [sources[source][index] for source, index in _base_batch_indices(step, batch_size, one_object_steps)]
+        images = torch.stack([s[0] for s in samples])
+        texts = trim_padding(tokenizer([s[1] for s in samples]))   # 5-20 of 32 columns are used
+        labels = torch.stack([s[2] for s in samples])
+        image_features = model.encode_image(images)
+        text_features = encode_text_tokens(model, texts)[0]
+        image_emb, text_emb = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+        if siglip_loss is not None:
+            loss = siglip_loss(image_emb, text_emb, model.logit_scale.exp(), model.logit_bias)
+        else:
+            loss = clip_loss(image_emb, text_emb, model.logit_scale.exp())
+        contrastive = float(loss.detach())
+        if aux_weight and (labels[:, 0] >= 0).any():
+            for features in (image_features, text_features):   # one head, shared: both towers in one space
+                heads = attribute_head(features).split(class_counts, dim=-1)
+                aux = sum(F.cross_entropy(h, y, ignore_index=-1) for h, y in zip(heads, labels.unbind(1)))
+                loss = loss + aux_weight * aux
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        clamp_logit_scale(model)
+        bar.update(1)
+        bar.set_postfix(phase=1 if step < one_object_steps else 2, loss=f"{loss.item():.3f}")
+        done = step + 1
+        if eval_every and done % eval_every == 0 and done < steps:
+            seconds += time.time() - tick
+            metrics = _quick_base_metrics(model, tokenizer, val_tf)
+            history.append({"step": done, "contrastive_loss": round(contrastive, 4), **metrics})
+            tqdm.write(f"[build-base] {arch} step {done}: {json.dumps(history[-1])}", file=sys.stderr)
+            model.train()
+            tick = time.time()
+        if checkpoint_every and done % checkpoint_every == 0 and done < steps:
+            seconds += time.time() - tick
+            _atomic_torch_save({"model": model.state_dict(), "head": attribute_head.state_dict(),
+                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                "rng": rng_state(), "step": done, "seconds": seconds, "history": history}, partial)
+            tick = time.time()
+    seconds += time.time() - tick
     bar.close()
-    meta = {"steps": steps, "one_object_steps": phase1_steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "aux_weight": aux_weight, "seconds": round(time.time() - start, 1),
-            "captions": "bag-of-words shapes captions; phase 1 one-object scenes, phase 2 half one-object",
-            "aux_head": "shared linear head (shape, colour, size) on image and caption embeddings, one-object scenes"}
-    _atomic_torch_save({"state_dict": model.state_dict(), "meta": meta}, path)
-    return meta
+    model.eval()
+    import eval as evaluation
+    suite = evaluation.shapes_suite(model, tokenizer, val_tf)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    _atomic_torch_save(half, path)   # a bare state dict: open_clip.create_model(name, pretrained=path) loads it
+    os.chmod(path, 0o644)            # mkstemp makes files private; this one is meant to be shipped
+    sidecar = {
+        "model": name, "arch": arch, "file": os.path.basename(path), "sha256": _sha256(path),
+        "bytes": os.path.getsize(path), "dtype": "float16 (loaded as float32)",
+        "command": command or rebuild_command(arch), "recipe_commit": _git_commit(),
+        "seed": seed, "steps": steps, "one_object_steps": one_object_steps, "batch_size": batch_size, "lr": lr,
+        "warmup": warmup, "weight_decay": 0.1, "aux_weight": aux_weight, "train_seconds": round(seconds, 1),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "open_clip": open_clip.__version__,
+        "captions": "natural word order (data.scene_caption); phase 1 one-object scenes, phase 2 half one-object",
+        "aux_head": "shared linear head (shape, colour, size) on image and caption embeddings, one-object scenes",
+        "loss": "SigLIP sigmoid (open_clip.SigLipLoss, learned scale and bias)" if siglip_loss is not None
+                else "CLIP InfoNCE (learned scale)",
+        "shapes_suite": {k: round(v, 2) for k, v in {**suite["metrics"], **suite["summary"]}.items()},
+        "history": history,
+    }
+    _atomic_write_text(path[:-3] + ".json", json.dumps(sidecar, indent=2) + "\n")
+    os.chmod(path[:-3] + ".json", 0o644)
+    if os.path.exists(partial):
+        os.remove(partial)
+    return sidecar
+
+
+def _quick_base_metrics(model, tokenizer, transform):
+    """Zero-shot colour+shape on 200 held-out single objects and swap_att, during a build (a few seconds)."""
+    import eval as evaluation
+    model.eval()
+    with torch.no_grad():
+        result = evaluation.shapes_suite(model, tokenizer, transform, n_scenes=300, n_singles=200)
+    m = result["metrics"]
+    return {k: round(m[k], 1) for k in ("zeroshot_color_shape", "swap_att", "swap_obj", "aro_relation",
+                                         "aro_attribute", "retrieval_i2t_r1", "retrieval_t2i_r1")}
+
+
+def _git_commit():
+    import subprocess
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "common.py", "data.py"], cwd=here,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ("+uncommitted changes to common.py/data.py" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
 
 
 # =====================================================================================================
@@ -843,3 +947,46 @@ SHAPES_DEFAULTS = {
     "save_every": 100,
     "eval": "shapes",
 }
+
+
+def _main(argv=None):
+    """`python common.py build-base --arch clip|siglip`: the recipe of the shipped base models."""
+    parser = argparse.ArgumentParser(prog="common.py", description="Tools of the shapes world's base models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build-base", help="train a shapes base model from scratch (the shipped files' recipe)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    build.add_argument("--arch", choices=sorted(SHAPES_BASE_ARCHS), default="clip",
+                       help="clip: shapes-tiny-vit (InfoNCE); siglip: shapes-tiny-siglip (sigmoid loss)")
+    build.add_argument("--out", default=None, help="output .pt (default: the shipped file in models/, replaced)")
+    build.add_argument("--steps", type=int, default=SHAPES_BASE_STEPS, help="optimizer steps in all")
+    build.add_argument("--one-object-steps", type=int, default=SHAPES_BASE_ONE_OBJECT_STEPS,
+                       help="phase 1: steps on one-object scenes only")
+    build.add_argument("--batch-size", type=int, default=SHAPES_BASE_BATCH)
+    build.add_argument("--lr", type=float, default=SHAPES_BASE_LR)
+    build.add_argument("--warmup", type=int, default=SHAPES_BASE_WARMUP)
+    build.add_argument("--aux-weight", type=float, default=SHAPES_BASE_AUX_WEIGHT,
+                       help="weight of the shared attribute head (0: plain contrastive training)")
+    build.add_argument("--seed", type=int, default=SHAPES_BASE_SEED)
+    build.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    build.add_argument("--eval-every", type=int, default=0, help="print quick suite numbers every N steps (0: off)")
+    build.add_argument("--checkpoint-every", type=int, default=100, help="resumable state every N steps")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or shipped_base_path(args.arch)
+    if not out.endswith(".pt"):
+        parser.error(f"--out must end in .pt (the sidecar is written next to it as .json), got {out!r}")
+    command = "python common.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    sidecar = build_shapes_base(out, arch=args.arch, steps=args.steps, one_object_steps=args.one_object_steps,
+                                batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                                aux_weight=args.aux_weight, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                                eval_every=args.eval_every, command=command)
+    suite = sidecar["shapes_suite"]
+    print(f"{out}: {sidecar['bytes'] / 1e6:.1f} MB, {sidecar['train_seconds']:.0f} s of training; zero-shot "
+          f"colour+shape {suite['zeroshot_color_shape']}, retrieval R@1 {suite['retrieval R@1']}, swap_att "
+          f"{suite['swap_att']}, swap_obj {suite['swap_obj']}, aro_relation {suite['aro_relation']}, aro_attribute "
+          f"{suite['aro_attribute']}")
+
+
+if __name__ == "__main__":
+    _main()
