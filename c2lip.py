@@ -48,7 +48,7 @@ Differences from the official code (the paper's intent is the default):
     bf16 weights (`--precision bf16` in open_clip), where many lr 1e-5 updates round away (spec 4.2).
 
 Run:
-    python c2lip.py                                          # shapes world, cached tiny base model, CPU ok
+    python c2lip.py                                          # shapes world, shipped tiny base model, CPU ok
     python c2lip.py --w-npc 0 --w-xac 0                      # the baseline: plain fine-tuning, same data
     python c2lip.py --data coco --data-root DIR --gpus 8     # paper settings (SigLIP ViT-B/16 webli)
     python c2lip.py --data coco --data-root DIR --gpus 8 --model ViT-B-32-quickgelu --pretrained openai

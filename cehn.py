@@ -36,7 +36,7 @@ and a flag reproduces the release:
     `--theta-reset-per-epoch` reproduces the release.
 
 Run:
-    python cehn.py                                   # shapes world, cached `shapes` base model, CPU ok, <10 min
+    python cehn.py                                   # shapes world, shipped `shapes` base model, CPU ok, <10 min
     python cehn.py --w-cmr 0 --w-imc 0 --itc-hn 0    # the baseline: plain CLIP fine-tuning on the same data
     python cehn.py --data coco --data-root DIR --gpus 8 --eval aro,sugarcrepe,valse
     torchrun --nnodes 2 --nproc-per-node 8 ... cehn.py --data coco --data-root DIR

@@ -219,6 +219,14 @@ SHAPES_BASE_SEED = 1234             # its own random stream of scenes, disjoint 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 
 
+def cache_dir():
+    """Where cached artefacts (C2LIP's concepts, GOAL's LISM matching) live: $COMPCLIP_CACHE, else
+    ~/.cache/compositional-clip."""
+    path = os.environ.get("COMPCLIP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "compositional-clip")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def shipped_base_path(arch="clip"):
     """Where the shipped base model of `arch` ('clip' or 'siglip') lives: models/<model name>-shapes-base.pt."""
     return os.path.join(MODELS_DIR, f"{SHAPES_BASE_ARCHS[arch]}-shapes-base.pt")

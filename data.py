@@ -1481,8 +1481,9 @@ def build_train_set(args, transform, tokenizer):
 #
 # Why it exists: with no internet there are no OpenAI weights and no COCO, yet a reader must be able to see
 # every method *do* something on a laptop. The shapes world is small enough to train on 2 CPU cores in minutes
-# and built so that a CLIP trained on bag-of-words captions classifies objects well but cannot bind attributes
-# or relations, which is exactly the failure the four papers attack.
+# and built so that a CLIP trained on its captions (in natural word order) classifies objects well but does not
+# bind attributes or relations, because a random batch almost never needs it (the difficulty check below):
+# exactly the failure the four papers attack.
 #
 # A scene is 1 to 4 objects (8 shapes x 8 colours x 2 sizes) on a dark background. Every object in a scene
 # has a distinct (colour, shape) pair, so a phrase like "the red circle" always names one object and every
@@ -1712,7 +1713,8 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     split: "train" | "val" | "test" (disjoint random streams of the same seed); size: number of scenes;
     long=True: "caption" is the long multi-sentence caption and "segments" holds the object boxes (the
-    stand-in for SAM output in GOAL's LISM); bag_of_words=True: captions with shuffled words (base model).
+    stand-in for SAM output in GOAL's LISM); bag_of_words=True: captions with shuffled words (an ablation;
+    the shipped base models were trained on the ordered captions).
     Everything is a pure function of (seed, split, index): same seed, same pixels and captions.
     """
 

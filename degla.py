@@ -38,7 +38,7 @@ plain CLIP fine-tuning on the same images and captions (`--baseline plain` sets 
 `--baseline negclip` keeps only the NegCLIP global loss.
 
 Run:
-    python degla.py                                   # shapes world, cached `shapes` base model, CPU
+    python degla.py                                   # shapes world, shipped `shapes` base model, CPU
     python degla.py --baseline plain                  # plain CLIP fine-tuning, same data and budget
     python degla.py --data coco --data-root /data/coco --negatives DeGLA.json --gpus 8      # the paper's run
     torchrun --nproc_per_node 8 degla.py --data coco --data-root /data/coco                # same, via torchrun

@@ -35,7 +35,7 @@ paper and a flag reproduces the release:
     we use the exact span from data.sentence_spans (no flag: the release's version is an off-by-one).
 
 Run:
-  python goal.py                                   # shapes world, cached `shapes` base model, CPU, ~4 min
+  python goal.py                                   # shapes world, shipped `shapes` base model, CPU, ~4 min
   python goal.py lism --data docci --data-root DIR --segments-file SAM.json --out lism.json   # offline LISM
   python goal.py --data docci --data-root DIR --lism lism.json --gpus 8                   # the paper's recipe
   torchrun --nproc_per_node 8 goal.py --data dci --data-root DIR --lism lism.json         # same, under torchrun
@@ -447,11 +447,11 @@ def _lism_pairs(args, model, tokenizer, val_tf, long_tokenizer, device):
     if args.data != "shapes":
         raise SystemExit("--data %s needs --lism FILE: run `python goal.py lism --data %s --data-root DIR "
                          "--segments-file SAM_BOXES.json --out FILE` first" % (args.data, args.data))
-    weights = common.shapes_base_path(progress=False) if args.pretrained == "shapes" else str(args.pretrained)
+    weights = common.shapes_base_path(args.model) if args.pretrained == "shapes" else str(args.pretrained)
     path = None
-    if os.path.isfile(weights):   # cache only a matching made by fixed weights (not a random init)
+    if os.path.isfile(weights):   # cache only a matching made by fixed weights (not a random init), keyed by content
         path = os.path.join(common.cache_dir(), f"goal-lism-shapes-seed{args.seed}-n{args.train_size}-"
-                                                f"ctx{args.context_length}-{os.path.basename(weights)}.json")
+                                                f"ctx{args.context_length}-{common._sha256(weights)[:16]}.json")
         if os.path.exists(path):
             return data.load_segments(path)
     world = data.ShapesDataset("train", size=args.train_size, image_size=model.visual.image_size[0],

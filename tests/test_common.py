@@ -1,5 +1,6 @@
-"""Tests of common.py: distributed gather, resume, atomic checkpoints, export, the base-model cache."""
+"""Tests of common.py: distributed gather, resume, atomic checkpoints, export, the shipped base models."""
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -212,31 +213,80 @@ def test_exported_weights_load_with_plain_open_clip(tmp_path):
     assert loaded.logit_scale.item() == pytest.approx(3.0)
 
 
-# --- the base model cache ---------------------------------------------------------------------------------------
-def test_base_model_cache_built_once_and_rebuilt_when_corrupt(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("COMPCLIP_CACHE", str(tmp_path))
-    builds = []
-    real_build = common.build_shapes_base
-    monkeypatch.setattr(common, "build_shapes_base",
-                        lambda path, **kw: builds.append(path) or real_build(path, batch_size=16, **kw))
-    path = common.shapes_base_path(steps=2, progress=False)
-    assert os.path.exists(path) and len(builds) == 1
-    assert common.shapes_base_path(steps=2, progress=False) == path and len(builds) == 1   # reused
-    with open(path, "wb") as f:
-        f.write(b"not a checkpoint")
-    capsys.readouterr()
-    common.shapes_base_path(steps=2, progress=False)
-    assert len(builds) == 2 and "corrupt" in capsys.readouterr().err
-    model, _, _, _ = common.create_backbone(common.TINY_MODEL, path)   # loads after the rebuild
+# --- the shipped base models and their recipe --------------------------------------------------------------
+@pytest.mark.parametrize("name", [common.TINY_MODEL, common.SHAPES_SIGLIP_MODEL])
+def test_shipped_base_loads_fp32_and_matches_its_sidecar(name):
+    path = common.shapes_base_path(name)
+    with open(path[:-3] + ".json") as f:
+        sidecar = json.load(f)
+    assert sidecar["sha256"] == common._sha256(path) and sidecar["model"] == name
+    assert os.path.getsize(path) <= 16_000_000                       # issue #15: at most 16 MB per file
+    assert {"command", "seed", "steps", "train_seconds", "recipe_commit", "shapes_suite"} <= set(sidecar)
+    model, _, _, tokenizer = common.create_backbone(name, "shapes")
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # stored fp16, loaded fp32
+    assert (getattr(model, "logit_bias", None) is not None) == (name == common.SHAPES_SIGLIP_MODEL)
+    assert tokenizer(["a red circle"]).shape == (1, 32)               # CLIP's BPE tokenizer, offline
 
 
-def test_two_processes_starting_together_build_once(tmp_path):
-    code = ("import common, torch; torch.set_num_threads(1); "
-            "common.SHAPES_BASE_BATCH = 16; print(common.shapes_base_path(steps=2, progress=False))")
-    env = dict(os.environ, COMPCLIP_CACHE=str(tmp_path), PYTHONPATH=ROOT)
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
-    assert outputs[0][0] == outputs[1][0]
-    assert sum("building the shapes base model" in err for _, err in outputs) == 1
+def test_corrupt_shipped_base_names_the_file_and_the_rebuild_command(tmp_path, monkeypatch):
+    for suffix in (".pt", ".json"):
+        source = common.shipped_base_path("clip")[:-3] + suffix
+        with open(source, "rb") as f, open(tmp_path / os.path.basename(source), "wb") as g:
+            g.write(f.read())
+    monkeypatch.setattr(common, "MODELS_DIR", str(tmp_path))
+    assert common.shapes_base_path() == common.shipped_base_path("clip")
+    with open(common.shipped_base_path("clip"), "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(common.InputError, match=r"shapes-tiny-vit-shapes-base\.pt does not match.*"
+                                                r"python common\.py build-base --arch clip"):
+        common.create_backbone(common.TINY_MODEL, "shapes")
+    os.remove(common.shipped_base_path("clip"))
+    with pytest.raises(common.InputError, match="missing"):
+        common.shapes_base_path()
+    with pytest.raises(common.InputError, match="exists only for"):
+        common.shapes_base_path("ViT-B-32")
+
+
+def test_base_batches_are_a_pure_function_of_the_step():
+    first = common._base_batch_indices(0, 8, one_object_steps=2)
+    assert first == [("one", i) for i in range(8)]
+    mixed = common._base_batch_indices(3, 8, one_object_steps=2)    # phase 2, second step: half and half
+    assert [s for s, _ in mixed] == ["one", "world"] * 4
+    assert [i for s, i in mixed if s == "one"] == list(range(2 * 8 + 4, 2 * 8 + 8))
+    assert [i for s, i in mixed if s == "world"] == list(range(4, 8))
+
+
+@pytest.mark.parametrize("arch", ["clip", "siglip"])
+def test_base_recipe_learns_and_resumes(arch, tmp_path):
+    """A short version of `python common.py build-base`: the contrastive loss falls and colour recognition
+    rises from chance (direction, not the shipped numbers); interrupted at step 20 and called again, it
+    continues from its .partial state."""
+    torch.manual_seed(0)
+    path = str(tmp_path / "base.pt")
+    kwargs = dict(arch=arch, steps=40, one_object_steps=20, batch_size=32, warmup=5, checkpoint_every=20,
+                  progress=False)
+    real_save = common._atomic_torch_save
+    calls = []
+
+    def stop_after_first_checkpoint(obj, where):
+        real_save(obj, where)
+        calls.append(where)
+        if where.endswith(".partial") and len(calls) == 1:
+            raise KeyboardInterrupt   # as if the session died right after the step-20 checkpoint
+
+    common._atomic_torch_save = stop_after_first_checkpoint
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            common.build_shapes_base(path, **kwargs)
+        assert os.path.exists(path + ".partial") and not os.path.exists(path)
+        sidecar = common.build_shapes_base(path, **kwargs)   # resumes from step 20
+    finally:
+        common._atomic_torch_save = real_save
+    assert not os.path.exists(path + ".partial")
+    suite = sidecar["shapes_suite"]
+    assert sidecar["sha256"] == common._sha256(path)
+    assert suite["zeroshot_color"] > 2 * 100 / len(data.COLORS), suite   # chance is 12.5%
+    assert sidecar["history"] == [] and sidecar["steps"] == 40
+    model = open_clip.create_model(common.SHAPES_BASE_ARCHS[arch], pretrained=path)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
