@@ -263,6 +263,39 @@ def test_vg_relation_and_attribution(tmp_path):
     assert vga["summary"] == {"VG-Attribution": pytest.approx(80.0)}
 
 
+def test_vg_relation_symmetric_filter(tmp_path):
+    """The headline drops the ARO notebook's `symmetric` relations; macro_all keeps every relation."""
+    import random as pyrandom
+    draw(tmp_path / "aro/images/0.jpg", 0)
+    rng = pyrandom.Random(3)
+    # 4 kept relations and 4 from the notebook's list, 1-6 items each, random scores (ties included)
+    relations = ["on", "under", "holding", "wearing", "next to", "by", "near", "sitting on top of"]
+    symmetric = {"next to", "by", "near"}            # "sitting on top of" is not in the notebook's list
+    texts, items = {}, []
+    for r in relations:
+        for j in range(rng.randint(1, 6)):
+            t, f = rng.choice([0.2, 0.5, 0.8]), rng.choice([0.2, 0.5, 0.8])
+            texts[f"t {r} {j}"], texts[f"f {r} {j}"] = unit(t), unit(f)
+            items.append(aro_item("0.jpg", r, f"t {r} {j}", f"f {r} {j}"))
+    (tmp_path / "aro/visual_genome_relation.json").write_text(json.dumps(items))
+    model, tok = fake(text_vecs=texts)
+    r = run(model, tok, ["vg_relation"], tmp_path)["vg_relation"]
+    # the official rule, item by item: argmax over [false, true] (np.argmax picks 0 on a tie), per relation
+    hits, counts = {}, {}
+    for it in items:
+        scores = [texts[it["false_caption"]][0], texts[it["true_caption"]][0]]
+        ok = scores.index(max(scores)) == 1
+        hits[it["relation_name"]] = hits.get(it["relation_name"], 0) + ok
+        counts[it["relation_name"]] = counts.get(it["relation_name"], 0) + 1
+    per_rel = {k: 100.0 * hits[k] / counts[k] for k in counts}
+    kept = [v for k, v in per_rel.items() if k not in symmetric]
+    assert r["summary"]["VG-Relation"] == pytest.approx(sum(kept) / len(kept))
+    assert r["metrics"]["macro_all"] == pytest.approx(sum(per_rel.values()) / len(per_rel))
+    assert r["metrics"]["relations_kept"] == 5
+    assert r["summary"]["VG-Relation"] != pytest.approx(r["metrics"]["macro_all"])   # the filter matters here
+    assert {"next to", "by", "near"} <= set(ev.VGR_EXCLUDED_RELATIONS) and len(ev.VGR_EXCLUDED_RELATIONS) == 157
+
+
 def test_pre_caption_and_order_perturbations():
     assert ev.pre_caption('A "Dog" (big)  runs; fast!') == "a dog big runs fast"
     assert ev.pre_caption(" ".join(str(i) for i in range(40))).split() == [str(i) for i in range(30)]
