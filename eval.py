@@ -368,10 +368,11 @@ def _mean(values):
 class _Context:
     """What every benchmark runner receives: model, tokenizer, transform, root, device, batch size, workers."""
 
-    def __init__(self, model, tokenizer, transform, root, device, batch_size, workers):
+    def __init__(self, model, tokenizer, transform, root, device, batch_size, workers, order_seed=1):
         self.model, self.tokenizer, self.transform = model, tokenizer, transform
         self.root = None if root is None else Path(root).expanduser()
         self.device, self.batch_size, self.workers = device, batch_size, workers
+        self.order_seed = order_seed
 
     def texts(self, texts):
         return encode_texts(self.model, self.tokenizer, texts, self.device, self.batch_size)
@@ -554,73 +555,167 @@ def pre_caption(caption, max_words=30):
 
 _NOUN_TAGS, _ADJ_TAGS = {"NN", "NNS", "NNP", "NNPS"}, {"JJ", "JJR", "JJS"}
 
+# ---- nltk.word_tokenize, re-implemented (nltk is not a dependency, and its sentence splitter needs the punkt
+# data files, which cannot be fetched offline). word_tokenize = punkt sentence split, then the Treebank word
+# tokenizer on each sentence. The Treebank part below follows the rules of nltk 3.10's NLTKWordTokenizer, in
+# the same order (quotes become `` and '', punctuation and clitics are split off, a period only at the end of a
+# sentence); older nltk versions differ in a few rare cases (a word-initial quote, dashes U+2012-U+2015).
+# The punkt part is approximated (`_sentences`): a sentence ends after a word ending in . ! or ? (closing
+# quotes/brackets may follow) and whitespace, unless the word is a single letter, contains another period
+# (u.s.) or is one of _ABBREVIATIONS. Punkt's learned English abbreviation and collocation lists are longer,
+# so captions with rare abbreviations followed by more text can tokenize differently; one-sentence captions
+# (almost all of COCO and Flickr30k) tokenize exactly as nltk does.
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "inc", "ltd", "co", "no", "mt", "ft", "ave",
+                  "prof", "gen", "col", "lt", "sgt", "capt", "rev", "jan", "feb", "mar", "apr", "jun", "jul", "aug",
+                  "sep", "sept", "oct", "nov", "dec"}
+_CLOSERS = "\\]\\)}>\"'"
+_TREEBANK_RULES = [(re.compile(a), b) for a, b in (
+    # typographic quotes and backticks stand alone; an opening " becomes ``
+    ("([\u00ab\u201c\u2018\u201e]|`+)", r" \1 "), (r'^"', "``"), (r"(``)", r" \1 "),
+    (r'([ (\[{<])("|\'\')', r"\1 `` "),
+    # a word-initial ' is split off unless it starts a clitic ('re 've 'll 'm 't 's 'd 'n)
+    (r"(?i)(?<!\w)(')(?!(?:re|ve|ll|m|t|s|d|n)\b)(?=\w)", r"\1 "),
+    # punctuation: a period only at the very end (closing brackets/quotes may follow); , and : unless a
+    # digit follows; runs of periods; ; @ # $ % &; dashes U+2012-U+2015; ? !; a closing '; *
+    ("([^.])(\\.)([" + _CLOSERS + "\u00bb\u201d\u2019 ]*)\\s*$", r"\1 \2 \3 "),
+    (r"([:,])([^\d])", r" \1 \2"), (r"([:,])$", r" \1 "), (r"\.{2,}", r" \g<0> "), (r"[;@#$%&]", r" \g<0> "),
+    ("[\u2012-\u2015]", r" \g<0> "), ("([^.])(\\.)([" + _CLOSERS + "]*)\\s*$", r"\1 \2\3 "),
+    (r"[?!]", r" \g<0> "), (r"([^'])' ", r"\1 ' "), (r"[*]", r" \g<0> "),
+    # brackets, then double dashes
+    (r"[\]\[\(\)\{\}\<\>]", r" \g<0> "), (r"--", r" -- "),
+)]
+_TREEBANK_END_RULES = [(re.compile(a), b) for a, b in (
+    # closing quotes -> ''; then the clitics 's 'm 'd ' and 'll 're 've n't are split off
+    ("([\u00bb\u201d\u2019])", r" \1 "), (r"''", " '' "), (r'"', " '' "), (r"\s+", " "),
+    (r"([^' ])('[sS]|'[mM]|'[dD]|') ", r"\1 \2 "), (r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) ", r"\1 \2 "),
+    # MacIntyre's contractions: cannot, d'ye, gimme, gonna, gotta, lemme, more'n, wanna, 'tis, 'twas
+    (r"(?i)\b(can)(not)\b", r" \1 \2 "), (r"(?i)\b(d)('ye)\b", r" \1 \2 "), (r"(?i)\b(gim)(me)\b", r" \1 \2 "),
+    (r"(?i)\b(gon)(na)\b", r" \1 \2 "), (r"(?i)\b(got)(ta)\b", r" \1 \2 "), (r"(?i)\b(lem)(me)\b", r" \1 \2 "),
+    (r"(?i)\b(more)('n)\b", r" \1 \2 "), (r"(?i)\b(wan)(na)(?=\s)", r" \1 \2 "),
+    (r"(?i) ('t)(is)\b", r" \1 \2 "), (r"(?i) ('t)(was)\b", r" \1 \2 "),
+)]
 
-def _permute_positions(tokens, positions, rng):
-    tokens = list(tokens)
-    values = [tokens[p] for p in positions]
-    for p, j in zip(positions, rng.permutation(len(values))):
-        tokens[p] = values[j]
-    return tokens
+
+def _treebank_words(sentence):
+    """nltk's Treebank word tokenizer (NLTKWordTokenizer.tokenize) on one sentence."""
+    text = sentence
+    for pattern, repl in _TREEBANK_RULES:
+        text = pattern.sub(repl, text)
+    text = " " + text + " "
+    for pattern, repl in _TREEBANK_END_RULES:
+        text = pattern.sub(repl, text)
+    return text.split()
 
 
-def order_perturbations(doc, rng):
-    """ARO's four word-order perturbations of one caption, from its spaCy `doc`:
+def _sentences(text):
+    """Punkt-like sentence split (see the note above _ABBREVIATIONS for what differs from nltk's punkt)."""
+    words = text.split()
+    out, current = [], []
+    for i, w in enumerate(words):
+        current.append(w)
+        core = w.rstrip("\"')]}>")
+        if i + 1 < len(words) and core[-1:] in (".", "!", "?"):
+            stem = core.rstrip(".!?").lower()
+            if core[-1] == "." and (len(stem) <= 1 or "." in stem or stem in _ABBREVIATIONS):
+                continue
+            if core.endswith("..") and not words[i + 1][:1].isupper():   # an ellipsis ends a sentence only
+                continue                                                 # before a capitalised word
+            out.append(" ".join(current))
+            current = []
+    if current:
+        out.append(" ".join(current))
+    return out
 
-    1. nouns (NN*) permuted among themselves and adjectives (JJ*) among themselves,
-    2. every token that is neither a noun nor an adjective permuted,
-    3. words shuffled inside each consecutive trigram,
-    4. the trigrams themselves shuffled.
-    1-2 use spaCy tokens and tags. 3-4 use nltk.word_tokenize in the official code; nltk is not available
-    here, so we split the caption on whitespace instead (punctuation stays attached to its word; it is
-    removed by pre_caption afterwards anyway). Tokens are joined with single spaces.
+
+def word_tokenize(text):
+    """nltk.word_tokenize(text) as ARO's perturbations call it: sentences, then Treebank words in each."""
+    return [w for sentence in _sentences(text) for w in _treebank_words(sentence)]
+
+
+def _trigrams(tokens):
+    return [list(tokens[i:i + 3]) for i in range(0, len(tokens), 3)]
+
+
+def order_perturbations(caption, doc, np_rng, py_rng):
+    """ARO's four word-order perturbations of one caption (TextShuffler in dataset_zoo/perturbations.py),
+    drawing from the same two generators in the same order as the official code:
+
+    1. shuffle_nouns_and_adj: spaCy tokens; the NN* tokens permuted among themselves, then the JJ* tokens
+       (numpy: `np.random.permutation` of each group),
+    2. shuffle_allbut_nouns_and_adj: every other spaCy token permuted (numpy),
+    3. shuffle_within_trigrams: word_tokenize, consecutive trigrams, `random.shuffle` of each trigram (Python),
+    4. shuffle_trigrams: word_tokenize again, `random.shuffle` of the list of trigrams (Python).
+    Tokens are joined with single spaces. `doc` is spaCy's parse of `caption` (the official code parses it once
+    per perturbation; the parse is deterministic). np_rng: np.random.RandomState, py_rng: random.Random.
+    A permutation of k values by `np_rng.permutation(k)` consumes the generator exactly like
+    `np.random.permutation(array of k values)`, and reorders the same way.
     """
-    words = [t.text for t in doc]
+    words = np.array([t.text for t in doc])
     tags = [t.tag_ for t in doc]
-    nouns = [i for i, t in enumerate(tags) if t in _NOUN_TAGS]
-    adjs = [i for i, t in enumerate(tags) if t in _ADJ_TAGS]
-    others = [i for i, t in enumerate(tags) if t not in _NOUN_TAGS | _ADJ_TAGS]
-    nouns_adj = _permute_positions(_permute_positions(words, nouns, rng), adjs, rng)
-    allbut = _permute_positions(words, others, rng)
-    plain = doc.text.split()
-    trigrams = [plain[i:i + 3] for i in range(0, len(plain), 3)]
-    within = [w for tri in trigrams for w in (tri[j] for j in rng.permutation(len(tri)))]
-    across = [w for j in rng.permutation(len(trigrams)) for w in trigrams[j]]
-    return [" ".join(x) for x in (nouns_adj, allbut, within, across)]
+    nouns_adj = words.copy()
+    for group in (_NOUN_TAGS, _ADJ_TAGS):
+        idx = np.array([i for i, t in enumerate(tags) if t in group], dtype=int)
+        nouns_adj[idx] = nouns_adj[idx][np_rng.permutation(len(idx))]
+    allbut = words.copy()
+    idx = np.array([i for i, t in enumerate(tags) if t not in _NOUN_TAGS | _ADJ_TAGS], dtype=int)
+    allbut[idx] = allbut[idx][np_rng.permutation(len(idx))]
+    tokens = word_tokenize(caption)
+    within = _trigrams(tokens)
+    for trigram in within:
+        py_rng.shuffle(trigram)
+    across = _trigrams(tokens)
+    py_rng.shuffle(across)
+    return [" ".join(nouns_adj.tolist()), " ".join(allbut.tolist()),
+            " ".join(" ".join(t) for t in within), " ".join(" ".join(t) for t in across)]
 
 
-def _order_benchmark(ctx, name, ann_file, image_dir, source_note):
-    """COCO-Order / Flickr30k-Order: for each (image, caption) 5 options [original, 4 perturbations], all
-    through pre_caption(max_words=30); correct iff argmax == 0 (ARO reports it as Precision@1).
-    Perturbations are seeded once (numpy seed 1, like the repo's seed_all(1)); the exact shuffles differ
-    from the official run, the rule does not."""
-    _require(ctx, name, [ann_file, image_dir], source_note)
-    items = _read_json(ctx.root / ann_file, name)
+ORDER_SEED = 1   # main_aro.py's default --seed
+
+
+def _order_benchmark(ctx, name, candidates, image_root, source_note):
+    """COCO-Order / Flickr30k-Order (ARO's COCO_Order / Flickr30k_Order): for each (image, caption) 5 options
+    [original, 4 perturbations], all through pre_caption(max_words=30); correct iff argmax == 0 (a tie with
+    the original counts as correct; ARO reports it as Precision@1).
+
+    Seeds as main_aro.py does (seed_all: `random.seed(s)`, `np.random.seed(s)`, once per run, before the data
+    set is built; `ctx.order_seed`, default 1) and draws in the official order, caption by caption, so a seed
+    gives the official shuffles, up to two things we cannot reproduce offline: nltk's punkt sentence
+    splitter (approximated, see `word_tokenize`) and the spaCy model version (tags can differ between
+    versions of en_core_web_sm).
+    """
+    found = next((c for c in candidates if ctx.root is not None and (ctx.root / c).exists()), candidates[0])
+    _require(ctx, name, [found, image_root], source_note + f" (annotation file accepted at: {', '.join(candidates)})")
+    items = _read_json(ctx.root / found, name)
     keys, captions = [], []
     for it in items:
         for cap in it["caption"] if isinstance(it["caption"], list) else [it["caption"]]:
-            keys.append(str(ctx.root / image_dir.split("/")[0] / it["image"]))
+            keys.append(str(ctx.root / image_root / it["image"]))
             captions.append(cap)
-    rng = np.random.RandomState(1)
+    seed = ctx.order_seed
+    np_rng, py_rng = np.random.RandomState(seed), random.Random(seed)
     options = []
     for cap, doc in zip(captions, _nlp().pipe(captions, batch_size=256)):
-        options.append([pre_caption(c) for c in [cap] + order_perturbations(doc, rng)])
+        options.append([pre_caption(c) for c in [cap] + order_perturbations(cap, doc, np_rng, py_rng)])
     correct, missing = _score_choices(ctx, keys, options, 0)
     acc = percent(correct)
     return _result({"precision@1": acc}, {name: acc}, len(keys), missing, name,
-                   "trigram perturbations split on whitespace (nltk unavailable)")
+                   f"seed {seed}; nltk's punkt sentence splitter approximated (see eval.word_tokenize)")
 
 
 def coco_order(ctx):
-    """ARO COCO-Order: <root>/aro/coco_karpathy_test.json (BLIP format: list of {image: "val2014/...jpg",
-    caption: [...]}) with images at <root>/coco/<image>."""
-    return _order_benchmark(ctx, "coco_order", "aro/coco_karpathy_test.json", "coco/val2014", ARO_SOURCE)
+    """ARO COCO-Order: BLIP's coco_karpathy_test.json (list of {image: "val2014/...jpg", caption: [...]}) where
+    the official code keeps it, in the COCO root (<root>/coco/coco_karpathy_test.json), or at
+    <root>/aro/coco_karpathy_test.json; images at <root>/coco/<image>."""
+    return _order_benchmark(ctx, "coco_order", ["coco/coco_karpathy_test.json", "aro/coco_karpathy_test.json"],
+                            "coco", ARO_SOURCE)
 
 
 def flickr30k_order(ctx):
-    """ARO Flickr30k-Order: <root>/aro/flickr30k_test.json (BLIP format, image "flickr30k-images/<id>.jpg")
-    with images at <root>/flickr30k/<image>."""
-    return _order_benchmark(ctx, "flickr30k_order", "aro/flickr30k_test.json", "flickr30k/flickr30k-images",
-                            ARO_SOURCE)
+    """ARO Flickr30k-Order: BLIP's flickr30k_test.json (image "flickr30k-images/<id>.jpg") in the Flickr30k root
+    (<root>/flickr30k/flickr30k_test.json, where the official code keeps it) or at <root>/aro/flickr30k_test.json;
+    images at <root>/flickr30k/<image>."""
+    return _order_benchmark(ctx, "flickr30k_order", ["flickr30k/flickr30k_test.json", "aro/flickr30k_test.json"],
+                            "flickr30k", ARO_SOURCE)
 
 
 # ===== SugarCrepe =====
@@ -1143,19 +1238,21 @@ def _run_group(ctx, group):
     return out
 
 
-def evaluate(model, tokenizer, transform, benchmarks, root=None, device=None, batch_size=256, workers=2):
+def evaluate(model, tokenizer, transform, benchmarks, root=None, device=None, batch_size=256, workers=2,
+             order_seed=ORDER_SEED):
     """Run benchmarks and return {name: {"metrics", "summary", "n", "missing", ...}} (scores in [0, 100]).
 
     benchmarks: list of names or a comma-separated string (see `known_benchmarks()`); `transform` is the
-    model's validation transform; `root` the data root (not needed for "shapes"). The model is put in eval
-    mode for the run and restored afterwards.
+    model's validation transform; `root` the data root (not needed for "shapes"); `order_seed` the seed of
+    COCO-/Flickr30k-Order's perturbations (main_aro.py's --seed). The model is put in eval mode for the run
+    and restored afterwards.
     """
     names = [b.strip() for b in benchmarks.split(",")] if isinstance(benchmarks, str) else list(benchmarks)
     unknown = [b for b in names if b not in BENCHMARKS and b not in GROUPS]
     if unknown:
         raise BenchmarkDataError(f"unknown benchmark(s) {unknown}; known: {', '.join(known_benchmarks())}")
     device = pick_device(device)
-    ctx = _Context(model, tokenizer, transform, root, device, batch_size, workers)
+    ctx = _Context(model, tokenizer, transform, root, device, batch_size, workers, order_seed)
     was_training = model.training
     model.eval()
     try:
@@ -1256,6 +1353,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for image decoding")
+    p.add_argument("--order-seed", type=int, default=ORDER_SEED,
+                   help="seed of the COCO-/Flickr30k-Order perturbations (main_aro.py's --seed; default 1)")
     p.add_argument("--model-kwargs", default=None, help=argparse.SUPPRESS)  # JSON, for tiny test models
     return p.parse_args(argv)
 
@@ -1579,7 +1678,8 @@ def main(argv=None):
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     model, transform, tokenizer = create_backbone(args.model, args.pretrained, device, **kwargs)
     try:
-        results = evaluate(model, tokenizer, transform, args.bench, args.root, device, args.batch_size, args.workers)
+        results = evaluate(model, tokenizer, transform, args.bench, args.root, device, args.batch_size, args.workers,
+                           args.order_seed)
     except BenchmarkDataError as e:
         raise SystemExit(f"eval.py: {e}")
     print(format_table(results))

@@ -296,24 +296,70 @@ def test_vg_relation_symmetric_filter(tmp_path):
     assert {"next to", "by", "near"} <= set(ev.VGR_EXCLUDED_RELATIONS) and len(ev.VGR_EXCLUDED_RELATIONS) == 157
 
 
-def test_pre_caption_and_order_perturbations():
+def test_pre_caption_and_word_tokenize():
     assert ev.pre_caption('A "Dog" (big)  runs; fast!') == "a dog big runs fast"
     assert ev.pre_caption(" ".join(str(i) for i in range(40))).split() == [str(i) for i in range(30)]
-    nlp = ev._nlp()
-    doc = nlp("a small red car parked next to a large white house")
-    rng = __import__("numpy").random.RandomState(0)
-    perts = ev.order_perturbations(doc, rng)
-    words = sorted(doc.text.split())
-    for p in perts:
-        assert sorted(p.split()) == words
-    # shuffle_nouns_and_adj keeps every noun in a noun slot and the other words in place
-    tags = [t.tag_ for t in doc]
-    for w, orig, tag in zip(perts[0].split(), doc.text.split(), tags):
-        if tag not in ev._NOUN_TAGS | ev._ADJ_TAGS:
-            assert w == orig
-    # shuffle_within_trigrams keeps each trigram's word set
-    for k in range(0, 12, 3):
-        assert sorted(perts[2].split()[k:k + 3]) == sorted(doc.text.split()[k:k + 3])
+    # nltk.word_tokenize's output on these (Treebank rules: clitics, quotes, the final period, numbers)
+    assert ev.word_tokenize("A man's dog isn't sitting on the bench, it's \"running\" (fast)!") == [
+        "A", "man", "'s", "dog", "is", "n't", "sitting", "on", "the", "bench", ",", "it", "'s", "``", "running",
+        "''", "(", "fast", ")", "!"]
+    assert ev.word_tokenize("3,000 people at 1:30; u.s. flag.") == [
+        "3,000", "people", "at", "1:30", ";", "u.s.", "flag", "."]
+    assert ev.word_tokenize("Two dogs. A cat sleeps.") == ["Two", "dogs", ".", "A", "cat", "sleeps", "."]
+    assert ev.word_tokenize("Mr. Smith cannot swim.") == ["Mr.", "Smith", "can", "not", "swim", "."]
+
+
+def _official_order_perturbations(caption, tokens, seed):
+    """ARO's TextShuffler, as the official code runs it after seed_all(seed): numpy's and Python's global
+    generators, np.random.permutation of numpy token arrays, random.shuffle of trigram lists. `tokens` is what
+    nltk.word_tokenize gives for the caption (written out by hand in the test). seed None: go on from the
+    generators' current state (the next caption of the same run)."""
+    import random as pyrandom
+    import numpy as np
+    if seed is not None:
+        pyrandom.seed(seed)
+        np.random.seed(seed)
+    doc = ev._nlp()(caption)
+    text = np.array([t.text for t in doc])
+    nouns = [i for i, t in enumerate(doc) if t.tag_ in ["NN", "NNS", "NNP", "NNPS"]]
+    adjs = [i for i, t in enumerate(doc) if t.tag_ in ["JJ", "JJR", "JJS"]]
+    text[nouns] = np.random.permutation(text[nouns])
+    text[adjs] = np.random.permutation(text[adjs])
+    out = [" ".join(text)]
+    text = np.array([t.text for t in doc])
+    other = np.ones(len(text), dtype=bool)
+    other[nouns + adjs] = False
+    text[other] = np.random.permutation(text[other])
+    out.append(" ".join(text))
+    trigrams = [list(tokens[i:i + 3]) for i in range(0, len(tokens), 3)]
+    for t in trigrams:
+        pyrandom.shuffle(t)
+    out.append(" ".join(" ".join(t) for t in trigrams))
+    trigrams = [list(tokens[i:i + 3]) for i in range(0, len(tokens), 3)]
+    pyrandom.shuffle(trigrams)
+    out.append(" ".join(" ".join(t) for t in trigrams))
+    return out
+
+
+def test_order_perturbations_match_official_semantics_on_fixed_seeds():
+    import random as pyrandom
+    import numpy as np
+    caption = "A small red car, parked next to a large white house near the old tree."
+    tokens = ["A", "small", "red", "car", ",", "parked", "next", "to", "a", "large", "white", "house", "near",
+              "the", "old", "tree", "."]
+    assert ev.word_tokenize(caption) == tokens
+    for seed in (0, 1, 2, 42):
+        ours = ev.order_perturbations(caption, ev._nlp()(caption), np.random.RandomState(seed), pyrandom.Random(seed))
+        assert ours == _official_order_perturbations(caption, tokens, seed)
+    # generators carry over from caption to caption, as in the official loop over one data set
+    captions = ["Two dogs play with a yellow ball.", "A man riding a brown horse on the beach."]
+    toks = [["Two", "dogs", "play", "with", "a", "yellow", "ball", "."],
+            ["A", "man", "riding", "a", "brown", "horse", "on", "the", "beach", "."]]
+    np_rng, py_rng = np.random.RandomState(1), pyrandom.Random(1)
+    ours = [ev.order_perturbations(c, ev._nlp()(c), np_rng, py_rng) for c in captions]
+    reference = [_official_order_perturbations(captions[0], toks[0], 1),
+                 _official_order_perturbations(captions[1], toks[1], None)]
+    assert ours == reference
 
 
 def test_coco_and_flickr_order(tmp_path):
@@ -322,7 +368,8 @@ def test_coco_and_flickr_order(tmp_path):
     draw(tmp_path / "coco/val2014/COCO_val2014_000000000001.jpg", 1)
     draw(tmp_path / "flickr30k/flickr30k-images/7.jpg", 7)
     (tmp_path / "aro").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "aro/coco_karpathy_test.json").write_text(json.dumps(
+    # COCO's file where the official code keeps it (the COCO root), Flickr's in the older aro/ folder
+    (tmp_path / "coco/coco_karpathy_test.json").write_text(json.dumps(
         [{"image": "val2014/COCO_val2014_000000000001.jpg", "caption": caps}]))
     (tmp_path / "aro/flickr30k_test.json").write_text(json.dumps(
         [{"image": "flickr30k-images/7.jpg", "caption": caps[:1]}]))
