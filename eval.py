@@ -787,48 +787,121 @@ def valse(ctx):
 
 # ===== VL-CheckList =====
 
-VLCHECKLIST_MAX_NUM = 2000  # corpus yaml MAX_NUM: at most this many samples per file (the first ones)
+VLCHECKLIST_MAX_NUM = 2000  # configs/*.yaml MAX_NUM; the ITC evaluation keeps the first MAX_NUM / 2 per file
+
+
+def _vlchecklist_corpus():
+    """The official grouping, vl_checklist/corpus.json: {item: {source: [corpus name, ...]}}, and for every
+    corpus name its annotation file and image folder (ANNO_PATH, IMG_ROOT of corpus/v1/<...>/<name>.yaml).
+    Items and their kind: Object (large, medium, small, center, mid, margin), Attribute (color, material,
+    action_a, size, state), Relation (action_r, spatial)."""
+    corpus, files = OrderedDict(), {}
+    for kind, group in (("Size", ("large", "medium", "small")), ("Location", ("center", "mid", "margin"))):
+        for item in group:
+            sources = OrderedDict(vg=[], swig=[], hake=[])
+            for role in ("obj", "subj"):
+                name = f"Object_{kind}_{item}_vg_{role}"
+                files[name] = (f"Object/{kind}/vg_{kind.lower()}/vg_{role}_{item}.json", "vg")
+                sources["vg"].append(name)
+            for role in ("agent", "destination", "item", "tool"):
+                name = f"Object_{kind}_{item}_swig_{role}"
+                files[name] = (f"Object/{kind}/swig_{kind.lower()}/swig_{role}/swig_{role}_{item}.json", "swig")
+                sources["swig"].append(name)
+            name = f"Object_{kind}_{item}_hake"
+            files[name] = (f"Object/{kind}/hake_{kind.lower()}/hake_obj_{item}.json", "hake")
+            sources["hake"].append(name)
+            corpus[item] = sources
+    for item, attribute in (("color", "color"), ("material", "material"), ("action_a", "action"), ("size", "size"),
+                            ("state", "state")):
+        corpus[item] = OrderedDict()
+        for source in ("vg", "vaw"):
+            name = f"Attribute_{attribute}_{source}"
+            files[name] = (f"Attribute/{source}/{attribute}.json", "vg")   # VAW's images are VG images
+            corpus[item][source] = [name]
+    corpus["action_r"] = OrderedDict(vg=["Relation_action_vg"], swig=["Relation_action_swig"],
+                                     hake=["Relation_action_hake"])
+    files["Relation_action_vg"] = ("Relation/vg/action.json", "vg")
+    files["Relation_action_swig"] = ("Relation/swig_action.json", "swig")
+    files["Relation_action_hake"] = ("Relation/hake_action.json", "hake")
+    corpus["spatial"] = OrderedDict(vg=["Relation_spatial_vg"])
+    files["Relation_spatial_vg"] = ("Relation/vg/spatial.json", "vg")
+    return corpus, files
+
+
+VLCHECKLIST_KINDS = {"Object": ("large", "medium", "small", "center", "mid", "margin"),
+                     "Attribute": ("color", "material", "action_a", "size", "state"),
+                     "Relation": ("action_r", "spatial")}
 
 
 def vlchecklist(ctx):
-    """VL-CheckList ITC (om-ai-lab/VL-CheckList). Files: <root>/vl-checklist/data/{Attribute,Object,Relation}/**/*.json,
-    each a list of [image_rel_path, {"POS": [...], "NEG": [...]}]; images resolved against
-    <root>/vl-checklist/images/ and its subfolders vg/, swig/, hake/ (first that has the file).
+    """VL-CheckList ITC (om-ai-lab/VL-CheckList). Files: <root>/vl-checklist/data/... as in the repository
+    (e.g. data/Attribute/vg/color.json, data/Object/Size/vg_size/vg_obj_large.json), each a list of
+    [image_rel_path, {"POS": [...], "NEG": [...]}]; images under <root>/vl-checklist/images/{vg,swig,hake}/
+    (the corpus yaml's IMG_ROOT; VAW uses vg/).
 
-    Rule: correct iff s(img, POS[0]) > s(img, NEG[0]); at most MAX_NUM=2000 items per file (the first ones).
-    Accuracy per file, averaged within each sub-category (Attribute and Relation: the file name, e.g.
-    color/action/spatial; Object: the first folder, e.g. Location/Size), then over sub-categories into
-    Object / Attribute / Relation.
+    Official rule (vl_checklist/data_loader.py + evaluate.py, task itc): a sample whose image file does not
+    exist is dropped (not counted); of the rest the first MAX_NUM / 2 = 1000 per file are scored; correct iff
+    s(img, POS[0]) > s(img, NEG[0]); accuracy per file. Grouping as vl_checklist/corpus.json (radar.py): an
+    item's score is the mean over its sources of the mean over the source's files; Object / Attribute /
+    Relation are the means over their items (VLCHECKLIST_KINDS). Files absent from data/ are skipped and named
+    in `notes`; dropped samples are reported in `missing` (their images) and `dropped_samples`.
     """
     _require(ctx, "vlchecklist", ["vl-checklist/data", "vl-checklist/images"],
-             "github.com/om-ai-lab/VL-CheckList (data/) + VG, SWiG and HAKE images as in its corpus yaml files")
-    image_root = ctx.root / "vl-checklist/images"
-    search = [image_root] + [image_root / s for s in ("vg", "swig", "hake")]
-    keys, pos, neg, file_of = [], [], [], []
-    files = sorted((ctx.root / "vl-checklist/data").glob("*/**/*.json"))
-    if not files:
-        raise BenchmarkDataError(f"vlchecklist: no json files under {ctx.root / 'vl-checklist/data'}")
-    for path in files:
-        for rel, texts in _read_json(path, "vlchecklist")[:VLCHECKLIST_MAX_NUM]:
-            hit = next((d / rel for d in search if (d / rel).exists()), image_root / rel)
-            keys.append(str(hit))
-            pos.append(texts["POS"][0])
-            neg.append(texts["NEG"][0])
-            file_of.append(str(path.relative_to(ctx.root / "vl-checklist/data")))
-    correct, missing = _score_pairs(ctx, keys, pos, neg)
+             "github.com/om-ai-lab/VL-CheckList (data/) + VG, SWiG and HAKE images as in its DATASETS.md")
+    data, image_root = ctx.root / "vl-checklist/data", ctx.root / "vl-checklist/images"
+    corpus, files = _vlchecklist_corpus()
+    keys, pos, neg, file_of, absent, missing_images, dropped = [], [], [], [], [], set(), 0
+    for name, (rel, img_dir) in files.items():
+        if not (data / rel).exists():
+            absent.append(rel)
+            continue
+        kept = 0
+        for sample in _read_json(data / rel, "vlchecklist"):
+            try:
+                image, texts = sample
+                p, n = texts["POS"][0], texts["NEG"][0]
+            except (TypeError, ValueError, KeyError, IndexError):
+                raise BenchmarkDataError(f"vlchecklist: {data / rel}: expected a list of [image_path, "
+                                         f"{{'POS': [...], 'NEG': [...]}}], found {str(sample)[:80]}") from None
+            path = image_root / img_dir / image
+            if not path.exists():
+                missing_images.add(str(path))
+                dropped += 1
+                continue
+            if kept < VLCHECKLIST_MAX_NUM // 2:
+                keys.append(str(path))
+                pos.append(p)
+                neg.append(n)
+                file_of.append(name)
+                kept += 1
+    if not keys:
+        raise BenchmarkDataError(f"vlchecklist: no scorable sample under {data} (expected the repository's data/ "
+                                 f"files, e.g. {files['Attribute_color_vg'][0]}, with their images under {image_root})")
+    correct, _ = _score_pairs(ctx, keys, pos, neg)
     per_file = grouped_accuracy(correct, file_of)
-    sub = defaultdict(list)
-    for rel, acc in per_file.items():
-        parts = Path(rel).parts
-        kind = parts[0]
-        sub[(kind, parts[1] if kind == "Object" else Path(rel).stem)].append(acc)
     metrics, by_kind = {}, defaultdict(list)
-    for (kind, name), accs in sorted(sub.items()):
-        metrics[f"{kind}/{name}"] = _mean(accs)
-        by_kind[kind].append(_mean(accs))
-    summary = {k: _mean(by_kind[k]) for k in ("Object", "Attribute", "Relation") if k in by_kind}
-    summary["average"] = _mean(summary.values())
-    return _result(metrics, summary, len(keys), missing, "vlchecklist")
+    for item, sources in corpus.items():
+        source_means = [_mean(per_file[f] for f in names if f in per_file) for names in sources.values()
+                        if any(f in per_file for f in names)]
+        if source_means:
+            metrics[item] = _mean(source_means)
+    for kind, items in VLCHECKLIST_KINDS.items():
+        scores = [metrics[i] for i in items if i in metrics]
+        if scores:
+            by_kind[kind] = _mean(scores)
+    summary = dict(by_kind, average=_mean(by_kind.values()))
+    metrics.update({f"file/{f}": v for f, v in per_file.items()})
+    metrics["dropped_samples"] = float(dropped)
+    notes = None
+    if absent:
+        notes = f"{len(absent)} corpus file(s) absent, skipped: " + ", ".join(absent[:5]) + (" ..." * (len(absent) > 5))
+    if missing_images:
+        shown = ", ".join(sorted(missing_images)[:5])
+        warnings.warn(f"vlchecklist: {len(missing_images)} image(s) missing; {dropped} sample(s) using them dropped "
+                      f"before the first-1000 cap, as the official loader does: {shown}", stacklevel=2)
+    out = _result(metrics, summary, len(keys), [], "vlchecklist", notes)
+    out["missing"], out["missing_paths"] = len(missing_images), sorted(missing_images)[:20]
+    return out
 
 
 # ===== Zero-shot classification =====

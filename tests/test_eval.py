@@ -409,34 +409,74 @@ def test_valse_mturk_filter(tmp_path):
 
 # ---------- VL-CheckList ----------
 
-def test_vlchecklist(tmp_path):
-    draw(tmp_path / "vl-checklist/images/vg/VG_100K/1.jpg", 1)
-    draw(tmp_path / "vl-checklist/images/swig/eat_1.jpg", 2)
+def test_vlchecklist_cap_missing_images_and_corpus_grouping(tmp_path):
+    """The official ITC rule: drop samples whose image is missing, keep the first MAX_NUM / 2 = 1000 per file,
+    accuracy per file; corpus.json grouping: item = mean over sources of the mean over files."""
+    import random as pyrandom
+    rng = pyrandom.Random(0)
+    images = tmp_path / "vl-checklist/images"
+    for folder in ("vg/VG_100K", "swig", "hake"):
+        for i in range(3):
+            draw(images / folder / f"{i}.jpg", i)
     texts = {}
-
-    def write(rel, n_good, n_bad, image):
+    # (data file, image folder, number of samples); one file > 1000 samples with every tenth image absent
+    layout = {
+        "Attribute_color_vg": ("Attribute/vg/color.json", "vg", 1300),
+        "Attribute_color_vaw": ("Attribute/vaw/color.json", "vg", 7),
+        "Attribute_material_vg": ("Attribute/vg/material.json", "vg", 5),
+        "Object_Size_large_vg_obj": ("Object/Size/vg_size/vg_obj_large.json", "vg", 6),
+        "Object_Size_large_vg_subj": ("Object/Size/vg_size/vg_subj_large.json", "vg", 4),
+        "Object_Size_large_swig_agent": ("Object/Size/swig_size/swig_agent/swig_agent_large.json", "swig", 5),
+        "Object_Size_large_hake": ("Object/Size/hake_size/hake_obj_large.json", "hake", 3),
+        "Object_Location_mid_vg_obj": ("Object/Location/vg_location/vg_obj_mid.json", "vg", 4),
+        "Relation_action_swig": ("Relation/swig_action.json", "swig", 6),
+        "Relation_spatial_vg": ("Relation/vg/spatial.json", "vg", 5),
+    }
+    rows_of = {}
+    for name, (rel, folder, n) in layout.items():
         rows = []
-        for j in range(n_good + n_bad):
-            p, n = f"{rel} P{j}", f"{rel} N{j}"
-            texts[p], texts[n] = unit(0.9 if j < n_good else 0.1), unit(0.5)
-            rows.append([image, {"POS": [p], "NEG": [n]}])
+        for j in range(n):
+            p, q = f"{name} P{j}", f"{name} N{j}"
+            texts[p], texts[q] = unit(rng.choice([0.2, 0.5, 0.8])), unit(rng.choice([0.2, 0.5, 0.8]))
+            image = f"{j % 3}.jpg" if not (name == "Attribute_color_vg" and j % 10 == 9) else "absent.jpg"
+            rows.append([("VG_100K/" if folder == "vg" else "") + image, {"POS": [p], "NEG": [q]}])
         path = tmp_path / "vl-checklist/data" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rows))
-
-    write("Attribute/vg/color.json", 1, 1, "VG_100K/1.jpg")        # 50
-    write("Attribute/vaw/color.json", 1, 0, "VG_100K/1.jpg")       # 100 -> color = 75
-    write("Attribute/vg/material.json", 1, 3, "VG_100K/1.jpg")     # 25 -> Attribute = 50
-    write("Object/Location/vg_obj.json", 2, 2, "VG_100K/1.jpg")    # 50
-    write("Object/Size/vg_obj.json", 1, 0, "VG_100K/1.jpg")        # 100 -> Object = 75
-    write("Relation/swig/action.json", 0, 2, "eat_1.jpg")          # 0 -> Relation = 0
+        rows_of[name] = (rows, folder)
     model, tok = fake(text_vecs=texts)
-    r = run(model, tok, ["vlchecklist"], tmp_path)["vlchecklist"]
-    assert r["summary"]["Attribute"] == pytest.approx(50.0)
-    assert r["summary"]["Object"] == pytest.approx(75.0)
-    assert r["summary"]["Relation"] == 0.0
-    assert r["metrics"]["Attribute/color"] == pytest.approx(75.0)
-    assert r["missing"] == 0 and r["n"] == 14
+    with pytest.warns(UserWarning, match="dropped"):
+        r = run(model, tok, ["vlchecklist"], tmp_path)["vlchecklist"]
+    # the official loop
+    acc = {}
+    for name, (rows, folder) in rows_of.items():
+        kept = [(pq["POS"][0], pq["NEG"][0]) for image, pq in rows if (images / folder / image).exists()][:1000]
+        acc[name] = 100.0 * sum(texts[p][0] > texts[q][0] for p, q in kept) / len(kept)
+    corpus = {"large": {"vg": ["Object_Size_large_vg_obj", "Object_Size_large_vg_subj"],
+                        "swig": ["Object_Size_large_swig_agent"], "hake": ["Object_Size_large_hake"]},
+              "mid": {"vg": ["Object_Location_mid_vg_obj"]},
+              "color": {"vg": ["Attribute_color_vg"], "vaw": ["Attribute_color_vaw"]},
+              "material": {"vg": ["Attribute_material_vg"]},
+              "action_r": {"swig": ["Relation_action_swig"]}, "spatial": {"vg": ["Relation_spatial_vg"]}}
+    item = {k: sum(sum(acc[f] for f in fs) / len(fs) for fs in src.values()) / len(src) for k, src in corpus.items()}
+    for k, v in item.items():
+        assert r["metrics"][k] == pytest.approx(v)
+    assert r["summary"]["Object"] == pytest.approx((item["large"] + item["mid"]) / 2)
+    assert r["summary"]["Attribute"] == pytest.approx((item["color"] + item["material"]) / 2)
+    assert r["summary"]["Relation"] == pytest.approx((item["action_r"] + item["spatial"]) / 2)
+    assert r["metrics"]["file/Attribute_color_vg"] == pytest.approx(acc["Attribute_color_vg"])
+    assert r["missing"] == 1 and r["metrics"]["dropped_samples"] == 130
+    assert r["n"] == 1000 + sum(n for name, (_, _, n) in layout.items() if name != "Attribute_color_vg")
+    assert "absent" in r["notes"]
+
+
+def test_vlchecklist_bad_file(tmp_path):
+    (tmp_path / "vl-checklist/images").mkdir(parents=True)
+    (tmp_path / "vl-checklist/data/Attribute/vg").mkdir(parents=True)
+    (tmp_path / "vl-checklist/data/Attribute/vg/color.json").write_text(json.dumps([{"image": "x.jpg"}]))
+    model, tok = fake()
+    with pytest.raises(ev.BenchmarkDataError, match=r"expected a list of \[image_path"):
+        run(model, tok, ["vlchecklist"], tmp_path)
 
 
 # ---------- zero-shot ----------
