@@ -500,6 +500,65 @@ def test_zeroshot_imagenet_folder(tmp_path):
     assert r["n"] == 3
 
 
+def test_zero_shot_classifier_equals_open_clip_builder():
+    import open_clip
+    gen = torch.Generator().manual_seed(0)
+    table = {}
+
+    def text_vec(t):   # a fixed random vector per prompt
+        if t not in table:
+            table[t] = torch.randn(D, generator=gen).tolist()
+        return table[t]
+    model, tok = fake(text_vecs=text_vec)
+    names = [f"class {i}" for i in range(23)]
+    templates = [lambda c: f"a {c}.", lambda c: f"the {c}!", lambda c: f"art of {c}"]
+    ours = ev.zero_shot_classifier(model, tok, names, templates, device="cpu", batch_size=7)
+    with torch.no_grad():
+        ref = open_clip.build_zero_shot_classifier(model, tok, names, templates, num_classes_per_batch=10,
+                                                   device="cpu", use_tqdm=False)
+    assert ours.shape == (D, 23) and torch.allclose(ours, ref.float(), atol=1e-6)
+    mixed = ev.zero_shot_classifier(model, tok, names, ["a {}.", templates[1], "art of {}"], device="cpu")
+    assert torch.allclose(mixed, ours)
+
+
+def test_zeroshot_caltech101_clip_benchmark_names_and_templates(tmp_path):
+    """102 classes (BACKGROUND_Google kept) named as CLIP_benchmark names them, its 34 templates."""
+    root = tmp_path / "zeroshot/caltech101/101_ObjectCategories"
+    for folder, _ in ev.CALTECH101_CLASSES:
+        (root / folder).mkdir(parents=True)
+    # image i of folder f: Faces (label 1) x2, Faces_easy (label 2) x1, car_side (label 20) x1
+    images = [("Faces", 1), ("Faces", 2), ("Faces_easy", 3), ("car_side", 4)]
+    for k, (folder, i) in enumerate(images):
+        n = sum(1 for f, _ in images[:k] if f == folder) + 1
+        draw(root / folder / f"image_{n:04d}.jpg", i)
+    prompts = []
+
+    def text_vec(t):
+        prompts.append(t)
+        return E0 if "off-center face" in t else E1 if "centered face" in t else E2 if "side of a car" in t else [
+            0, 0, 0, 1.0]
+    model, tok = fake(image_vecs={1: E0, 2: E1, 3: E1, 4: E0}, text_vecs=text_vec)
+    r = run(model, tok, ["zeroshot"], tmp_path)["zeroshot"]
+    assert len(set(prompts)) == 102 * 34 and "a photo of a off-center face." in prompts
+    assert not any("Faces" in p or "car_side" in p for p in prompts)
+    # by hand: image 1 -> off-center face (label 1, right), image 2 -> centered face (wrong), image 3 ->
+    # centered face (label 2, right), image 4 -> off-center face (label 20, wrong); per class 50, 100, 0
+    assert r["metrics"]["caltech101/acc1"] == pytest.approx(50.0)
+    assert r["summary"]["caltech101"] == pytest.approx(50.0)      # mean per class: (50 + 100 + 0) / 3
+    assert r["n"] == 4
+    (root / "BACKGROUND_Google").rmdir()
+    with pytest.raises(ev.BenchmarkDataError, match="102 folders.*BACKGROUND_Google"):
+        run(model, tok, ["zeroshot"], tmp_path)
+
+
+def test_zeroshot_needs_scipy_says_so_before_the_run(tmp_path, monkeypatch):
+    (tmp_path / "zeroshot/flowers-102").mkdir(parents=True)
+    monkeypatch.setattr(ev, "_has_module", lambda name: name != "scipy")
+    model, tok = fake()
+    with pytest.raises(ev.BenchmarkDataError, match="flowers102 need scipy.*pip install scipy"):
+        run(model, tok, ["zeroshot"], tmp_path)
+
+
 # ---------- retrieval ----------
 
 def test_karpathy_and_urban1k(tmp_path):
