@@ -755,29 +755,55 @@ def sugarcrepe(ctx):
 
 VALSE_PIECES = ("existence", "plurals", "counting-hard", "counting-small-quant", "counting-adversarial", "relations",
                 "action-replacement", "actant-swap", "coreference-standard", "coreference-hard", "foil-it")
-# `dataset` field -> image folder under <root>/valse/images/
+# piece -> image folder under <root>/valse/images/, as the repository's config.py assigns image directories
+# per piece (coreference-standard's images are COCO train2014 files, coreference-hard's VisDial ones)
+VALSE_PIECE_DIRS = {"existence": "visual7w", "plurals": "coco2017", "counting-hard": "visual7w",
+                    "counting-small-quant": "visual7w", "counting-adversarial": "visual7w", "relations": "coco2017",
+                    "action-replacement": "swig", "actant-swap": "swig", "coreference-standard": "coco2014train",
+                    "coreference-hard": "visdial", "foil-it": "coco2014"}
+# the earlier layout keyed on the `dataset` field; still looked at when an image is not in its piece's folder
 VALSE_IMAGE_DIRS = {"visual7w": "visual7w", "coco2017": "coco2017", "coco_2017": "coco2017", "SWiG": "swig",
                     "VisDial_v1.0": "visdial", "FOIL dataset": "coco2014"}
 
 
+def _identical_after_tokenizing(tokenizer, pos, neg):
+    """(N,) bool: caption and foil give the same tokens (e.g. they differ only past the context length)."""
+    same = []
+    for s in range(0, len(pos), 1024):
+        a, b = tokenizer(pos[s:s + 1024]), tokenizer(neg[s:s + 1024])
+        same.append((a == b).reshape(len(a), -1).all(dim=1))
+    return torch.cat(same) if same else torch.zeros(0, dtype=torch.bool)
+
+
 def valse(ctx):
     """VALSE (Heidelberg-NLP/VALSE). Files: <root>/valse/data/<piece>.json (dict id -> sample), images in
-    <root>/valse/images/{visual7w,coco2017,swig,visdial,coco2014}/<image_file> chosen by the `dataset` field
-    (Visual7W, COCO 2017, SWiG images_512, VisDial v1.0 val, COCO val2014 for FOIL-it; symlinks are fine).
+    <root>/valse/images/<folder>/<image_file> with the folder per piece (VALSE_PIECE_DIRS, as the repository's
+    config.py): visual7w (existence, counting), coco2017 (plurals, relations), swig (SWiG images_512: actions),
+    coco2014train (COCO train2014: coreference-standard), visdial (VisDial v1.0 val: coreference-hard),
+    coco2014 (COCO val2014: foil-it); symlinks are fine. The pieces present are scored, the others are named in
+    `skipped`.
 
     Official rule: keep samples with mturk["caption"] >= 2; pairwise ranking accuracy
     acc_r = mean[s(img, caption) > s(img, foil)] per piece; summary: per piece and the average over pieces.
+    A caption and foil that tokenize identically (they differ only after the context length) score equal and
+    count as wrong (a tie); `ties` gives their number, per piece in `ties_per_piece`.
     """
-    files = [f"valse/data/{p}.json" for p in VALSE_PIECES]
-    _require(ctx, "valse", files + ["valse/images"], "github.com/Heidelberg-NLP/VALSE (data/) + the image sets "
-             "named in its README (Visual7W, COCO 2017, SWiG, VisDial v1.0, COCO 2014)")
+    present = [p for p in VALSE_PIECES if ctx.root is not None and (ctx.root / f"valse/data/{p}.json").exists()]
+    source = ("github.com/Heidelberg-NLP/VALSE (data/) + the image sets named in its README (Visual7W, COCO 2017, "
+              "SWiG, COCO train2014, VisDial v1.0, COCO val2014)")
+    _require(ctx, "valse", [f"valse/data/{p}.json" for p in present or VALSE_PIECES[:1]] + ["valse/images"], source)
+    skipped = [p for p in VALSE_PIECES if p not in present]
+    images = ctx.root / "valse/images"
     keys, pos, neg, piece_of = [], [], [], []
-    for piece in VALSE_PIECES:
+    for piece in present:
         for _, it in _read_json(ctx.root / f"valse/data/{piece}.json", "valse").items():
             if it.get("mturk", {}).get("caption", 0) < 2:
                 continue
-            folder = VALSE_IMAGE_DIRS.get(it["dataset"], it["dataset"])
-            keys.append(str(ctx.root / "valse/images" / folder / it["image_file"]))
+            path = images / VALSE_PIECE_DIRS[piece] / it["image_file"]
+            if not path.exists():
+                older = images / VALSE_IMAGE_DIRS.get(it["dataset"], it["dataset"]) / it["image_file"]
+                path = older if older.exists() else path
+            keys.append(str(path))
             pos.append(it["caption"])
             neg.append(it["foil"])
             piece_of.append(piece)
@@ -785,7 +811,17 @@ def valse(ctx):
     per_piece = grouped_accuracy(correct, piece_of)
     metrics = {p: per_piece[p] for p in VALSE_PIECES if p in per_piece}
     summary = dict(metrics, average=_mean(metrics.values()))
-    return _result(metrics, summary, len(keys), missing, "valse")
+    tied = _identical_after_tokenizing(ctx.tokenizer, pos, neg)
+    ties = {p: int(n) for p, n in zip(*np.unique(np.array(piece_of)[tied.numpy()], return_counts=True))}
+    notes = []
+    if skipped:
+        notes.append(f"pieces skipped (no file): {', '.join(skipped)}")
+        warnings.warn(f"valse: {len(skipped)} piece file(s) absent, skipped: {', '.join(skipped)}", stacklevel=2)
+    if ties:
+        notes.append(f"{sum(ties.values())} caption/foil pair(s) identical after tokenizing, scored as ties (wrong)")
+    out = _result(metrics, summary, len(keys), missing, "valse", "; ".join(notes) or None)
+    out.update(ties=sum(ties.values()), ties_per_piece=ties, skipped=skipped)
+    return out
 
 
 # ===== VL-CheckList =====

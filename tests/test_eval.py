@@ -407,6 +407,55 @@ def test_valse_mturk_filter(tmp_path):
     assert r["summary"]["average"] == 50.0
 
 
+class TruncatingTokenizer(FakeTokenizer):
+    """Like a real tokenizer with a context length: only the first `words` words of a text count."""
+
+    def __init__(self, words=4):
+        super().__init__()
+        self.words = words
+
+    def __call__(self, texts):
+        return super().__call__([" ".join(t.split()[:self.words]) for t in texts])
+
+
+def test_valse_subset_piece_folders_and_ties(tmp_path):
+    """Only 3 piece files: they run, the 8 others are named; coreference-standard's images are read from the
+    COCO train2014 folder; pairs identical within the context length are counted as ties (and wrong)."""
+    import random as pyrandom
+    rng = pyrandom.Random(1)
+    pieces = {"existence": ("visual7w", "visual7w"), "coreference-standard": ("VisDial_v1.0", "coco2014train"),
+              "foil-it": ("FOIL dataset", "coco2014")}
+    tok = TruncatingTokenizer(words=4)
+    vectors, expected, ties = {}, {}, 0
+    for pi, (piece, (dataset, folder)) in enumerate(pieces.items()):
+        draw(tmp_path / f"valse/images/{folder}/COCO_{pi}.jpg", pi)
+        items, hits, n = {}, 0, 0
+        for j in range(6):
+            tie = j == 5
+            cap = f"{piece} caption number {j} on the left"
+            foil = f"{piece} caption number {j} on the right" if tie else f"{piece} foil {j}"
+            c, f = rng.choice([0.2, 0.5, 0.8]), rng.choice([0.2, 0.5, 0.8])
+            vectors[" ".join(cap.split()[:4])], vectors[" ".join(foil.split()[:4])] = unit(c), unit(f)
+            valid = j != 0
+            items[f"{piece}_{j}"] = {"dataset": dataset, "image_file": f"COCO_{pi}.jpg", "caption": cap, "foil": foil,
+                                     "mturk": {"caption": 3 if valid else 1, "foil": 0, "other": 0}}
+            if valid:     # the official rule on what the model sees (the truncated texts)
+                n += 1
+                hits += (c > f) and not tie
+                ties += tie
+        (tmp_path / "valse/data").mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"valse/data/{piece}.json").write_text(json.dumps(items))
+        expected[piece] = 100.0 * hits / n
+    model = FakeModel(tok, text_vecs=vectors)
+    with pytest.warns(UserWarning, match="8 piece file"):
+        r = run(model, tok, ["valse"], tmp_path)["valse"]
+    assert r["metrics"] == pytest.approx(expected)
+    assert r["summary"]["average"] == pytest.approx(sum(expected.values()) / 3)
+    assert r["missing"] == 0 and r["n"] == 15
+    assert r["ties"] == ties == 3 and r["ties_per_piece"] == {p: 1 for p in pieces}
+    assert len(r["skipped"]) == 8 and "plurals" in r["skipped"]
+
+
 # ---------- VL-CheckList ----------
 
 def test_vlchecklist_cap_missing_images_and_corpus_grouping(tmp_path):
