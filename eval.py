@@ -726,21 +726,30 @@ def flickr30k_order(ctx):
 SUGARCREPE_SUBSETS = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att")
 
 
+# where the 7 json files may be: our layout, or a clone of the repository (its data/ folder)
+SUGARCREPE_JSON_DIRS = ("sugarcrepe", "sugarcrepe/data", "sugar-crepe/data")
+
+
 def sugarcrepe(ctx):
     """SugarCrepe (RAIVNLab/sugar-crepe, data/*.json; images: COCO val2017 from images.cocodataset.org).
 
-    Files: <root>/sugarcrepe/<subset>.json, each a dict {"<key>": {"filename", "caption", "negative_caption"}}
+    Files: <root>/sugarcrepe/<subset>.json (or a clone of the repository: <root>/sugarcrepe/data/ or
+    <root>/sugar-crepe/data/), each a dict {"<key>": {"filename", "caption", "negative_caption"}}
     (keys not contiguous: iterate items), images at <root>/coco/val2017/<filename>. Official rule
     (main_eval.py): correct iff s(img, caption) > s(img, negative_caption). Accuracy per subset; summary
-    REPLACE / SWAP / ADD = mean of their subsets.
+    REPLACE / SWAP / ADD = mean of their subsets. Images at <root>/coco/val2017/ or <root>/val2017/.
     """
-    files = [f"sugarcrepe/{s}.json" for s in SUGARCREPE_SUBSETS]
-    _require(ctx, "sugarcrepe", files + ["coco/val2017"],
-             "github.com/RAIVNLab/sugar-crepe (data/, not data_unrefined/) + COCO val2017 images")
+    folder = next((d for d in SUGARCREPE_JSON_DIRS if ctx.root is not None and (ctx.root / d / "add_obj.json").exists()),
+                  SUGARCREPE_JSON_DIRS[0])
+    images = next((d for d in ("coco/val2017", "val2017") if ctx.root is not None and (ctx.root / d).is_dir()),
+                  "coco/val2017")
+    files = [f"{folder}/{s}.json" for s in SUGARCREPE_SUBSETS]
+    _require(ctx, "sugarcrepe", files + [images], "github.com/RAIVNLab/sugar-crepe (data/, not data_unrefined/) + "
+             "COCO val2017 images; the json files are also accepted in " + ", ".join(SUGARCREPE_JSON_DIRS[1:]))
     keys, pos, neg, subset_of = [], [], [], []
     for subset in SUGARCREPE_SUBSETS:
-        for _, it in _read_json(ctx.root / f"sugarcrepe/{subset}.json", "sugarcrepe").items():
-            keys.append(str(ctx.root / "coco/val2017" / it["filename"]))
+        for _, it in _read_json(ctx.root / f"{folder}/{subset}.json", "sugarcrepe").items():
+            keys.append(str(ctx.root / images / it["filename"]))
             pos.append(it["caption"])
             neg.append(it["negative_caption"])
             subset_of.append(subset)
@@ -1153,31 +1162,98 @@ def _retrieval_result(ctx, name, image_keys, captions, caption_image, notes=None
     return _result(metrics, summary, len(captions), missing, name, notes)
 
 
-def _karpathy(ctx, name, ann, image_path):
-    _require(ctx, name, [ann], "Karpathy's caption_datasets.zip (dataset_coco.json / dataset_flickr30k.json) "
-             "+ COCO 2014 / Flickr30k images")
-    images = [im for im in _read_json(ctx.root / ann, name)["images"] if im["split"] == "test"]
-    keys, captions, owner = [], [], []
-    for i, im in enumerate(images):
-        keys.append(str(image_path(im)))
-        for sent in im["sentences"]:
-            captions.append(sent["raw"])
-            owner.append(i)
+def _retrieval_pairs(ctx, name, path, image_dir):
+    """(image paths, captions, caption -> image index) from any of the Karpathy-test layouts in use:
+
+    - Karpathy's dataset_coco.json / dataset_flickr30k.json: {"images": [{filepath?, filename, split,
+      sentences: [{raw}]}]}, split == "test", `raw` captions; image = image_dir/<filepath>/<filename> (COCO) or
+      image_dir/<filename>;
+    - CLIP_benchmark's coco_test_karpathy.json (COCO captions format, read by torchvision's CocoCaptions):
+      {"images": [{id, file_name}], "annotations": [{image_id, caption}]}, images sorted by id;
+    - CLIP_benchmark's flickr30k_test_karpathy.txt: a header line, then "<image>.jpg,<caption>" rows split on
+      the first ".jpg,";
+    - BLIP's coco_karpathy_test.json / flickr30k_test.json: [{image: "val2014/..jpg", caption: [...]}], image
+      relative to the data set's root.
+    Captions are used as the file gives them (no pre_caption), as CLIP_benchmark does.
+    """
+    images, captions, owner = [], [], []
+
+    def add(image, caps):
+        images.append(str(image))
+        for c in caps:
+            captions.append(c)
+            owner.append(len(images) - 1)
+    if path.suffix == ".txt":
+        by_image = OrderedDict()
+        with open(path) as f:
+            f.readline()
+            for line in f:
+                line = line.strip()
+                if line:
+                    if ".jpg," not in line:
+                        raise BenchmarkDataError(f"{name}: {path}: expected rows '<image>.jpg,<caption>', found {line[:80]!r}")
+                    image, caption = line.split(".jpg,", 1)
+                    by_image.setdefault(image + ".jpg", []).append(caption)
+        for image, caps in by_image.items():
+            add(image_dir / image, caps)
+        return images, captions, owner
+    data = _read_json(path, name)
+    if isinstance(data, dict) and "annotations" in data:
+        caps = defaultdict(list)
+        for a in data["annotations"]:
+            caps[a["image_id"]].append(a["caption"])
+        for im in sorted(data["images"], key=lambda im: im["id"]):
+            add(image_dir / im["file_name"], caps[im["id"]])
+    elif isinstance(data, dict) and "images" in data:
+        for im in data["images"]:
+            if im["split"] == "test":
+                add(image_dir / im.get("filepath", "") / im["filename"], [s["raw"] for s in im["sentences"]])
+    elif isinstance(data, list) and data and "image" in data[0]:
+        for it in data:
+            add(image_dir.parent / it["image"] if it["image"].startswith(image_dir.name + "/") else image_dir / it["image"],
+                it["caption"] if isinstance(it["caption"], list) else [it["caption"]])
+    else:
+        raise BenchmarkDataError(f"{name}: {path}: not a Karpathy (images/sentences), COCO-captions "
+                                 "(images/annotations) or BLIP ([{image, caption}]) annotation file")
+    return images, captions, owner
+
+
+def _karpathy(ctx, name, candidates, source):
+    """Run retrieval on the first annotation file found among `candidates` [(relative path, image folder)]."""
+    found = next(((a, d) for a, d in candidates if ctx.root is not None and (ctx.root / a).exists()), None)
+    if found is None:
+        _require(ctx, name, [candidates[0][0]], source + "; also accepted: " + ", ".join(a for a, _ in candidates[1:]))
+    ann, image_dir = found
+    keys, captions, owner = _retrieval_pairs(ctx, name, ctx.root / ann, ctx.root / image_dir)
     return _retrieval_result(ctx, name, keys, captions, owner)
 
 
 def coco_retrieval(ctx):
-    """COCO 5k (Karpathy test): <root>/karpathy/dataset_coco.json, images <root>/coco/<filepath>/<filename>.
-    All `raw` captions of the test images (25,010); R@1/5/10 image->text and text->image."""
-    return _karpathy(ctx, "coco_retrieval", "karpathy/dataset_coco.json",
-                     lambda im: ctx.root / "coco" / im["filepath"] / im["filename"])
+    """COCO 5k (Karpathy test), from the first of: <root>/karpathy/dataset_coco.json (Karpathy), 
+    <root>/coco/coco_test_karpathy.json (CLIP_benchmark), <root>/coco/coco_karpathy_test.json or
+    <root>/aro/coco_karpathy_test.json (BLIP); images <root>/coco/val2014/ (Karpathy: <root>/coco/<filepath>/).
+    All captions of the test images (25,010); R@1/5/10 image->text and text->image."""
+    return _karpathy(ctx, "coco_retrieval", [("karpathy/dataset_coco.json", "coco"),
+                                             ("coco/coco_test_karpathy.json", "coco/val2014"),
+                                             ("coco/coco_karpathy_test.json", "coco/val2014"),
+                                             ("aro/coco_karpathy_test.json", "coco/val2014")],
+                     "Karpathy's caption_datasets.zip (dataset_coco.json), CLIP_benchmark's coco_test_karpathy.json "
+                     "or BLIP's coco_karpathy_test.json + COCO val2014 images")
 
 
 def flickr30k_retrieval(ctx):
-    """Flickr30k 1k (Karpathy test): <root>/karpathy/dataset_flickr30k.json, images
-    <root>/flickr30k/flickr30k-images/<filename>; 5 captions per image."""
-    return _karpathy(ctx, "flickr30k_retrieval", "karpathy/dataset_flickr30k.json",
-                     lambda im: ctx.root / "flickr30k/flickr30k-images" / im["filename"])
+    """Flickr30k 1k (Karpathy test), from the first of: <root>/karpathy/dataset_flickr30k.json (Karpathy),
+    <root>/flickr30k/flickr30k-images/flickr30k_test_karpathy.txt or <root>/flickr30k/flickr30k_test_karpathy.txt
+    (CLIP_benchmark), <root>/flickr30k/flickr30k_test.json or <root>/aro/flickr30k_test.json (BLIP); images
+    <root>/flickr30k/flickr30k-images/; 5 captions per image."""
+    images = "flickr30k/flickr30k-images"
+    return _karpathy(ctx, "flickr30k_retrieval", [("karpathy/dataset_flickr30k.json", images),
+                                                  (f"{images}/flickr30k_test_karpathy.txt", images),
+                                                  ("flickr30k/flickr30k_test_karpathy.txt", images),
+                                                  ("flickr30k/flickr30k_test.json", images),
+                                                  ("aro/flickr30k_test.json", images)],
+                     "Karpathy's caption_datasets.zip (dataset_flickr30k.json), CLIP_benchmark's "
+                     "flickr30k_test_karpathy.txt or BLIP's flickr30k_test.json + Flickr30k images")
 
 
 _TRUNCATION_NOTE = "long captions truncated to the tokenizer's context length"

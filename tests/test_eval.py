@@ -641,6 +641,65 @@ def test_karpathy_and_urban1k(tmp_path):
     assert len(out["skipped"]) == 3
 
 
+def _recall_by_loop(image_vecs, captions, ks=(1, 5)):
+    """The CLIP-paper rule, query by query: captions = [(text vector, image index)]."""
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+    n = len(image_vecs)
+    out = {}
+    for k in ks:
+        i2t = 0
+        for i, v in enumerate(image_vecs):
+            order = sorted(range(len(captions)), key=lambda c: -dot(v, captions[c][0]))[:k]
+            i2t += any(captions[c][1] == i for c in order)
+        t2i = sum(i in sorted(range(n), key=lambda j: -dot(image_vecs[j], t))[:k] for t, i in captions)
+        out[f"i2t_R@{k}"], out[f"t2i_R@{k}"] = 100.0 * i2t / n, 100.0 * t2i / len(captions)
+    return out
+
+
+def test_retrieval_and_sugarcrepe_alternative_layouts(tmp_path):
+    """CLIP_benchmark's coco_test_karpathy.json / flickr30k_test_karpathy.txt, BLIP's coco_karpathy_test.json and
+    SugarCrepe's repository layout give the numbers of the official rule on the same data."""
+    basis = [E0, E1, E2, [0, 0, 0, 1.0]]
+    caps = {0: ["a dog, running", "dog on grass"], 1: ["a cat", "cat.jpg, sleeping"], 2: ["a car", "red car"],
+            3: ["a tree"]}
+    texts = {c: basis[i] for i, cs in caps.items() for c in cs}
+    texts["dog on grass"], texts["red car"] = E1, [0.6, 0, 0.4, 0]     # two captions point elsewhere
+    expected = _recall_by_loop(basis, [(texts[c], i) for i, cs in caps.items() for c in cs])
+    layouts = {
+        "clip_benchmark_coco": lambda root: (root / "coco/coco_test_karpathy.json").write_text(json.dumps({
+            "images": [{"id": 10 + i, "file_name": f"COCO_val2014_{i}.jpg"} for i in reversed(range(4))],
+            "annotations": [{"id": k, "image_id": 10 + i, "caption": c} for k, (i, c) in
+                            enumerate((i, c) for i, cs in caps.items() for c in cs)]})),
+        "blip_coco": lambda root: (root / "coco/coco_karpathy_test.json").write_text(json.dumps(
+            [{"image": f"val2014/COCO_val2014_{i}.jpg", "caption": cs} for i, cs in caps.items()])),
+    }
+    for name, write in layouts.items():
+        root = tmp_path / name
+        for i in range(4):
+            draw(root / f"coco/val2014/COCO_val2014_{i}.jpg", i)
+        write(root)
+        model, tok = fake(image_vecs=dict(enumerate(basis)), text_vecs=texts)
+        r = run(model, tok, ["coco_retrieval"], root)["coco_retrieval"]
+        assert {k: r["metrics"][k] for k in expected} == pytest.approx(expected), name
+        assert r["n"] == 7
+    root = tmp_path / "clip_benchmark_flickr"
+    for i in range(4):
+        draw(root / f"flickr30k/flickr30k-images/{i}.jpg", i)
+    rows = ["image,caption"] + [f"{i}.jpg,{c}" for i, cs in caps.items() for c in cs]
+    (root / "flickr30k/flickr30k-images/flickr30k_test_karpathy.txt").write_text("\n".join(rows) + "\n")
+    model, tok = fake(image_vecs=dict(enumerate(basis)), text_vecs=texts)
+    r = run(model, tok, ["flickr30k_retrieval"], root)["flickr30k_retrieval"]
+    assert {k: r["metrics"][k] for k in expected} == pytest.approx(expected)
+    # SugarCrepe straight from a clone of its repository (sugar-crepe/data/*.json) and an image root val2017/
+    root = tmp_path / "sugarcrepe_repo"
+    texts_sc, expected_sc, _ = write_sugarcrepe(root)
+    (root / "sugar-crepe").mkdir()
+    (root / "sugarcrepe").rename(root / "sugar-crepe/data")
+    (root / "coco/val2017").rename(root / "val2017")
+    model, tok = fake(text_vecs=texts_sc)
+    assert run(model, tok, ["sugarcrepe"], root)["sugarcrepe"]["metrics"] == pytest.approx(expected_sc)
+
+
 # ---------- errors, tables, CLI ----------
 
 def test_errors(tmp_path):
