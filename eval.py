@@ -21,7 +21,8 @@ then scores all items with tensor operations. The numbers equal those of the off
 evaluators (`tests/bench.py` checks this and measures the speed-up).
 
 Missing images (policy): a missing or unreadable image is reported once per benchmark with its path and
-the count, and every item that needs it is **counted as wrong** (it stays in the denominator). The
+the count, and every item that needs it is **counted as wrong** (it stays in the denominator), except in
+VL-CheckList, whose official loader drops such samples before sampling (we do the same and report them). The
 result's `missing` field gives the number of missing images; `missing_paths` lists the first few.
 
 Library use (what the method scripts do before and after training):
@@ -36,16 +37,18 @@ Command line:
 
 Expected layout under --root (each benchmark's section says where the files come from):
 
-    <root>/coco/val2017/*.jpg                       COCO 2017 val images (SugarCrepe)
+    <root>/coco/val2017/*.jpg                       COCO 2017 val images (SugarCrepe; or <root>/val2017/)
     <root>/coco/val2014/*.jpg                       COCO 2014 val images (COCO-Order, Karpathy COCO retrieval)
     <root>/flickr30k/flickr30k-images/*.jpg         Flickr30k images
-    <root>/sugarcrepe/{add_obj,...,swap_att}.json
+    <root>/sugarcrepe/{add_obj,...,swap_att}.json   (or a clone of the repository: <root>/sugar-crepe/data/*.json)
     <root>/aro/visual_genome_{relation,attribution}.json, <root>/aro/images/  (VG-R / VG-A)
-    <root>/aro/coco_karpathy_test.json, <root>/aro/flickr30k_test.json        (COCO-/Flickr30k-Order)
-    <root>/valse/data/<piece>.json, <root>/valse/images/{visual7w,coco2017,swig,visdial,coco2014}/
-    <root>/vl-checklist/data/{Attribute,Object,Relation}/**/*.json, <root>/vl-checklist/images/
+    <root>/coco/coco_karpathy_test.json, <root>/flickr30k/flickr30k_test.json (COCO-/Flickr30k-Order, where the
+                                                    official code keeps them; <root>/aro/ also accepted)
+    <root>/valse/data/<piece>.json, <root>/valse/images/{visual7w,coco2017,swig,coco2014train,visdial,coco2014}/
+    <root>/vl-checklist/data/... (the repository's data/), <root>/vl-checklist/images/{vg,swig,hake}/
     <root>/zeroshot/<torchvision folder>/ and <root>/zeroshot/imagenet/val/<wnid>/*.JPEG
-    <root>/karpathy/dataset_coco.json, <root>/karpathy/dataset_flickr30k.json
+    <root>/karpathy/dataset_{coco,flickr30k}.json   (or CLIP_benchmark's coco/coco_test_karpathy.json and
+                                                    flickr30k/flickr30k-images/flickr30k_test_karpathy.txt, or BLIP's)
     <root>/Urban1k/{image,caption}/, <root>/docci/, <root>/dci/, <root>/sharegpt4v/
 """
 import argparse
@@ -270,10 +273,11 @@ def multiple_choice_accuracy(image_emb, option_emb, answer):
     return percent(multiple_choice_correct(image_emb, option_emb, answer))
 
 
-def zero_shot_classifier(model, tokenizer, classnames, templates, device=None, batch_size=1024):
+def zero_shot_classifier(model, tokenizer, classnames, templates, device=None, batch_size=256):
     """(D, C) class weights, open_clip.build_zero_shot_classifier's rule (each prompt embedding L2-normalized,
     mean over a class's templates, renormalized), with every prompt of every class encoded in batches of
-    `batch_size` (open_clip's builder encodes 10 classes at a time, slower on 80 templates x 1000 classes).
+    `batch_size` prompts whatever the class boundaries (open_clip's builder encodes 10 classes = 800 ImageNet
+    prompts per batch, slower on CPU than a per-class loop; 256-prompt batches are at least as fast).
     templates: callables or "{}"-format strings."""
     classnames, templates = list(classnames), list(templates)
     prompts = [t(c) if callable(t) else t.format(c) for c in classnames for t in templates]
@@ -1141,7 +1145,8 @@ def zeroshot(ctx):
             raise BenchmarkDataError(f"zeroshot {name}: cannot load {ctx.root / 'zeroshot' / folder} ({e})") from None
         loader = torch.utils.data.DataLoader(dataset, batch_size=ctx.batch_size, num_workers=ctx.workers)
         image_emb, labels = _encode_loader(ctx.model, loader, pick_device(ctx.device))
-        classifier = zero_shot_classifier(ctx.model, ctx.tokenizer, get_names(dataset), templates, ctx.device)
+        classifier = zero_shot_classifier(ctx.model, ctx.tokenizer, get_names(dataset), templates, ctx.device,
+                                          ctx.batch_size)
         scores = zero_shot_scores(image_emb, labels, classifier)
         metrics.update({f"{name}/{k}": v for k, v in scores.items()})
         summary[name] = scores[headline]
