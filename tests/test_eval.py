@@ -263,24 +263,103 @@ def test_vg_relation_and_attribution(tmp_path):
     assert vga["summary"] == {"VG-Attribution": pytest.approx(80.0)}
 
 
-def test_pre_caption_and_order_perturbations():
+def test_vg_relation_symmetric_filter(tmp_path):
+    """The headline drops the ARO notebook's `symmetric` relations; macro_all keeps every relation."""
+    import random as pyrandom
+    draw(tmp_path / "aro/images/0.jpg", 0)
+    rng = pyrandom.Random(3)
+    # 4 kept relations and 4 from the notebook's list, 1-6 items each, random scores (ties included)
+    relations = ["on", "under", "holding", "wearing", "next to", "by", "near", "sitting on top of"]
+    symmetric = {"next to", "by", "near"}            # "sitting on top of" is not in the notebook's list
+    texts, items = {}, []
+    for r in relations:
+        for j in range(rng.randint(1, 6)):
+            t, f = rng.choice([0.2, 0.5, 0.8]), rng.choice([0.2, 0.5, 0.8])
+            texts[f"t {r} {j}"], texts[f"f {r} {j}"] = unit(t), unit(f)
+            items.append(aro_item("0.jpg", r, f"t {r} {j}", f"f {r} {j}"))
+    (tmp_path / "aro/visual_genome_relation.json").write_text(json.dumps(items))
+    model, tok = fake(text_vecs=texts)
+    r = run(model, tok, ["vg_relation"], tmp_path)["vg_relation"]
+    # the official rule, item by item: argmax over [false, true] (np.argmax picks 0 on a tie), per relation
+    hits, counts = {}, {}
+    for it in items:
+        scores = [texts[it["false_caption"]][0], texts[it["true_caption"]][0]]
+        ok = scores.index(max(scores)) == 1
+        hits[it["relation_name"]] = hits.get(it["relation_name"], 0) + ok
+        counts[it["relation_name"]] = counts.get(it["relation_name"], 0) + 1
+    per_rel = {k: 100.0 * hits[k] / counts[k] for k in counts}
+    kept = [v for k, v in per_rel.items() if k not in symmetric]
+    assert r["summary"]["VG-Relation"] == pytest.approx(sum(kept) / len(kept))
+    assert r["metrics"]["macro_all"] == pytest.approx(sum(per_rel.values()) / len(per_rel))
+    assert r["metrics"]["relations_kept"] == 5
+    assert r["summary"]["VG-Relation"] != pytest.approx(r["metrics"]["macro_all"])   # the filter matters here
+    assert {"next to", "by", "near"} <= set(ev.VGR_EXCLUDED_RELATIONS) and len(ev.VGR_EXCLUDED_RELATIONS) == 157
+
+
+def test_pre_caption_and_word_tokenize():
     assert ev.pre_caption('A "Dog" (big)  runs; fast!') == "a dog big runs fast"
     assert ev.pre_caption(" ".join(str(i) for i in range(40))).split() == [str(i) for i in range(30)]
-    nlp = ev._nlp()
-    doc = nlp("a small red car parked next to a large white house")
-    rng = __import__("numpy").random.RandomState(0)
-    perts = ev.order_perturbations(doc, rng)
-    words = sorted(doc.text.split())
-    for p in perts:
-        assert sorted(p.split()) == words
-    # shuffle_nouns_and_adj keeps every noun in a noun slot and the other words in place
-    tags = [t.tag_ for t in doc]
-    for w, orig, tag in zip(perts[0].split(), doc.text.split(), tags):
-        if tag not in ev._NOUN_TAGS | ev._ADJ_TAGS:
-            assert w == orig
-    # shuffle_within_trigrams keeps each trigram's word set
-    for k in range(0, 12, 3):
-        assert sorted(perts[2].split()[k:k + 3]) == sorted(doc.text.split()[k:k + 3])
+    # nltk.word_tokenize's output on these (Treebank rules: clitics, quotes, the final period, numbers)
+    assert ev.word_tokenize("A man's dog isn't sitting on the bench, it's \"running\" (fast)!") == [
+        "A", "man", "'s", "dog", "is", "n't", "sitting", "on", "the", "bench", ",", "it", "'s", "``", "running",
+        "''", "(", "fast", ")", "!"]
+    assert ev.word_tokenize("3,000 people at 1:30; u.s. flag.") == [
+        "3,000", "people", "at", "1:30", ";", "u.s.", "flag", "."]
+    assert ev.word_tokenize("Two dogs. A cat sleeps.") == ["Two", "dogs", ".", "A", "cat", "sleeps", "."]
+    assert ev.word_tokenize("Mr. Smith cannot swim.") == ["Mr.", "Smith", "can", "not", "swim", "."]
+
+
+def _official_order_perturbations(caption, tokens, seed):
+    """ARO's TextShuffler, as the official code runs it after seed_all(seed): numpy's and Python's global
+    generators, np.random.permutation of numpy token arrays, random.shuffle of trigram lists. `tokens` is what
+    nltk.word_tokenize gives for the caption (written out by hand in the test). seed None: go on from the
+    generators' current state (the next caption of the same run)."""
+    import random as pyrandom
+    import numpy as np
+    if seed is not None:
+        pyrandom.seed(seed)
+        np.random.seed(seed)
+    doc = ev._nlp()(caption)
+    text = np.array([t.text for t in doc])
+    nouns = [i for i, t in enumerate(doc) if t.tag_ in ["NN", "NNS", "NNP", "NNPS"]]
+    adjs = [i for i, t in enumerate(doc) if t.tag_ in ["JJ", "JJR", "JJS"]]
+    text[nouns] = np.random.permutation(text[nouns])
+    text[adjs] = np.random.permutation(text[adjs])
+    out = [" ".join(text)]
+    text = np.array([t.text for t in doc])
+    other = np.ones(len(text), dtype=bool)
+    other[nouns + adjs] = False
+    text[other] = np.random.permutation(text[other])
+    out.append(" ".join(text))
+    trigrams = [list(tokens[i:i + 3]) for i in range(0, len(tokens), 3)]
+    for t in trigrams:
+        pyrandom.shuffle(t)
+    out.append(" ".join(" ".join(t) for t in trigrams))
+    trigrams = [list(tokens[i:i + 3]) for i in range(0, len(tokens), 3)]
+    pyrandom.shuffle(trigrams)
+    out.append(" ".join(" ".join(t) for t in trigrams))
+    return out
+
+
+def test_order_perturbations_match_official_semantics_on_fixed_seeds():
+    import random as pyrandom
+    import numpy as np
+    caption = "A small red car, parked next to a large white house near the old tree."
+    tokens = ["A", "small", "red", "car", ",", "parked", "next", "to", "a", "large", "white", "house", "near",
+              "the", "old", "tree", "."]
+    assert ev.word_tokenize(caption) == tokens
+    for seed in (0, 1, 2, 42):
+        ours = ev.order_perturbations(caption, ev._nlp()(caption), np.random.RandomState(seed), pyrandom.Random(seed))
+        assert ours == _official_order_perturbations(caption, tokens, seed)
+    # generators carry over from caption to caption, as in the official loop over one data set
+    captions = ["Two dogs play with a yellow ball.", "A man riding a brown horse on the beach."]
+    toks = [["Two", "dogs", "play", "with", "a", "yellow", "ball", "."],
+            ["A", "man", "riding", "a", "brown", "horse", "on", "the", "beach", "."]]
+    np_rng, py_rng = np.random.RandomState(1), pyrandom.Random(1)
+    ours = [ev.order_perturbations(c, ev._nlp()(c), np_rng, py_rng) for c in captions]
+    reference = [_official_order_perturbations(captions[0], toks[0], 1),
+                 _official_order_perturbations(captions[1], toks[1], None)]
+    assert ours == reference
 
 
 def test_coco_and_flickr_order(tmp_path):
@@ -289,7 +368,8 @@ def test_coco_and_flickr_order(tmp_path):
     draw(tmp_path / "coco/val2014/COCO_val2014_000000000001.jpg", 1)
     draw(tmp_path / "flickr30k/flickr30k-images/7.jpg", 7)
     (tmp_path / "aro").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "aro/coco_karpathy_test.json").write_text(json.dumps(
+    # COCO's file where the official code keeps it (the COCO root), Flickr's in the older aro/ folder
+    (tmp_path / "coco/coco_karpathy_test.json").write_text(json.dumps(
         [{"image": "val2014/COCO_val2014_000000000001.jpg", "caption": caps}]))
     (tmp_path / "aro/flickr30k_test.json").write_text(json.dumps(
         [{"image": "flickr30k-images/7.jpg", "caption": caps[:1]}]))
@@ -327,36 +407,125 @@ def test_valse_mturk_filter(tmp_path):
     assert r["summary"]["average"] == 50.0
 
 
+class TruncatingTokenizer(FakeTokenizer):
+    """Like a real tokenizer with a context length: only the first `words` words of a text count."""
+
+    def __init__(self, words=4):
+        super().__init__()
+        self.words = words
+
+    def __call__(self, texts):
+        return super().__call__([" ".join(t.split()[:self.words]) for t in texts])
+
+
+def test_valse_subset_piece_folders_and_ties(tmp_path):
+    """Only 3 piece files: they run, the 8 others are named; coreference-standard's images are read from the
+    COCO train2014 folder; pairs identical within the context length are counted as ties (and wrong)."""
+    import random as pyrandom
+    rng = pyrandom.Random(1)
+    pieces = {"existence": ("visual7w", "visual7w"), "coreference-standard": ("VisDial_v1.0", "coco2014train"),
+              "foil-it": ("FOIL dataset", "coco2014")}
+    tok = TruncatingTokenizer(words=4)
+    vectors, expected, ties = {}, {}, 0
+    for pi, (piece, (dataset, folder)) in enumerate(pieces.items()):
+        draw(tmp_path / f"valse/images/{folder}/COCO_{pi}.jpg", pi)
+        items, hits, n = {}, 0, 0
+        for j in range(6):
+            tie = j == 5
+            cap = f"{piece} caption number {j} on the left"
+            foil = f"{piece} caption number {j} on the right" if tie else f"{piece} foil {j}"
+            c, f = rng.choice([0.2, 0.5, 0.8]), rng.choice([0.2, 0.5, 0.8])
+            vectors[" ".join(cap.split()[:4])], vectors[" ".join(foil.split()[:4])] = unit(c), unit(f)
+            valid = j != 0
+            items[f"{piece}_{j}"] = {"dataset": dataset, "image_file": f"COCO_{pi}.jpg", "caption": cap, "foil": foil,
+                                     "mturk": {"caption": 3 if valid else 1, "foil": 0, "other": 0}}
+            if valid:     # the official rule on what the model sees (the truncated texts)
+                n += 1
+                hits += (c > f) and not tie
+                ties += tie
+        (tmp_path / "valse/data").mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"valse/data/{piece}.json").write_text(json.dumps(items))
+        expected[piece] = 100.0 * hits / n
+    model = FakeModel(tok, text_vecs=vectors)
+    with pytest.warns(UserWarning, match="8 piece file"):
+        r = run(model, tok, ["valse"], tmp_path)["valse"]
+    assert r["metrics"] == pytest.approx(expected)
+    assert r["summary"]["average"] == pytest.approx(sum(expected.values()) / 3)
+    assert r["missing"] == 0 and r["n"] == 15
+    assert r["ties"] == ties == 3 and r["ties_per_piece"] == {p: 1 for p in pieces}
+    assert len(r["skipped"]) == 8 and "plurals" in r["skipped"]
+
+
 # ---------- VL-CheckList ----------
 
-def test_vlchecklist(tmp_path):
-    draw(tmp_path / "vl-checklist/images/vg/VG_100K/1.jpg", 1)
-    draw(tmp_path / "vl-checklist/images/swig/eat_1.jpg", 2)
+def test_vlchecklist_cap_missing_images_and_corpus_grouping(tmp_path):
+    """The official ITC rule: drop samples whose image is missing, keep the first MAX_NUM / 2 = 1000 per file,
+    accuracy per file; corpus.json grouping: item = mean over sources of the mean over files."""
+    import random as pyrandom
+    rng = pyrandom.Random(0)
+    images = tmp_path / "vl-checklist/images"
+    for folder in ("vg/VG_100K", "swig", "hake"):
+        for i in range(3):
+            draw(images / folder / f"{i}.jpg", i)
     texts = {}
-
-    def write(rel, n_good, n_bad, image):
+    # (data file, image folder, number of samples); one file > 1000 samples with every tenth image absent
+    layout = {
+        "Attribute_color_vg": ("Attribute/vg/color.json", "vg", 1300),
+        "Attribute_color_vaw": ("Attribute/vaw/color.json", "vg", 7),
+        "Attribute_material_vg": ("Attribute/vg/material.json", "vg", 5),
+        "Object_Size_large_vg_obj": ("Object/Size/vg_size/vg_obj_large.json", "vg", 6),
+        "Object_Size_large_vg_subj": ("Object/Size/vg_size/vg_subj_large.json", "vg", 4),
+        "Object_Size_large_swig_agent": ("Object/Size/swig_size/swig_agent/swig_agent_large.json", "swig", 5),
+        "Object_Size_large_hake": ("Object/Size/hake_size/hake_obj_large.json", "hake", 3),
+        "Object_Location_mid_vg_obj": ("Object/Location/vg_location/vg_obj_mid.json", "vg", 4),
+        "Relation_action_swig": ("Relation/swig_action.json", "swig", 6),
+        "Relation_spatial_vg": ("Relation/vg/spatial.json", "vg", 5),
+    }
+    rows_of = {}
+    for name, (rel, folder, n) in layout.items():
         rows = []
-        for j in range(n_good + n_bad):
-            p, n = f"{rel} P{j}", f"{rel} N{j}"
-            texts[p], texts[n] = unit(0.9 if j < n_good else 0.1), unit(0.5)
-            rows.append([image, {"POS": [p], "NEG": [n]}])
+        for j in range(n):
+            p, q = f"{name} P{j}", f"{name} N{j}"
+            texts[p], texts[q] = unit(rng.choice([0.2, 0.5, 0.8])), unit(rng.choice([0.2, 0.5, 0.8]))
+            image = f"{j % 3}.jpg" if not (name == "Attribute_color_vg" and j % 10 == 9) else "absent.jpg"
+            rows.append([("VG_100K/" if folder == "vg" else "") + image, {"POS": [p], "NEG": [q]}])
         path = tmp_path / "vl-checklist/data" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rows))
-
-    write("Attribute/vg/color.json", 1, 1, "VG_100K/1.jpg")        # 50
-    write("Attribute/vaw/color.json", 1, 0, "VG_100K/1.jpg")       # 100 -> color = 75
-    write("Attribute/vg/material.json", 1, 3, "VG_100K/1.jpg")     # 25 -> Attribute = 50
-    write("Object/Location/vg_obj.json", 2, 2, "VG_100K/1.jpg")    # 50
-    write("Object/Size/vg_obj.json", 1, 0, "VG_100K/1.jpg")        # 100 -> Object = 75
-    write("Relation/swig/action.json", 0, 2, "eat_1.jpg")          # 0 -> Relation = 0
+        rows_of[name] = (rows, folder)
     model, tok = fake(text_vecs=texts)
-    r = run(model, tok, ["vlchecklist"], tmp_path)["vlchecklist"]
-    assert r["summary"]["Attribute"] == pytest.approx(50.0)
-    assert r["summary"]["Object"] == pytest.approx(75.0)
-    assert r["summary"]["Relation"] == 0.0
-    assert r["metrics"]["Attribute/color"] == pytest.approx(75.0)
-    assert r["missing"] == 0 and r["n"] == 14
+    with pytest.warns(UserWarning, match="dropped"):
+        r = run(model, tok, ["vlchecklist"], tmp_path)["vlchecklist"]
+    # the official loop
+    acc = {}
+    for name, (rows, folder) in rows_of.items():
+        kept = [(pq["POS"][0], pq["NEG"][0]) for image, pq in rows if (images / folder / image).exists()][:1000]
+        acc[name] = 100.0 * sum(texts[p][0] > texts[q][0] for p, q in kept) / len(kept)
+    corpus = {"large": {"vg": ["Object_Size_large_vg_obj", "Object_Size_large_vg_subj"],
+                        "swig": ["Object_Size_large_swig_agent"], "hake": ["Object_Size_large_hake"]},
+              "mid": {"vg": ["Object_Location_mid_vg_obj"]},
+              "color": {"vg": ["Attribute_color_vg"], "vaw": ["Attribute_color_vaw"]},
+              "material": {"vg": ["Attribute_material_vg"]},
+              "action_r": {"swig": ["Relation_action_swig"]}, "spatial": {"vg": ["Relation_spatial_vg"]}}
+    item = {k: sum(sum(acc[f] for f in fs) / len(fs) for fs in src.values()) / len(src) for k, src in corpus.items()}
+    for k, v in item.items():
+        assert r["metrics"][k] == pytest.approx(v)
+    assert r["summary"]["Object"] == pytest.approx((item["large"] + item["mid"]) / 2)
+    assert r["summary"]["Attribute"] == pytest.approx((item["color"] + item["material"]) / 2)
+    assert r["summary"]["Relation"] == pytest.approx((item["action_r"] + item["spatial"]) / 2)
+    assert r["metrics"]["file/Attribute_color_vg"] == pytest.approx(acc["Attribute_color_vg"])
+    assert r["missing"] == 1 and r["metrics"]["dropped_samples"] == 130
+    assert r["n"] == 1000 + sum(n for name, (_, _, n) in layout.items() if name != "Attribute_color_vg")
+    assert "absent" in r["notes"]
+
+
+def test_vlchecklist_bad_file(tmp_path):
+    (tmp_path / "vl-checklist/images").mkdir(parents=True)
+    (tmp_path / "vl-checklist/data/Attribute/vg").mkdir(parents=True)
+    (tmp_path / "vl-checklist/data/Attribute/vg/color.json").write_text(json.dumps([{"image": "x.jpg"}]))
+    model, tok = fake()
+    with pytest.raises(ev.BenchmarkDataError, match=r"expected a list of \[image_path"):
+        run(model, tok, ["vlchecklist"], tmp_path)
 
 
 # ---------- zero-shot ----------
@@ -378,6 +547,65 @@ def test_zeroshot_imagenet_folder(tmp_path):
     assert r["metrics"]["imagenet/mean_per_class"] == pytest.approx(75.0)
     assert r["summary"]["imagenet"] == pytest.approx(200 / 3)
     assert r["n"] == 3
+
+
+def test_zero_shot_classifier_equals_open_clip_builder():
+    import open_clip
+    gen = torch.Generator().manual_seed(0)
+    table = {}
+
+    def text_vec(t):   # a fixed random vector per prompt
+        if t not in table:
+            table[t] = torch.randn(D, generator=gen).tolist()
+        return table[t]
+    model, tok = fake(text_vecs=text_vec)
+    names = [f"class {i}" for i in range(23)]
+    templates = [lambda c: f"a {c}.", lambda c: f"the {c}!", lambda c: f"art of {c}"]
+    ours = ev.zero_shot_classifier(model, tok, names, templates, device="cpu", batch_size=7)
+    with torch.no_grad():
+        ref = open_clip.build_zero_shot_classifier(model, tok, names, templates, num_classes_per_batch=10,
+                                                   device="cpu", use_tqdm=False)
+    assert ours.shape == (D, 23) and torch.allclose(ours, ref.float(), atol=1e-6)
+    mixed = ev.zero_shot_classifier(model, tok, names, ["a {}.", templates[1], "art of {}"], device="cpu")
+    assert torch.allclose(mixed, ours)
+
+
+def test_zeroshot_caltech101_clip_benchmark_names_and_templates(tmp_path):
+    """102 classes (BACKGROUND_Google kept) named as CLIP_benchmark names them, its 34 templates."""
+    root = tmp_path / "zeroshot/caltech101/101_ObjectCategories"
+    for folder, _ in ev.CALTECH101_CLASSES:
+        (root / folder).mkdir(parents=True)
+    # image i of folder f: Faces (label 1) x2, Faces_easy (label 2) x1, car_side (label 20) x1
+    images = [("Faces", 1), ("Faces", 2), ("Faces_easy", 3), ("car_side", 4)]
+    for k, (folder, i) in enumerate(images):
+        n = sum(1 for f, _ in images[:k] if f == folder) + 1
+        draw(root / folder / f"image_{n:04d}.jpg", i)
+    prompts = []
+
+    def text_vec(t):
+        prompts.append(t)
+        return E0 if "off-center face" in t else E1 if "centered face" in t else E2 if "side of a car" in t else [
+            0, 0, 0, 1.0]
+    model, tok = fake(image_vecs={1: E0, 2: E1, 3: E1, 4: E0}, text_vecs=text_vec)
+    r = run(model, tok, ["zeroshot"], tmp_path)["zeroshot"]
+    assert len(set(prompts)) == 102 * 34 and "a photo of a off-center face." in prompts
+    assert not any("Faces" in p or "car_side" in p for p in prompts)
+    # by hand: image 1 -> off-center face (label 1, right), image 2 -> centered face (wrong), image 3 ->
+    # centered face (label 2, right), image 4 -> off-center face (label 20, wrong); per class 50, 100, 0
+    assert r["metrics"]["caltech101/acc1"] == pytest.approx(50.0)
+    assert r["summary"]["caltech101"] == pytest.approx(50.0)      # mean per class: (50 + 100 + 0) / 3
+    assert r["n"] == 4
+    (root / "BACKGROUND_Google").rmdir()
+    with pytest.raises(ev.BenchmarkDataError, match="102 folders.*BACKGROUND_Google"):
+        run(model, tok, ["zeroshot"], tmp_path)
+
+
+def test_zeroshot_needs_scipy_says_so_before_the_run(tmp_path, monkeypatch):
+    (tmp_path / "zeroshot/flowers-102").mkdir(parents=True)
+    monkeypatch.setattr(ev, "_has_module", lambda name: name != "scipy")
+    model, tok = fake()
+    with pytest.raises(ev.BenchmarkDataError, match="flowers102 need scipy.*pip install scipy"):
+        run(model, tok, ["zeroshot"], tmp_path)
 
 
 # ---------- retrieval ----------
@@ -411,6 +639,65 @@ def test_karpathy_and_urban1k(tmp_path):
     out = run(model, tok, ["longtext"], tmp_path)["longtext"]
     assert out["metrics"]["urban1k/i2t_R@1"] == 100.0 and out["metrics"]["urban1k/t2i_R@1"] == 100.0
     assert len(out["skipped"]) == 3
+
+
+def _recall_by_loop(image_vecs, captions, ks=(1, 5)):
+    """The CLIP-paper rule, query by query: captions = [(text vector, image index)]."""
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+    n = len(image_vecs)
+    out = {}
+    for k in ks:
+        i2t = 0
+        for i, v in enumerate(image_vecs):
+            order = sorted(range(len(captions)), key=lambda c: -dot(v, captions[c][0]))[:k]
+            i2t += any(captions[c][1] == i for c in order)
+        t2i = sum(i in sorted(range(n), key=lambda j: -dot(image_vecs[j], t))[:k] for t, i in captions)
+        out[f"i2t_R@{k}"], out[f"t2i_R@{k}"] = 100.0 * i2t / n, 100.0 * t2i / len(captions)
+    return out
+
+
+def test_retrieval_and_sugarcrepe_alternative_layouts(tmp_path):
+    """CLIP_benchmark's coco_test_karpathy.json / flickr30k_test_karpathy.txt, BLIP's coco_karpathy_test.json and
+    SugarCrepe's repository layout give the numbers of the official rule on the same data."""
+    basis = [E0, E1, E2, [0, 0, 0, 1.0]]
+    caps = {0: ["a dog, running", "dog on grass"], 1: ["a cat", "cat.jpg, sleeping"], 2: ["a car", "red car"],
+            3: ["a tree"]}
+    texts = {c: basis[i] for i, cs in caps.items() for c in cs}
+    texts["dog on grass"], texts["red car"] = E1, [0.6, 0, 0.4, 0]     # two captions point elsewhere
+    expected = _recall_by_loop(basis, [(texts[c], i) for i, cs in caps.items() for c in cs])
+    layouts = {
+        "clip_benchmark_coco": lambda root: (root / "coco/coco_test_karpathy.json").write_text(json.dumps({
+            "images": [{"id": 10 + i, "file_name": f"COCO_val2014_{i}.jpg"} for i in reversed(range(4))],
+            "annotations": [{"id": k, "image_id": 10 + i, "caption": c} for k, (i, c) in
+                            enumerate((i, c) for i, cs in caps.items() for c in cs)]})),
+        "blip_coco": lambda root: (root / "coco/coco_karpathy_test.json").write_text(json.dumps(
+            [{"image": f"val2014/COCO_val2014_{i}.jpg", "caption": cs} for i, cs in caps.items()])),
+    }
+    for name, write in layouts.items():
+        root = tmp_path / name
+        for i in range(4):
+            draw(root / f"coco/val2014/COCO_val2014_{i}.jpg", i)
+        write(root)
+        model, tok = fake(image_vecs=dict(enumerate(basis)), text_vecs=texts)
+        r = run(model, tok, ["coco_retrieval"], root)["coco_retrieval"]
+        assert {k: r["metrics"][k] for k in expected} == pytest.approx(expected), name
+        assert r["n"] == 7
+    root = tmp_path / "clip_benchmark_flickr"
+    for i in range(4):
+        draw(root / f"flickr30k/flickr30k-images/{i}.jpg", i)
+    rows = ["image,caption"] + [f"{i}.jpg,{c}" for i, cs in caps.items() for c in cs]
+    (root / "flickr30k/flickr30k-images/flickr30k_test_karpathy.txt").write_text("\n".join(rows) + "\n")
+    model, tok = fake(image_vecs=dict(enumerate(basis)), text_vecs=texts)
+    r = run(model, tok, ["flickr30k_retrieval"], root)["flickr30k_retrieval"]
+    assert {k: r["metrics"][k] for k in expected} == pytest.approx(expected)
+    # SugarCrepe straight from a clone of its repository (sugar-crepe/data/*.json) and an image root val2017/
+    root = tmp_path / "sugarcrepe_repo"
+    texts_sc, expected_sc, _ = write_sugarcrepe(root)
+    (root / "sugar-crepe").mkdir()
+    (root / "sugarcrepe").rename(root / "sugar-crepe/data")
+    (root / "coco/val2017").rename(root / "val2017")
+    model, tok = fake(text_vecs=texts_sc)
+    assert run(model, tok, ["sugarcrepe"], root)["sugarcrepe"]["metrics"] == pytest.approx(expected_sc)
 
 
 # ---------- errors, tables, CLI ----------
