@@ -340,7 +340,7 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
                                eps=1e-6)
     scheduler = cosine_schedule(optimizer, warmup=warmup, total=steps)
     partial = path + ".partial"
-    start, seconds, history = 0, 0.0, []
+    start, seconds, history, commit = 0, 0.0, [], _git_commit()   # the recipe's commit: taken before training
     if os.path.exists(partial):
         state = torch.load(partial, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
@@ -349,6 +349,7 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start, seconds, history = state["step"], state["seconds"], state["history"]
+        commit = state.get("commit", commit)
         print(f"[build-base] resuming {arch} from step {start} ({partial})", file=sys.stderr)
     model.train()
     bar = tqdm(total=steps, initial=start, desc=f"building the shapes {arch} base", disable=not progress,
@@ -391,7 +392,8 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
             seconds += time.time() - tick
             _atomic_torch_save({"model": model.state_dict(), "head": attribute_head.state_dict(),
                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                "rng": rng_state(), "step": done, "seconds": seconds, "history": history}, partial)
+                                "rng": rng_state(), "step": done, "seconds": seconds, "history": history,
+                                "commit": commit}, partial)
             tick = time.time()
     seconds += time.time() - tick
     bar.close()
@@ -404,7 +406,7 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
     sidecar = {
         "model": name, "arch": arch, "file": os.path.basename(path), "sha256": _sha256(path),
         "bytes": os.path.getsize(path), "dtype": "float16 (loaded as float32)",
-        "command": command or rebuild_command(arch), "recipe_commit": _git_commit(),
+        "command": command or rebuild_command(arch), "recipe_commit": commit,
         "seed": seed, "steps": steps, "one_object_steps": one_object_steps, "batch_size": batch_size, "lr": lr,
         "warmup": warmup, "weight_decay": 0.1, "aux_weight": aux_weight, "train_seconds": round(seconds, 1),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "open_clip": open_clip.__version__,
