@@ -202,7 +202,13 @@ def clip_loss(image_emb, text_emb, logit_scale):
 #   phase 1 (the first SHAPES_BASE_ONE_OBJECT_STEPS): one-object scenes only. Colour alone separates almost
 #           every pair of a batch of 1-4-object scenes, so on the usual mix CLIP learns the colours and hardly
 #           any shape (23% after 600 steps); on single objects the shape is what is left to tell captions apart.
-#   phase 2 (the rest): half one-object scenes, half the default world of 1-4 objects (retrieval, counting).
+#   phase 2 (the rest): half one-object scenes, a quarter the default world of 1-4 objects (retrieval,
+#           counting) and a quarter "layout twins": pairs of 2-object scenes with the same two objects, once side
+#           by side and once one above the other (data.relayout_twin). On the web, captions that say "above" or
+#           "next to" are common and CLIP reads those words; in random batches of the shapes world the relation
+#           word never matters, and a base trained without twins ignores it completely (the cosine between "a
+#           is left of b" and "a is right of b" was 1.000, NegCLIP then could not move relation order, see
+#           docs/base_model_notes.md). The twins teach the axis of a relation, not which object is where.
 #   Throughout, one linear head shared by both towers names shape, colour and size of each one-object scene from
 #   its image embedding and from its caption embedding (cross-entropy; thrown away afterwards). It puts the shapes
 #   in the same directions of the joint space on both sides from the first steps; it never sees two objects, so
@@ -215,6 +221,7 @@ SHAPES_BASE_BATCH = 64
 SHAPES_BASE_LR = 1e-3
 SHAPES_BASE_WARMUP = 100
 SHAPES_BASE_AUX_WEIGHT = 1.0        # weight of the attribute head's cross-entropy (one-object scenes only)
+SHAPES_BASE_TWIN_PAIRS = 8          # phase 2: pairs of 2-object scenes per batch whose relation changes axis
 SHAPES_BASE_SEED = 1234             # its own random stream of scenes, disjoint from the test split
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 
@@ -269,6 +276,30 @@ def shapes_base_path(name=TINY_MODEL):
     return path
 
 
+class _LayoutTwins(torch.utils.data.Dataset):
+    """Index 2p: a random 2-object scene; index 2p + 1: its layout twin (same objects, relation on the other axis).
+    Both captioned with their relation (never as a bare list, which would give the pair one caption)."""
+
+    def __init__(self, size, seed, transform):
+        import data
+        self.data, self.transform, self.pairs = data, transform, []
+        for p in range((size + 1) // 2):
+            rng = random.Random(f"shapes-twins:{seed}:{p}")
+            twin = None
+            while twin is None:
+                scene = data.sample_scene(rng, n_objects=2)
+                twin = data.relayout_twin(scene, rng)
+            self.pairs.append([(s, data.render_description(data.scene_description(s, rng))) for s in (scene, twin)])
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        scene, caption = self.pairs[index // 2][index % 2]
+        return self.transform(self.data.render_scene(scene, 64)), caption, torch.tensor((-1, -1, -1))
+
+
 class _SceneWithAttributes(torch.utils.data.Dataset):
     """A shapes data set whose samples also carry the object's (shape, colour, size) class indices.
 
@@ -294,23 +325,31 @@ class _SceneWithAttributes(torch.utils.data.Dataset):
         return sample["image"], sample["caption"], torch.tensor(labels)
 
 
-def _base_batch_indices(step, batch_size, one_object_steps):
+def _phase2_counts(batch_size, twin_pairs):
+    """(one-object scenes, 1-4-object scenes, twin scenes) in a phase-2 batch."""
+    singles, twins = batch_size // 2, 2 * twin_pairs
+    return singles, batch_size - singles - twins, twins
+
+
+def _base_batch_indices(step, batch_size, one_object_steps, twin_pairs=0):
     """Which samples step `step` trains on, as [(data set, index), ...]: a pure function of the step, so that a
     resumed build sees exactly the batches of an uninterrupted one. The data sets are random streams already
     (scene i is drawn from its own seeded generator), so consecutive indices need no shuffling.
-    Phase 1: one-object scenes; phase 2: even positions one-object scenes, odd positions 1-4-object scenes."""
+    Phase 1: one-object scenes; phase 2: half one-object scenes, then 1-4-object scenes, then `twin_pairs`
+    layout-twin pairs (each pair on consecutive indices)."""
     if step < one_object_steps:
         return [("one", step * batch_size + j) for j in range(batch_size)]
-    first_single = one_object_steps * batch_size + (step - one_object_steps) * (batch_size // 2)
-    first_world = (step - one_object_steps) * (batch_size - batch_size // 2)
-    singles = [("one", first_single + j) for j in range(batch_size // 2)]
-    worlds = [("world", first_world + j) for j in range(batch_size - batch_size // 2)]
-    return [x for pair in zip(singles, worlds) for x in pair] + singles[len(worlds):] + worlds[len(singles):]
+    k = step - one_object_steps
+    n_one, n_world, n_twin = _phase2_counts(batch_size, twin_pairs)
+    return ([("one", one_object_steps * batch_size + k * n_one + j) for j in range(n_one)]
+            + [("world", k * n_world + j) for j in range(n_world)]
+            + [("twins", k * n_twin + j) for j in range(n_twin)])
 
 
 def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_steps=SHAPES_BASE_ONE_OBJECT_STEPS,
                       batch_size=SHAPES_BASE_BATCH, lr=SHAPES_BASE_LR, warmup=SHAPES_BASE_WARMUP,
-                      aux_weight=SHAPES_BASE_AUX_WEIGHT, seed=SHAPES_BASE_SEED, checkpoint_every=100,
+                      aux_weight=SHAPES_BASE_AUX_WEIGHT, twin_pairs=SHAPES_BASE_TWIN_PAIRS, seed=SHAPES_BASE_SEED,
+                      checkpoint_every=100,
                       eval_every=0, progress=True, command=None):
     """Train a tiny CLIP (arch 'clip') or SigLIP (arch 'siglip') from scratch on the shapes world and save it
     at `path` (fp16, atomically) with a sidecar `path[:-3] + '.json'`. Returns the sidecar dict.
@@ -330,12 +369,14 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
     siglip_loss = open_clip.loss.SigLipLoss() if arch == "siglip" else None
     class_counts = (len(data.SHAPES), len(data.COLORS), len(data.SIZES))
     attribute_head = torch.nn.Linear(model.visual.output_dim, sum(class_counts))
-    n_one = one_object_steps * batch_size + max(0, steps - one_object_steps) * (batch_size // 2)
-    n_world = max(0, steps - one_object_steps) * (batch_size - batch_size // 2)
+    phase2_steps = max(0, steps - one_object_steps)
+    per_batch = _phase2_counts(batch_size, twin_pairs)
+    n_one = one_object_steps * batch_size + phase2_steps * per_batch[0]
     sources = {"one": _SceneWithAttributes(data.ShapesDataset("train", size=n_one, image_size=64, seed=seed,
                                                               transform=val_tf, n_objects=1)),
-               "world": _SceneWithAttributes(data.ShapesDataset("train", size=max(1, n_world), image_size=64,
-                                                                seed=seed + 1, transform=val_tf))}
+               "world": _SceneWithAttributes(data.ShapesDataset("train", size=max(1, phase2_steps * per_batch[1]),
+                                                                image_size=64, seed=seed + 1, transform=val_tf)),
+               "twins": _LayoutTwins(max(2, phase2_steps * per_batch[2]), seed + 2, val_tf)}
     optimizer = make_optimizer(torch.nn.ModuleList([model, attribute_head]), lr=lr, wd=0.1, betas=(0.9, 0.98),
                                eps=1e-6)
     scheduler = cosine_schedule(optimizer, warmup=warmup, total=steps)
@@ -356,7 +397,8 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
                file=sys.stderr, dynamic_ncols=True)
     tick = time.time()
     for step in range(start, steps):
-        samples = [sources[source][index] for source, index in _base_batch_indices(step, batch_size, one_object_steps)]
+        samples = [sources[source][index]
+                   for source, index in _base_batch_indices(step, batch_size, one_object_steps, twin_pairs)]
         images = torch.stack([s[0] for s in samples])
         texts = trim_padding(tokenizer([s[1] for s in samples]))   # 5-20 of 32 columns are used
         labels = torch.stack([s[2] for s in samples])
@@ -408,9 +450,10 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
         "bytes": os.path.getsize(path), "dtype": "float16 (loaded as float32)",
         "command": command or rebuild_command(arch), "recipe_commit": commit,
         "seed": seed, "steps": steps, "one_object_steps": one_object_steps, "batch_size": batch_size, "lr": lr,
-        "warmup": warmup, "weight_decay": 0.1, "aux_weight": aux_weight, "train_seconds": round(seconds, 1),
+        "warmup": warmup, "weight_decay": 0.1, "aux_weight": aux_weight, "twin_pairs": twin_pairs, "train_seconds": round(seconds, 1),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "open_clip": open_clip.__version__,
-        "captions": "natural word order (data.scene_caption); phase 1 one-object scenes, phase 2 half one-object",
+        "captions": "natural word order (data.scene_caption); phase 1 one-object scenes; phase 2 half one-object, "
+                    f"{twin_pairs} layout-twin pairs per batch, the rest 1-4-object scenes",
         "aux_head": "shared linear head (shape, colour, size) on image and caption embeddings, one-object scenes",
         "loss": "SigLIP sigmoid (open_clip.SigLipLoss, learned scale and bias)" if siglip_loss is not None
                 else "CLIP InfoNCE (learned scale)",
@@ -976,6 +1019,8 @@ def _main(argv=None):
     build.add_argument("--warmup", type=int, default=SHAPES_BASE_WARMUP)
     build.add_argument("--aux-weight", type=float, default=SHAPES_BASE_AUX_WEIGHT,
                        help="weight of the shared attribute head (0: plain contrastive training)")
+    build.add_argument("--twin-pairs", type=int, default=SHAPES_BASE_TWIN_PAIRS,
+                       help="phase 2: layout-twin pairs per batch (same two objects, relation on the other axis)")
     build.add_argument("--seed", type=int, default=SHAPES_BASE_SEED)
     build.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     build.add_argument("--eval-every", type=int, default=0, help="print quick suite numbers every N steps (0: off)")
@@ -989,7 +1034,8 @@ def _main(argv=None):
     command = "python common.py " + " ".join(sys.argv[1:] if argv is None else argv)
     sidecar = build_shapes_base(out, arch=args.arch, steps=args.steps, one_object_steps=args.one_object_steps,
                                 batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                                aux_weight=args.aux_weight, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                                aux_weight=args.aux_weight, twin_pairs=args.twin_pairs, seed=args.seed,
+                                checkpoint_every=args.checkpoint_every,
                                 eval_every=args.eval_every, command=command)
     suite = sidecar["shapes_suite"]
     print(f"{out}: {sidecar['bytes'] / 1e6:.1f} MB, {sidecar['train_seconds']:.0f} s of training; zero-shot "

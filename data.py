@@ -1559,6 +1559,28 @@ def sample_scene(rng, n_objects=None):
     return tuple(objects)
 
 
+def relayout_twin(scene, rng, tries=200):
+    """The two objects of a 2-object scene placed again so that their relation changes axis: if the first is left
+    or right of the second, in the twin it is above or below it, and the other way round. Returns None if no
+    free placement was found. The shipped base models see such pairs in their batches (common.py): telling them
+    apart needs the relation words and where the objects are, but not which object is on which side (both
+    "a left of b" and "b left of a" are horizontal), so the base learns the vocabulary of relations without
+    learning relation order, which stays for hard negatives to teach."""
+    if len(scene) != 2:
+        raise ValueError("relayout_twin takes a 2-object scene")
+    horizontal = relation_between(*scene) in ("to the left of", "to the right of")
+    for _ in range(tries):
+        placed = []
+        for obj in scene:
+            r = obj.radius
+            placed.append(dataclasses.replace(obj, cx=rng.uniform(r, 1 - r), cy=rng.uniform(r, 1 - r)))
+        a, b = placed
+        apart = (a.cx - b.cx) ** 2 + (a.cy - b.cy) ** 2 > (a.radius + b.radius + 0.03) ** 2
+        if apart and (relation_between(a, b) in ("to the left of", "to the right of")) != horizontal:
+            return tuple(placed)
+    return None
+
+
 def _shape_polygon(shape, cx, cy, r):
     """Vertices of the polygonal shapes (circle, ring and heart are drawn with ellipses)."""
     if shape == "square":

@@ -251,10 +251,22 @@ def test_corrupt_shipped_base_names_the_file_and_the_rebuild_command(tmp_path, m
 def test_base_batches_are_a_pure_function_of_the_step():
     first = common._base_batch_indices(0, 8, one_object_steps=2)
     assert first == [("one", i) for i in range(8)]
-    mixed = common._base_batch_indices(3, 8, one_object_steps=2)    # phase 2, second step: half and half
-    assert [s for s, _ in mixed] == ["one", "world"] * 4
+    mixed = common._base_batch_indices(3, 8, one_object_steps=2, twin_pairs=1)   # phase 2, second step
+    assert [s for s, _ in mixed] == ["one"] * 4 + ["world"] * 2 + ["twins"] * 2
     assert [i for s, i in mixed if s == "one"] == list(range(2 * 8 + 4, 2 * 8 + 8))
-    assert [i for s, i in mixed if s == "world"] == list(range(4, 8))
+    assert [i for s, i in mixed if s == "world"] == [2, 3]
+    assert [i for s, i in mixed if s == "twins"] == [2, 3]                    # one whole pair
+
+
+def test_layout_twin_keeps_the_objects_and_changes_the_axis():
+    import random
+    rng = random.Random(0)
+    horizontal = ("to the left of", "to the right of")
+    for _ in range(50):
+        scene = data.sample_scene(rng, n_objects=2)
+        twin = data.relayout_twin(scene, rng)
+        assert [(o.shape, o.color, o.size) for o in twin] == [(o.shape, o.color, o.size) for o in scene]
+        assert (data.relation_between(*scene) in horizontal) != (data.relation_between(*twin) in horizontal)
 
 
 @pytest.mark.parametrize("arch", ["clip", "siglip"])
@@ -264,8 +276,8 @@ def test_base_recipe_learns_and_resumes(arch, tmp_path):
     continues from its .partial state."""
     torch.manual_seed(0)
     path = str(tmp_path / "base.pt")
-    kwargs = dict(arch=arch, steps=40, one_object_steps=20, batch_size=32, warmup=5, checkpoint_every=20,
-                  progress=False)
+    kwargs = dict(arch=arch, steps=40, one_object_steps=20, batch_size=32, twin_pairs=4, warmup=5,
+                  checkpoint_every=20, progress=False)
     real_save = common._atomic_torch_save
     calls = []
 
