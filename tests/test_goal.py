@@ -305,7 +305,8 @@ def test_short_goal_run_improves_long_retrieval(shapes_base, tmp_path):
     """60 steps of 32 on long captions raise long-caption R@1 over the base model by more than 2 points.
 
     On the shared-head test base of 2026-11-29 a 20-step run measured 32.83 -> 30.17 (the first steps on the
-    stretched positions cost the base some accuracy); lengthened to the 60 steps the other learning tests use."""
+    stretched positions cost the base some accuracy); lengthened to the 60 steps the other learning tests use.
+    On the shipped v2 CLIP base (2026-12-01): 71.00 -> 77.00 on 300 scenes."""
     import common
     import open_clip
     threads = torch.get_num_threads()
