@@ -265,6 +265,7 @@ def test_siglip_concept_losses_train_the_value_path():
 
 
 # ---- learning: a short seeded run moves the target metric ------------------------------------------------
+@pytest.mark.slow   # a known failure (the reason has the numbers): run with `python -m pytest -m slow`
 @pytest.mark.xfail(strict=False, reason="measured 2026-12-01: on the shipped SigLIP base 77.10 -> 76.69, on the shipped "
                    "CLIP base 81.54 -> 77.51 (needs +2). Both v2 bases already name every object; whether C2LIP beats "
                    "plain SigLIP fine-tuning at the full budget is issue #16's question")

@@ -220,6 +220,7 @@ def _target_metric(model, tokenizer, transform):
     return result["summary"]["ARO"], result["summary"]["SWAP"], result["counts"]
 
 
+@pytest.mark.slow   # a known failure (the reason has the numbers): run with `python -m pytest -m slow`
 @pytest.mark.xfail(strict=False, reason="measured 2026-12-01 on the shipped v2 CLIP base: ARO 50.6 -> 49.0, SWAP "
                    "59.3 -> 59.9 (target 54.95 -> 54.45). NegCLIP itself does not move ARO on this base either "
                    "(docs/base_model_notes.md); before v2, on the bag-of-words test base: ARO 54.4 -> 52.4, SWAP 52.0 -> 52.9")

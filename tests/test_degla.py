@@ -220,6 +220,7 @@ def _target_score(model, tokenizer, transform, n_scenes=200):
     return sum(scores.values()) / len(scores)
 
 
+@pytest.mark.slow   # a known failure (the reason has the numbers): run with `python -m pytest -m slow`
 @pytest.mark.xfail(strict=False, reason="measured 2026-12-01 on the shipped v2 CLIP base: 71.41 -> 71.36 (needs +2). "
                    "This base already names every object (zero-shot 100%) and swaps at 54-64%; 1,920 samples do "
                    "not move binding. Before v2: 63.89 -> 63.86 on the 300-step bag-of-words test base")
