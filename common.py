@@ -61,6 +61,7 @@ class InputError(ValueError):
 # 1. Backbone
 # =====================================================================================================
 TINY_MODEL = "shapes-tiny-vit"
+SHAPES_SIGLIP_MODEL = "shapes-tiny-siglip"   # its SigLIP twin (below)
 TINY_MODEL_CONFIG = {
     # A CLIP small enough to train from scratch on 2 CPU cores in minutes, big enough to see 1-4 shapes:
     # 64 px images cut into an 8x8 grid of 8 px patches, 3 transformer layers per tower, 32 text tokens.
@@ -72,7 +73,7 @@ TINY_MODEL_CONFIG = {
 # the SigLIP paper (t' = log 10, b = -10; open_clip's SigLIP configs set init_logit_bias the same way). open_clip
 # then builds it as its CLIP class with a `logit_bias`, which is what open_clip's SigLipLoss and c2lip.py read.
 TINY_SIGLIP_CONFIG = {**TINY_MODEL_CONFIG, "init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
-TINY_MODELS = {"shapes-tiny-vit": TINY_MODEL_CONFIG, "shapes-tiny-siglip": TINY_SIGLIP_CONFIG}
+TINY_MODELS = {TINY_MODEL: TINY_MODEL_CONFIG, SHAPES_SIGLIP_MODEL: TINY_SIGLIP_CONFIG}
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 
 
@@ -96,7 +97,7 @@ def tokenizer_for(name, context_length=None):
     """open_clip's tokenizer for model `name`. The tiny SigLIP uses CLIP's BPE tokenizer, like its CLIP twin:
     open_clip picks its (downloaded) SigLIP tokenizer for every model name containing 'siglip', so we ask for
     the twin's tokenizer by name (`open_clip.get_tokenizer('shapes-tiny-vit')` in your own code)."""
-    return open_clip.get_tokenizer(TINY_MODEL if name == "shapes-tiny-siglip" else name, context_length=context_length)
+    return open_clip.get_tokenizer(TINY_MODEL if name == SHAPES_SIGLIP_MODEL else name, context_length=context_length)
 
 
 def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_length=None, **model_kwargs):
@@ -213,7 +214,6 @@ def clip_loss(image_emb, text_emb, logit_scale):
 #   its image embedding and from its caption embedding (cross-entropy; thrown away afterwards). It puts the shapes
 #   in the same directions of the joint space on both sides from the first steps; it never sees two objects, so
 #   it teaches nothing about which colour goes with which shape.
-SHAPES_SIGLIP_MODEL = "shapes-tiny-siglip"
 SHAPES_BASE_ARCHS = {"clip": TINY_MODEL, "siglip": SHAPES_SIGLIP_MODEL}
 SHAPES_BASE_STEPS = 2000            # steps of 64 (about 30 minutes on one core; run once, the result is shipped)
 SHAPES_BASE_ONE_OBJECT_STEPS = 400  # phase 1
@@ -349,8 +349,7 @@ def _base_batch_indices(step, batch_size, one_object_steps, twin_pairs=0):
 def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_steps=SHAPES_BASE_ONE_OBJECT_STEPS,
                       batch_size=SHAPES_BASE_BATCH, lr=SHAPES_BASE_LR, warmup=SHAPES_BASE_WARMUP,
                       aux_weight=SHAPES_BASE_AUX_WEIGHT, twin_pairs=SHAPES_BASE_TWIN_PAIRS, seed=SHAPES_BASE_SEED,
-                      checkpoint_every=100,
-                      eval_every=0, progress=True, command=None):
+                      checkpoint_every=100, eval_every=0, progress=True, command=None):
     """Train a tiny CLIP (arch 'clip') or SigLIP (arch 'siglip') from scratch on the shapes world and save it
     at `path` (fp16, atomically) with a sidecar `path[:-3] + '.json'`. Returns the sidecar dict.
 
@@ -365,7 +364,7 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
     name = SHAPES_BASE_ARCHS[arch]
     seed_everything(seed)
     model, _, val_tf = open_clip.create_model_and_transforms(name)
-    tokenizer = open_clip.get_tokenizer(TINY_MODEL)   # both tiny models use CLIP's BPE tokenizer (see tokenizer_for)
+    tokenizer = tokenizer_for(name)
     siglip_loss = open_clip.loss.SigLipLoss() if arch == "siglip" else None
     class_counts = (len(data.SHAPES), len(data.COLORS), len(data.SIZES))
     attribute_head = torch.nn.Linear(model.visual.output_dim, sum(class_counts))
@@ -450,7 +449,8 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
         "bytes": os.path.getsize(path), "dtype": "float16 (loaded as float32)",
         "command": command or rebuild_command(arch), "recipe_commit": commit,
         "seed": seed, "steps": steps, "one_object_steps": one_object_steps, "batch_size": batch_size, "lr": lr,
-        "warmup": warmup, "weight_decay": 0.1, "aux_weight": aux_weight, "twin_pairs": twin_pairs, "train_seconds": round(seconds, 1),
+        "warmup": warmup, "weight_decay": 0.1, "aux_weight": aux_weight, "twin_pairs": twin_pairs,
+        "train_seconds": round(seconds, 1),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "open_clip": open_clip.__version__,
         "captions": "natural word order (data.scene_caption); phase 1 one-object scenes; phase 2 half one-object, "
                     f"{twin_pairs} layout-twin pairs per batch, the rest 1-4-object scenes",
@@ -1035,8 +1035,7 @@ def _main(argv=None):
     sidecar = build_shapes_base(out, arch=args.arch, steps=args.steps, one_object_steps=args.one_object_steps,
                                 batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                                 aux_weight=args.aux_weight, twin_pairs=args.twin_pairs, seed=args.seed,
-                                checkpoint_every=args.checkpoint_every,
-                                eval_every=args.eval_every, command=command)
+                                checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, command=command)
     suite = sidecar["shapes_suite"]
     print(f"{out}: {sidecar['bytes'] / 1e6:.1f} MB, {sidecar['train_seconds']:.0f} s of training; zero-shot "
           f"colour+shape {suite['zeroshot_color_shape']}, retrieval R@1 {suite['retrieval R@1']}, swap_att "

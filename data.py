@@ -1568,7 +1568,11 @@ def relayout_twin(scene, rng, tries=200):
     learning relation order, which stays for hard negatives to teach."""
     if len(scene) != 2:
         raise ValueError("relayout_twin takes a 2-object scene")
-    horizontal = relation_between(*scene) in ("to the left of", "to the right of")
+
+    def is_horizontal(a, b):
+        return relation_between(a, b) in ("to the left of", "to the right of")
+
+    horizontal = is_horizontal(*scene)
     for _ in range(tries):
         placed = []
         for obj in scene:
@@ -1576,7 +1580,7 @@ def relayout_twin(scene, rng, tries=200):
             placed.append(dataclasses.replace(obj, cx=rng.uniform(r, 1 - r), cy=rng.uniform(r, 1 - r)))
         a, b = placed
         apart = (a.cx - b.cx) ** 2 + (a.cy - b.cy) ** 2 > (a.radius + b.radius + 0.03) ** 2
-        if apart and (relation_between(a, b) in ("to the left of", "to the right of")) != horizontal:
+        if apart and is_horizontal(a, b) != horizontal:
             return tuple(placed)
     return None
 
