@@ -214,6 +214,13 @@ def clip_loss(image_emb, text_emb, logit_scale):
 #   its image embedding and from its caption embedding (cross-entropy; thrown away afterwards). It puts the shapes
 #   in the same directions of the joint space on both sides from the first steps; it never sees two objects, so
 #   it teaches nothing about which colour goes with which shape.
+#   In phase 2 a second head, on the image embedding only, names the colour and shape of the leftmost and of the
+#   topmost object of each multi-object scene (`layout_labels`). Web CLIP's image tower knows where things are
+#   (linear probes on its features recover spatial relations) even where its text-image match ignores it; a base
+#   trained without this head does not: a linear probe for "the colour of the left object" of 2-object scenes was
+#   at 49% on its image embeddings, exactly the 50% of knowing the two colours and not their places, and stayed
+#   there after NegCLIP, whose relation-order negatives then had nothing to align with (docs/base_model_notes.md).
+#   The head touches only the image tower, so the text side stays as order-blind as random batches leave it.
 SHAPES_BASE_ARCHS = {"clip": TINY_MODEL, "siglip": SHAPES_SIGLIP_MODEL}
 SHAPES_BASE_STEPS = 2000            # steps of 64 (about 30 minutes on one core; run once, the result is shipped)
 SHAPES_BASE_ONE_OBJECT_STEPS = 400  # phase 1
@@ -222,6 +229,7 @@ SHAPES_BASE_LR = 1e-3
 SHAPES_BASE_WARMUP = 100
 SHAPES_BASE_AUX_WEIGHT = 1.0        # weight of the attribute head's cross-entropy (one-object scenes only)
 SHAPES_BASE_TWIN_PAIRS = 8          # phase 2: pairs of 2-object scenes per batch whose relation changes axis
+SHAPES_BASE_LAYOUT_WEIGHT = 1.0     # phase 2: weight of the image-only layout head (multi-object scenes)
 SHAPES_BASE_SEED = 1234             # its own random stream of scenes, disjoint from the test split
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 
@@ -297,14 +305,28 @@ class _LayoutTwins(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         scene, caption = self.pairs[index // 2][index % 2]
-        return self.transform(self.data.render_scene(scene, 64)), caption, torch.tensor((-1, -1, -1))
+        labels = (-1, -1, -1) + layout_labels(scene)   # no attribute labels: two objects
+        return self.transform(self.data.render_scene(scene, 64)), caption, torch.tensor(labels)
+
+
+def layout_labels(scene):
+    """(colour, shape) class indices of the leftmost and of the topmost object: the layout head's targets.
+    -1 (ignored by the cross-entropy) for one-object scenes, where there is no layout to name."""
+    import data
+    if len(scene) < 2:
+        return (-1, -1, -1, -1)
+    left, top = min(scene, key=lambda o: o.cx), min(scene, key=lambda o: o.cy)
+    return (data.COLORS.index(left.color), data.SHAPES.index(left.shape),
+            data.COLORS.index(top.color), data.SHAPES.index(top.shape))
 
 
 class _SceneWithAttributes(torch.utils.data.Dataset):
-    """A shapes data set whose samples also carry the object's (shape, colour, size) class indices.
+    """A shapes data set whose samples also carry the object's (shape, colour, size) class indices and the
+    scene's `layout_labels`, 7 in all.
 
-    Multi-object scenes get -1 for all three (ignored by the cross-entropy): the head only ever names the one
-    object of a single-object scene, so it teaches what a shape looks like, never which colour goes with it."""
+    Multi-object scenes get -1 for the three attributes (ignored by the cross-entropy): the attribute head only
+    ever names the one object of a single-object scene, so it teaches what a shape looks like, never which
+    colour goes with it."""
 
     def __init__(self, shapes_dataset):
         import data
@@ -322,7 +344,7 @@ class _SceneWithAttributes(torch.utils.data.Dataset):
                       self.data.SIZES.index(obj.size))
         else:
             labels = (-1, -1, -1)
-        return sample["image"], sample["caption"], torch.tensor(labels)
+        return sample["image"], sample["caption"], torch.tensor(labels + layout_labels(scene))
 
 
 def _phase2_counts(batch_size, twin_pairs):
@@ -348,7 +370,8 @@ def _base_batch_indices(step, batch_size, one_object_steps, twin_pairs=0):
 
 def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_steps=SHAPES_BASE_ONE_OBJECT_STEPS,
                       batch_size=SHAPES_BASE_BATCH, lr=SHAPES_BASE_LR, warmup=SHAPES_BASE_WARMUP,
-                      aux_weight=SHAPES_BASE_AUX_WEIGHT, twin_pairs=SHAPES_BASE_TWIN_PAIRS, seed=SHAPES_BASE_SEED,
+                      aux_weight=SHAPES_BASE_AUX_WEIGHT, twin_pairs=SHAPES_BASE_TWIN_PAIRS,
+                      layout_weight=SHAPES_BASE_LAYOUT_WEIGHT, seed=SHAPES_BASE_SEED,
                       checkpoint_every=100, eval_every=0, progress=True, command=None):
     """Train a tiny CLIP (arch 'clip') or SigLIP (arch 'siglip') from scratch on the shapes world and save it
     at `path` (fp16, atomically) with a sidecar `path[:-3] + '.json'`. Returns the sidecar dict.
@@ -356,7 +379,8 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
     One AdamW run, one cosine schedule over all `steps`; batches from `_base_batch_indices` (two phases, see the
     section comment). Loss: the model's own contrastive loss (CLIP's InfoNCE, or open_clip's SigLipLoss with the
     learned scale and bias) + aux_weight x cross-entropy of the shared attribute head on the image and on the
-    caption embedding of the one-object scenes. Captions are in natural word order (data.scene_caption).
+    caption embedding of the one-object scenes + layout_weight x cross-entropy of the layout head on the image
+    embedding of the multi-object scenes (phase 2). Captions are in natural word order (data.scene_caption).
     Resumable: every `checkpoint_every` steps the full state goes to `path + '.partial'`; calling again with
     the same arguments continues from it and ends with the same weights."""
     import data
@@ -368,6 +392,8 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
     siglip_loss = open_clip.loss.SigLipLoss() if arch == "siglip" else None
     class_counts = (len(data.SHAPES), len(data.COLORS), len(data.SIZES))
     attribute_head = torch.nn.Linear(model.visual.output_dim, sum(class_counts))
+    layout_counts = (len(data.COLORS), len(data.SHAPES), len(data.COLORS), len(data.SHAPES))
+    layout_head = torch.nn.Linear(model.visual.output_dim, sum(layout_counts))
     phase2_steps = max(0, steps - one_object_steps)
     per_batch = _phase2_counts(batch_size, twin_pairs)
     n_one = one_object_steps * batch_size + phase2_steps * per_batch[0]
@@ -376,8 +402,8 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
                "world": _SceneWithAttributes(data.ShapesDataset("train", size=max(1, phase2_steps * per_batch[1]),
                                                                 image_size=64, seed=seed + 1, transform=val_tf)),
                "twins": _LayoutTwins(max(2, phase2_steps * per_batch[2]), seed + 2, val_tf)}
-    optimizer = make_optimizer(torch.nn.ModuleList([model, attribute_head]), lr=lr, wd=0.1, betas=(0.9, 0.98),
-                               eps=1e-6)
+    optimizer = make_optimizer(torch.nn.ModuleList([model, attribute_head, layout_head]), lr=lr, wd=0.1,
+                               betas=(0.9, 0.98), eps=1e-6)
     scheduler = cosine_schedule(optimizer, warmup=warmup, total=steps)
     partial = path + ".partial"
     start, seconds, history, commit = 0, 0.0, [], _git_commit()   # the recipe's commit: taken before training
@@ -385,6 +411,7 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
         state = torch.load(partial, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         attribute_head.load_state_dict(state["head"])
+        layout_head.load_state_dict(state["layout_head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -401,6 +428,7 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
         images = torch.stack([s[0] for s in samples])
         texts = trim_padding(tokenizer([s[1] for s in samples]))   # 5-20 of 32 columns are used
         labels = torch.stack([s[2] for s in samples])
+        attribute_labels, layout_targets = labels[:, :3], labels[:, 3:]
         image_features = model.encode_image(images)
         text_features = encode_text_tokens(model, texts)[0]
         image_emb, text_emb = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
@@ -409,11 +437,16 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
         else:
             loss = clip_loss(image_emb, text_emb, model.logit_scale.exp())
         contrastive = float(loss.detach())
-        if aux_weight and (labels[:, 0] >= 0).any():
+        if aux_weight and (attribute_labels[:, 0] >= 0).any():
             for features in (image_features, text_features):   # one head, shared: both towers in one space
                 heads = attribute_head(features).split(class_counts, dim=-1)
-                aux = sum(F.cross_entropy(h, y, ignore_index=-1) for h, y in zip(heads, labels.unbind(1)))
+                aux = sum(F.cross_entropy(h, y, ignore_index=-1) for h, y in zip(heads, attribute_labels.unbind(1)))
                 loss = loss + aux_weight * aux
+        layout = None
+        if layout_weight and (layout_targets[:, 0] >= 0).any():   # the image tower only: where each object is
+            heads = layout_head(image_features).split(layout_counts, dim=-1)
+            layout = sum(F.cross_entropy(h, y, ignore_index=-1) for h, y in zip(heads, layout_targets.unbind(1)))
+            loss = loss + layout_weight * layout
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -425,13 +458,15 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
         if eval_every and done % eval_every == 0 and done < steps:
             seconds += time.time() - tick
             metrics = _quick_base_metrics(model, tokenizer, val_tf)
-            history.append({"step": done, "contrastive_loss": round(contrastive, 4), **metrics})
+            history.append({"step": done, "contrastive_loss": round(contrastive, 4),
+                            "layout_loss": None if layout is None else round(float(layout.detach()), 4), **metrics})
             tqdm.write(f"[build-base] {arch} step {done}: {json.dumps(history[-1])}", file=sys.stderr)
             model.train()
             tick = time.time()
         if checkpoint_every and done % checkpoint_every == 0 and done < steps:
             seconds += time.time() - tick
             _atomic_torch_save({"model": model.state_dict(), "head": attribute_head.state_dict(),
+                                "layout_head": layout_head.state_dict(),
                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                 "rng": rng_state(), "step": done, "seconds": seconds, "history": history,
                                 "commit": commit}, partial)
@@ -450,11 +485,14 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
         "command": command or rebuild_command(arch), "recipe_commit": commit,
         "seed": seed, "steps": steps, "one_object_steps": one_object_steps, "batch_size": batch_size, "lr": lr,
         "warmup": warmup, "weight_decay": 0.1, "aux_weight": aux_weight, "twin_pairs": twin_pairs,
+        "layout_weight": layout_weight,
         "train_seconds": round(seconds, 1),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "open_clip": open_clip.__version__,
         "captions": "natural word order (data.scene_caption); phase 1 one-object scenes; phase 2 half one-object, "
                     f"{twin_pairs} layout-twin pairs per batch, the rest 1-4-object scenes",
         "aux_head": "shared linear head (shape, colour, size) on image and caption embeddings, one-object scenes",
+        "layout_head": "linear head on the image embedding only: colour and shape of the leftmost and the topmost "
+                       "object of multi-object scenes (phase 2)" if layout_weight else "none",
         "loss": "SigLIP sigmoid (open_clip.SigLipLoss, learned scale and bias)" if siglip_loss is not None
                 else "CLIP InfoNCE (learned scale)",
         "shapes_suite": {k: round(v, 2) for k, v in {**suite["metrics"], **suite["summary"]}.items()},
@@ -1021,6 +1059,8 @@ def _main(argv=None):
                        help="weight of the shared attribute head (0: plain contrastive training)")
     build.add_argument("--twin-pairs", type=int, default=SHAPES_BASE_TWIN_PAIRS,
                        help="phase 2: layout-twin pairs per batch (same two objects, relation on the other axis)")
+    build.add_argument("--layout-weight", type=float, default=SHAPES_BASE_LAYOUT_WEIGHT,
+                       help="phase 2: weight of the image-only layout head (0: off, as the SigLIP base was built)")
     build.add_argument("--seed", type=int, default=SHAPES_BASE_SEED)
     build.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     build.add_argument("--eval-every", type=int, default=0, help="print quick suite numbers every N steps (0: off)")
@@ -1034,7 +1074,8 @@ def _main(argv=None):
     command = "python common.py " + " ".join(sys.argv[1:] if argv is None else argv)
     sidecar = build_shapes_base(out, arch=args.arch, steps=args.steps, one_object_steps=args.one_object_steps,
                                 batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                                aux_weight=args.aux_weight, twin_pairs=args.twin_pairs, seed=args.seed,
+                                aux_weight=args.aux_weight, twin_pairs=args.twin_pairs,
+                                layout_weight=args.layout_weight, seed=args.seed,
                                 checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, command=command)
     suite = sidecar["shapes_suite"]
     print(f"{out}: {sidecar['bytes'] / 1e6:.1f} MB, {sidecar['train_seconds']:.0f} s of training; zero-shot "
