@@ -115,16 +115,44 @@ def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_
         pretrained = shapes_base_path(name)
     elif pretrained in ("", "none", "None"):
         pretrained = None
+    is_file = pretrained is not None and os.path.isfile(str(pretrained))
+    if pretrained and not is_file and not name.startswith(("hf-hub:", "local-dir:")) \
+            and not open_clip.pretrained.is_pretrained_cfg(name, pretrained):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise InputError(f"--pretrained {pretrained}: no such file, and not a pretrained tag of {name!r} (its tags: "
+                         f"{tags}; 'shapes' for the shipped tiny models, 'none' for a random init)")
     try:
         model, train_tf, val_tf = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, **model_kwargs)
+    except pickle.UnpicklingError as error:   # torch's weights-only loader refuses anything but plain weights
+        raise InputError(_not_weights_message(str(pretrained), error)) from None
     except RuntimeError as error:
-        if pretrained and not os.path.exists(str(pretrained)):
-            raise RuntimeError(f"could not load pretrained weights {pretrained!r} for {name!r}: a tag needs the "
-                               f"internet (or a local open_clip cache); a path must exist. ({error})") from None
+        if pretrained and not is_file:
+            raise InputError(f"could not load pretrained weights {pretrained!r} for {name!r}: a tag is downloaded on "
+                             f"first use, so it needs the internet once (or a filled open_clip / Hugging Face cache); "
+                             f"or pass a weights file. ({str(error).splitlines()[0]})") from None
         raise
     tokenizer = tokenizer_for(name, context_length=context_length)
     return model, train_tf, val_tf, tokenizer
+
+
+def _not_weights_message(path, error):
+    """Why a --pretrained file did not load, and what to do: a run's checkpoint.pt is a training checkpoint (weights,
+    optimizer, RNG state; `torch.load` refuses its numpy/Python objects without weights_only=False), its final.pt
+    is the open_clip weights file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    method = None
+    if os.path.exists(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json")) as f:
+            method = json.load(f).get("method")
+    if method is None and os.path.basename(path) != "checkpoint.pt":
+        return (f"--pretrained {path}: not a weights file open_clip can load (torch's weights-only loader refused "
+                f"it: {str(error).splitlines()[-1][:200]})")
+    final = os.path.join(folder, "final.pt")
+    return (f"--pretrained {path} is a training checkpoint (model, optimizer and RNG state, read by --resume), not "
+            f"open_clip weights. To evaluate the run use its exported weights: --pretrained {final}"
+            + ("" if os.path.exists(final) else " (not written yet: the run has not finished)")
+            + f". To continue training: python {method or '<method>'}.py --resume {folder}")
 
 
 def encode_image_tokens(model, images):

@@ -1596,18 +1596,13 @@ def write_results(out_dir, before, after, extra=None):
 # ===== Command line =====
 
 def create_backbone(name, pretrained, device, **model_kwargs):
-    """(model, val_transform, tokenizer): common.create_backbone when available; open_clip directly for
-    `model_kwargs` (custom tiny configs in tests) or before common.py exists."""
-    pretrained = None if pretrained in (None, "", "none", "None") else pretrained
-    if not model_kwargs:
-        try:
-            import common
-            model, _, val_tf, tokenizer = common.create_backbone(name, pretrained, device)
-            return model, val_tf, tokenizer
-        except (ImportError, AttributeError):
-            pass
-    model, _, val_tf = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device, **model_kwargs)
-    tokenizer = open_clip.get_tokenizer(name, context_length=getattr(model, "context_length", None))
+    """(model, val_transform, tokenizer) from common.create_backbone (which knows the shapes-tiny-* names and turns
+    bad --pretrained values into one clear message). `model_kwargs` go to open_clip.create_model (e.g. a changed
+    text_cfg); the tokenizer then follows the model's context length."""
+    import common   # here, not at the top: the method scripts import this module, and common stays independent of it
+    model, _, val_tf, tokenizer = common.create_backbone(name, pretrained, device, **model_kwargs)
+    if model_kwargs:
+        tokenizer = common.tokenizer_for(name, context_length=getattr(model, "context_length", None))
     return model, val_tf, tokenizer
 
 
@@ -1949,13 +1944,19 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"eval.py: unknown benchmark(s) {unknown}; known: {', '.join(known_benchmarks())}")
     device = pick_device(args.device)
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    model, transform, tokenizer = create_backbone(args.model, args.pretrained, device, **kwargs)
     try:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"eval.py: --model-kwargs is not JSON ({error})")
+    try:
+        model, transform, tokenizer = create_backbone(args.model, args.pretrained, device, **kwargs)
         results = evaluate(model, tokenizer, transform, args.bench, args.root, device, args.batch_size, args.workers,
                            args.order_seed)
-    except BenchmarkDataError as e:
-        raise SystemExit(f"eval.py: {e}")
+    except Exception as error:   # bad input (common.InputError, BenchmarkDataError): one message, exit code 2
+        if not getattr(error, "user_error", False):
+            raise
+        print(f"eval.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(format_table(results))
     if args.out:
         extra = {"model": args.model, "pretrained": args.pretrained, "bench": args.bench, "root": args.root}

@@ -554,6 +554,9 @@ def train(args):
 
 def lism_main(args):
     """`python goal.py lism ...`: the offline LISM step; writes the matching as a segments file with pairs."""
+    if args.data in ("docci", "json", "csv") and not args.segments_file:
+        raise common.InputError(f"goal.py lism --data {args.data} needs --segments-file FILE: the candidate boxes "
+                                f"(SAM or a detector) per image, format:\n{data.SEGMENTS_FORMAT}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
     long_tokenizer = open_clip.get_tokenizer(args.model, context_length=args.context_length)
@@ -592,8 +595,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.lism_only:
-        return lism_main(args)
+    if args.lism_only:   # one process; bad input ends in one message and exit code 2, as in training
+        return common._user_errors_as_exit(lism_main, args)
     return common.launch(train, args)
 
 

@@ -1,0 +1,62 @@
+"""The command line of the four method scripts and eval.py: bad input.
+
+- bad input ends in one message and exit code 2 (in-process: the scripts' `main` raises SystemExit(2)).
+"""
+import json
+import os
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+import common
+import degla
+import eval as evaluation
+import goal
+
+
+def _exits_2(capsys, main, argv, *expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err[-2000:]
+    for text in expected:
+        assert text in err, err[-2000:]
+
+
+def _docci(root):
+    os.makedirs(root / "images")
+    Image.new("RGB", (64, 32)).save(root / "images" / "a.jpg")
+    record = {"example_id": "a", "split": "train", "image_file": "a.jpg", "description": "A cat. A dog."}
+    (root / "docci_descriptions.jsonlines").write_text(json.dumps(record) + "\n")
+
+
+def test_bad_input_gives_one_message_and_exit_code_2(tmp_path, capsys):
+    tiny = ["--model", common.TINY_MODEL, "--pretrained", "none"]
+    _exits_2(capsys, degla.main, ["--pretrained", str(tmp_path / "missing.pt"), "--model", common.TINY_MODEL,
+                                  "--eval", "", "--out", str(tmp_path / "run")], "no such file")
+    docci = tmp_path / "docci"
+    _docci(docci)
+    _exits_2(capsys, goal.main, ["lism", "--data", "docci", "--data-root", str(docci), *tiny], "needs --segments-file")
+    _exits_2(capsys, goal.main, ["lism", "--data", "docci", "--data-root", str(docci), *tiny, "--segments-file",
+                                 str(tmp_path / "missing.json")], "missing.json")
+    (tmp_path / "lism.json").write_text("{}")
+    _exits_2(capsys, goal.main, ["--data", "docci", "--data-root", str(docci), "--split", "validation", "--lism",
+                                 str(tmp_path / "lism.json"), *tiny, "--eval", "", "--out", str(tmp_path / "goal")],
+             "no records of split 'validation'; its splits: train")
+    # a run's checkpoint.pt given to eval.py: say what it is and what to use instead
+    run = tmp_path / "degla-run"
+    os.makedirs(run)
+    (run / "config.json").write_text(json.dumps({"method": "degla"}))
+    torch.save({"method": "degla", "step": 1, "model": {}, "rng": common.rng_state()}, run / "checkpoint.pt")
+    _exits_2(capsys, evaluation.main, ["--model", common.TINY_MODEL, "--pretrained", str(run / "checkpoint.pt")],
+             "is a training checkpoint", f"--pretrained {run / 'final.pt'}", f"python degla.py --resume {run}")
+
+
+def test_offline_pretrained_tag_is_one_message(monkeypatch):
+    def offline(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag 'openai': connection refused")
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    with pytest.raises(common.InputError, match="needs the internet once"):
+        common.create_backbone("ViT-B-32-quickgelu", "openai")
