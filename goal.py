@@ -67,7 +67,8 @@ import eval as evaluation
 # Shapes: the shared small budget (common.SHAPES_DEFAULTS) plus the stretch scaled to the tiny model.
 # ----------------------------------------------------------------------------------------------------------
 PAPER_DEFAULTS = dict(
-    model="ViT-B-16",            # paper backbones: ViT-B/16 and ViT-L/14 at 224 px, OpenAI weights
+    model="ViT-B-16-quickgelu",  # paper: ViT-B/16 (and ViT-L/14) at 224 px, OpenAI weights, which use QuickGELU
+                                 # (plain ViT-B-16 builds GELU on them; open_clip only warns)
     pretrained="openai",
     lr=5e-6,                     # AdamW, official trainer
     wd=0.05,                     # applied to every parameter in the release

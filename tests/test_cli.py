@@ -1,5 +1,7 @@
-"""The command line of the four method scripts and eval.py: bad input.
+"""The command line of the four method scripts and eval.py: default models and bad input.
 
+- every method's real-data (model, pretrained) pair builds the activation its weights were trained with
+  (OpenAI weights use QuickGELU; open_clip only warns when the config says GELU);
 - bad input ends in one message and exit code 2 (in-process: the scripts' `main` raises SystemExit(2)).
 """
 import json
@@ -10,10 +12,29 @@ import pytest
 import torch
 from PIL import Image
 
+import c2lip
+import cehn
 import common
 import degla
 import eval as evaluation
 import goal
+
+METHODS = {"degla": (degla, degla._defaults()), "cehn": (cehn, cehn.DEFAULTS), "c2lip": (c2lip, c2lip._defaults()),
+           "goal": (goal, goal._defaults())}
+REAL_DATA = {"degla": "coco", "cehn": "coco", "c2lip": "coco", "goal": "docci"}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_default_model_has_the_activation_of_its_weights(method):
+    """open_clip's own check (factory.create_model warns on a quick_gelu mismatch), without downloading weights."""
+    table = METHODS[method][1]["real"]
+    model, tag = table["model"], table["pretrained"]
+    config = open_clip.get_model_config(model)
+    tag_config = open_clip.pretrained.get_pretrained_cfg(model, tag)
+    assert config is not None and tag_config, f"{method}: {model}/{tag} is not an open_clip (model, tag) pair"
+    assert config.get("quick_gelu", False) == tag_config.get("quick_gelu", False), f"{method}: {model}/{tag}"
+    if tag == "openai":
+        assert model.endswith("-quickgelu"), method
 
 
 def _exits_2(capsys, main, argv, *expected):
