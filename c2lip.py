@@ -84,6 +84,7 @@ PAPER_DEFAULTS = dict(
     batch_size=96,  # per GPU (official scripts)
     eval="sugarcrepe,zeroshot,retrieval",  # the paper's benchmark families (SugarCrepe, ImageNet, COCO/Flickr)
     save_every=1000,
+    seed=42,  # official scripts
 )
 C2LIP_DEFAULTS = dict(
     w_npc=1.0,  # weight of L_npc (official --npc-loss-scale)
@@ -546,6 +547,7 @@ def parse_args(argv=None):
                    help="CLIP models: own sigmoid scale+bias (SigLIP init) or the CLIP logit_scale + a new bias")
     g.add_argument("--concept-scale-init", type=float, default=None, help="log of the initial own sigmoid scale")
     g.add_argument("--concept-bias-init", default=None, help="CLIP models: initial sigmoid bias, or 'calibrate'")
+    common.document_defaults(p, _defaults())
     args = p.parse_args(argv)
     return common.apply_defaults(args, _defaults())
 

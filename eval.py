@@ -395,7 +395,8 @@ class _Context:
 def _require(ctx, name, files, source):
     """Fail with one clear message if any expected file/folder under the root is missing."""
     if ctx.root is None:
-        raise BenchmarkDataError(f"{name}: needs a data root (--root / root=). Expected under it: "
+        raise BenchmarkDataError(f"{name}: needs a data root (--eval-root in the method scripts, --root in eval.py, "
+                                 f"root= in Python). Expected under it: "
                                  + ", ".join(files) + f". Source: {source}")
     missing = [f for f in files if not (ctx.root / f).exists()]
     if missing:
@@ -1608,9 +1609,11 @@ def create_backbone(name, pretrained, device, **model_kwargs):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate an open_clip model on compositionality and transfer benchmarks. "
-                                "Subcommand `compare` (side-by-side table of runs) is reserved.")
-    p.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32")
-    p.add_argument("--pretrained", default="", help="pretrained tag (openai, shapes, ...) or checkpoint path")
+                                "Subcommands: `eval.py compare --help` (plain fine-tuning and the four methods side by "
+                                "side), `eval.py figure --help` (picture of one failure).")
+    p.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32-quickgelu (OpenAI weights)")
+    p.add_argument("--pretrained", default="", help="pretrained tag (openai, shapes, ...) or weights file (a run's "
+                   "final.pt; its checkpoint.pt is for --resume)")
     p.add_argument("--bench", default="shapes", help=f"comma-separated: {', '.join(known_benchmarks())}")
     p.add_argument("--root", default=None, help="benchmark data root (layout in eval.py's docstring)")
     p.add_argument("--out", default=None, help="folder for results.json / results.md")
@@ -1619,7 +1622,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for image decoding")
     p.add_argument("--order-seed", type=int, default=ORDER_SEED,
                    help="seed of the COCO-/Flickr30k-Order perturbations (main_aro.py's --seed; default 1)")
-    p.add_argument("--model-kwargs", default=None, help=argparse.SUPPRESS)  # JSON, for tiny test models
+    p.add_argument("--model-kwargs", default=None, help="JSON of open_clip.create_model keyword arguments, e.g. "
+                   "'{\"text_cfg\": {...}}' for a model whose config was changed (docs/real_data.md section 7)")
     return p.parse_args(argv)
 
 

@@ -75,7 +75,7 @@ PAPER_DEFAULTS = dict(
     warmup=0,                    # per-iteration cosine to 0, no warmup
     batch_size=16,               # per GPU, world size 1 in the release
     epochs=10,
-    precision="bf16",            # Lightning Fabric bf16-mixed
+    precision="bf16",            # Lightning Fabric bf16-mixed (on CUDA; CPU runs use fp32: common.apply_defaults)
     seed=1337,                   # official seed (+ rank)
     context_length=248,          # Long-CLIP stretch 77 -> 248 = 20 + 4 * (77 - 20)
     keep_positions=20,           # Long-CLIP keeps the first 20 positions as they are
@@ -575,7 +575,9 @@ def lism_main(args):
 
 
 def parse_args(argv=None):
-    p = common.base_parser("GOAL: global-local object alignment for long captions (goal.py lism ... = LISM)")
+    p = common.base_parser("GOAL: global-local object alignment for long captions.\n`goal.py lism ...` runs the "
+                           "offline LISM matching (same flags, plus --segments-file and --out); `goal.py ...` trains.")
+    p.usage = "%(prog)s [lism] [options]"
     g = p.add_argument_group("GOAL")
     g.add_argument("--local-weight", type=float, default=None, help="lambda_local on L_local(crop, sentence)")
     g.add_argument("--tsl-weight", type=float, default=None, help="lambda_TSL on the token-similarity loss")
@@ -588,6 +590,7 @@ def parse_args(argv=None):
     g.add_argument("--split", default=None, help="split of the long-caption set (default train)")
     argv = sys.argv[1:] if argv is None else list(argv)
     is_lism = bool(argv) and argv[0] == "lism"
+    common.document_defaults(p, _defaults())
     args = p.parse_args(argv[1:] if is_lism else argv)
     common.apply_defaults(args, _defaults())
     args.lism_only = is_lism

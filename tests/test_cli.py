@@ -1,11 +1,14 @@
-"""The command line of the four method scripts and eval.py: default models and bad input.
+"""The command line of the four method scripts and eval.py: defaults, --help, and bad input.
 
 - every method's real-data (model, pretrained) pair builds the activation its weights were trained with
   (OpenAI weights use QuickGELU; open_clip only warns when the config says GELU);
+- the method's defaults table sets the seed and the precision; flags given on the command line win;
+- --help shows the value each flag really gets, never "(default: None)";
 - bad input ends in one message and exit code 2 (in-process: the scripts' `main` raises SystemExit(2)).
 """
 import json
 import os
+from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -35,6 +38,38 @@ def test_default_model_has_the_activation_of_its_weights(method):
     assert config.get("quick_gelu", False) == tag_config.get("quick_gelu", False), f"{method}: {model}/{tag}"
     if tag == "openai":
         assert model.endswith("-quickgelu"), method
+
+
+def test_method_table_sets_seed_and_precision_and_flags_win(monkeypatch, tmp_path):
+    official_seed = {"degla": 42, "cehn": 42, "c2lip": 42, "goal": 1337}
+    for method, (module, _) in METHODS.items():
+        assert module.parse_args(["--data", REAL_DATA[method]]).seed == official_seed[method], method
+        assert module.parse_args([]).seed == 0, method             # the shapes world keeps its seed
+        assert module.parse_args(["--data", REAL_DATA[method], "--seed", "7"]).seed == 7, method
+    # GOAL's bf16 (its release) applies on CUDA; on CPU the default stays auto (fp32), where bf16 would stop the run
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert goal.parse_args(["--data", "docci"]).precision == "bf16"
+    assert goal.parse_args(["--data", "docci", "--precision", "fp32"]).precision == "fp32"
+    assert degla.parse_args(["--data", "coco"]).precision == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert goal.parse_args(["--data", "docci"]).precision == "auto"
+    # a resumed run keeps its own seed (config.json), the table comes after it
+    (tmp_path / "config.json").write_text(json.dumps({"method": "goal", "data": "docci", "seed": 5}))
+    assert goal.parse_args(["--resume", str(tmp_path)]).seed == 5
+
+
+def test_help_shows_real_defaults_and_teaches(capsys):
+    for method, (module, _) in METHODS.items():
+        with pytest.raises(SystemExit) as exit_info:
+            module.parse_args(["--help"])
+        assert exit_info.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text, method
+        for phrase in ("peak learning rate", "weight decay", "needs --eval-root", "--eval '' skips", "sugarcrepe",
+                       "torchrun --nproc_per_node N", "42 on real data" if method != "goal" else "1337 on real data"):
+            assert phrase in text, (method, phrase)
+    with pytest.raises(evaluation.BenchmarkDataError, match="--eval-root in the method scripts"):
+        evaluation._require(SimpleNamespace(root=None), "sugarcrepe", ["sugarcrepe"], "RAIVNLab/sugar-crepe")
 
 
 def _exits_2(capsys, main, argv, *expected):
