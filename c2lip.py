@@ -54,8 +54,8 @@ Run:
     python c2lip.py --data coco --data-root DIR --gpus 8 --model ViT-B-32-quickgelu --pretrained openai
     torchrun --nproc_per_node 8 c2lip.py --data coco --data-root DIR          # same, launched by torchrun
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 c2lip.py --data coco --data-root DIR
-    python c2lip.py --resume runs/c2lip-shapes/last.pt                  # continue an interrupted run
-    python eval.py --model ViT-B-16-SigLIP --pretrained runs/.../final.pt --eval sugarcrepe,imagenet
+    python c2lip.py --resume runs/c2lip-shapes-<time>                  # continue an interrupted run (its folder)
+    python eval.py --model ViT-B-16-SigLIP --pretrained runs/c2lip-.../final.pt --bench sugarcrepe,zeroshot --root DIR
 """
 import math
 import os

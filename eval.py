@@ -32,8 +32,9 @@ Library use (what the method scripts do before and after training):
 
 Command line:
 
-    python eval.py --model ViT-B-32 --pretrained openai --bench sugarcrepe,aro,zeroshot --root ~/data/bench --out runs/eval
-    python eval.py compare ...            (side-by-side table of several runs; reserved)
+    python eval.py --model ViT-B-32-quickgelu --pretrained openai --bench sugarcrepe,aro,zeroshot --root ~/data/bench
+    python eval.py compare ...            (train and tabulate plain fine-tuning and the four methods side by side)
+    python eval.py figure ...             (picture of one compositionality failure of a model)
 
 Expected layout under --root (each benchmark's section says where the files come from):
 

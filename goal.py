@@ -37,8 +37,9 @@ paper and a flag reproduces the release:
 Run:
   python goal.py                                   # shapes world, shipped `shapes` base model, CPU, ~4 min
   python goal.py lism --data docci --data-root DIR --segments-file SAM.json --out lism.json   # offline LISM
-  python goal.py --data docci --data-root DIR --lism lism.json --gpus 8                   # the paper's recipe
-  torchrun --nproc_per_node 8 goal.py --data dci --data-root DIR --lism lism.json         # same, under torchrun
+  python goal.py --data docci --data-root DIR --lism lism.json      # the paper's recipe: 1 GPU, batch 16, bf16
+  python goal.py --data docci --data-root DIR --lism lism.json --gpus 8 --batch-size 2       # 8 GPUs, same batch 16
+  torchrun --nproc_per_node 8 goal.py --data dci --data-root DIR --lism lism.json --batch-size 2   # same, torchrun
   python goal.py --resume OUT_DIR                  # continue an interrupted run
   python goal.py --local-weight 0 --tsl-weight 0   # the plain fine-tuning baseline
 The exported `final.pt` has a stretched text table, so load it as: `m = open_clip.create_model(NAME);
