@@ -119,7 +119,9 @@ def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_
     if pretrained and not is_file and not name.startswith(("hf-hub:", "local-dir:")) \
             and not open_clip.pretrained.is_pretrained_cfg(name, pretrained):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
-        raise InputError(f"--pretrained {pretrained}: no such file, and not a pretrained tag of {name!r} (its tags: "
+        what = "a folder, not a weights file (a run's weights are its final.pt)" if os.path.isdir(str(pretrained)) \
+            else "no such file"
+        raise InputError(f"--pretrained {pretrained}: {what}, and not a pretrained tag of {name!r} (its tags: "
                          f"{tags}; 'shapes' for the shipped tiny models, 'none' for a random init)")
     try:
         model, train_tf, val_tf = open_clip.create_model_and_transforms(
