@@ -54,8 +54,8 @@ Run:
     python c2lip.py --data coco --data-root DIR --gpus 8 --model ViT-B-32-quickgelu --pretrained openai
     torchrun --nproc_per_node 8 c2lip.py --data coco --data-root DIR          # same, launched by torchrun
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 c2lip.py --data coco --data-root DIR
-    python c2lip.py --resume runs/c2lip-shapes/last.pt                  # continue an interrupted run
-    python eval.py --model ViT-B-16-SigLIP --pretrained runs/.../final.pt --eval sugarcrepe,imagenet
+    python c2lip.py --resume runs/c2lip-shapes-<time>                  # continue an interrupted run (its folder)
+    python eval.py --model ViT-B-16-SigLIP --pretrained runs/c2lip-.../final.pt --bench sugarcrepe,zeroshot --root DIR
 """
 import math
 import os
@@ -84,6 +84,7 @@ PAPER_DEFAULTS = dict(
     batch_size=96,  # per GPU (official scripts)
     eval="sugarcrepe,zeroshot,retrieval",  # the paper's benchmark families (SugarCrepe, ImageNet, COCO/Flickr)
     save_every=1000,
+    seed=42,  # official scripts
 )
 C2LIP_DEFAULTS = dict(
     w_npc=1.0,  # weight of L_npc (official --npc-loss-scale)
@@ -546,6 +547,7 @@ def parse_args(argv=None):
                    help="CLIP models: own sigmoid scale+bias (SigLIP init) or the CLIP logit_scale + a new bias")
     g.add_argument("--concept-scale-init", type=float, default=None, help="log of the initial own sigmoid scale")
     g.add_argument("--concept-bias-init", default=None, help="CLIP models: initial sigmoid bias, or 'calibrate'")
+    common.document_defaults(p, _defaults())
     args = p.parse_args(argv)
     return common.apply_defaults(args, _defaults())
 

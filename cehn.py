@@ -79,6 +79,7 @@ REAL_DEFAULTS = dict(
     batch_size=378,          # per GPU, x 4 A100 = 1512 global (run_multiple_nodes.sh); use --gpus 8 --batch-size 189
     epochs=10,               # run_multiple_nodes.sh (the README's evaluation loads epoch_5: try --epochs 5 too)
     workers=8,               # per process; the release used 0
+    seed=42,                 # official seed (data loading and init)
     save_every=1000,
     eval="aro,sugarcrepe,valse",  # the paper's benchmarks (Tables 1 and 3)
     # precision: the release used fp16 amp; the project's CUDA default is bf16 autocast (--precision auto)
@@ -390,8 +391,7 @@ def parse_args(argv=None):
                         "(7f4433a); release: the HEAD form (target = first negative of the batch, a bug)")
     g.add_argument("--mask-invalid", default=None, choices=["all", "cmr"],
                    help="all: invalid negatives masked in every term; cmr: only in CMR, as released")
-    for action in g._group_actions:  # show the method's defaults (the flags themselves default to None)
-        action.help += f" [CE-CLIP default: {METHOD_DEFAULTS[action.dest]}]"
+    common.document_defaults(p, DEFAULTS)
     args = p.parse_args(argv)
     return common.apply_defaults(args, DEFAULTS)
 

@@ -115,16 +115,46 @@ def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_
         pretrained = shapes_base_path(name)
     elif pretrained in ("", "none", "None"):
         pretrained = None
+    is_file = pretrained is not None and os.path.isfile(str(pretrained))
+    if pretrained and not is_file and not name.startswith(("hf-hub:", "local-dir:")) \
+            and not open_clip.pretrained.is_pretrained_cfg(name, pretrained):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        what = "a folder, not a weights file (a run's weights are its final.pt)" if os.path.isdir(str(pretrained)) \
+            else "no such file"
+        raise InputError(f"--pretrained {pretrained}: {what}, and not a pretrained tag of {name!r} (its tags: "
+                         f"{tags}; 'shapes' for the shipped tiny models, 'none' for a random init)")
     try:
         model, train_tf, val_tf = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, **model_kwargs)
+    except pickle.UnpicklingError as error:   # torch's weights-only loader refuses anything but plain weights
+        raise InputError(_not_weights_message(str(pretrained), error)) from None
     except RuntimeError as error:
-        if pretrained and not os.path.exists(str(pretrained)):
-            raise RuntimeError(f"could not load pretrained weights {pretrained!r} for {name!r}: a tag needs the "
-                               f"internet (or a local open_clip cache); a path must exist. ({error})") from None
+        if pretrained and not is_file:
+            raise InputError(f"could not load pretrained weights {pretrained!r} for {name!r}: a tag is downloaded on "
+                             f"first use, so it needs the internet once (or a filled open_clip / Hugging Face cache); "
+                             f"or pass a weights file. ({str(error).splitlines()[0]})") from None
         raise
     tokenizer = tokenizer_for(name, context_length=context_length)
     return model, train_tf, val_tf, tokenizer
+
+
+def _not_weights_message(path, error):
+    """Why a --pretrained file did not load, and what to do: a run's checkpoint.pt is a training checkpoint (weights,
+    optimizer, RNG state; `torch.load` refuses its numpy/Python objects without weights_only=False), its final.pt
+    is the open_clip weights file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    method = None
+    if os.path.exists(os.path.join(folder, "config.json")):
+        with open(os.path.join(folder, "config.json")) as f:
+            method = json.load(f).get("method")
+    if method is None and os.path.basename(path) != "checkpoint.pt":
+        return (f"--pretrained {path}: not a weights file open_clip can load (torch's weights-only loader refused "
+                f"it: {str(error).splitlines()[-1][:200]})")
+    final = os.path.join(folder, "final.pt")
+    return (f"--pretrained {path} is a training checkpoint (model, optimizer and RNG state, read by --resume), not "
+            f"open_clip weights. To evaluate the run use its exported weights: --pretrained {final}"
+            + ("" if os.path.exists(final) else " (not written yet: the run has not finished)")
+            + f". To continue training: python {method or '<method>'}.py --resume {folder}")
 
 
 def encode_image_tokens(model, images):
@@ -680,10 +710,26 @@ def run_cpu_processes(fn, world_size, *fn_args):
 # =====================================================================================================
 # 5. Training utilities
 # =====================================================================================================
+MULTI_GPU_EPILOG = """\
+several GPUs (DDP; --batch-size is per process: keep the paper's global batch = batch x processes):
+  %(prog)s --gpus N ...                      N processes on this node
+  torchrun --nproc_per_node N %(prog)s ...   the same under torchrun (one or more nodes; leave --gpus at 0)"""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """argparse's '(default: X)' for flags with a fixed default; none for on/off switches and for flags left at
+    None, whose help ends with the values the method's tables give them (`document_defaults`). The epilog keeps
+    its line breaks."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 def base_parser(description):
     """The flags every method has. Defaults that depend on the data (paper values for real data, small values
-    for the shapes world) are left as None here and filled by `apply_defaults(args, DEFAULTS)`."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for the shapes world) are left as None here and filled by `apply_defaults(args, DEFAULTS)`; call
+    `document_defaults(parser, DEFAULTS)` so that --help shows them."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, epilog=MULTI_GPU_EPILOG)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="shapes (built-in synthetic world; the default) | coco | docci | dci | "
                    "json | csv")
@@ -693,35 +739,76 @@ def base_parser(description):
     g.add_argument("--train-size", type=int, default=None, help="shapes world: number of training scenes")
     g.add_argument("--workers", type=int, default=None, help="DataLoader workers per process")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="open_clip model name")
-    g.add_argument("--pretrained", default=None, help="open_clip tag, weights path, or 'shapes'")
+    g.add_argument("--model", default=None, help="open_clip model name (OpenAI weights: a -quickgelu config)")
+    g.add_argument("--pretrained", default=None, help="open_clip tag, weights path, 'shapes' or 'none'")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, default=None, help="per process")
     g.add_argument("--epochs", type=float, default=None, help="epochs over the data (ignored if --steps is set)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps in total")
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--wd", type=float, default=None)
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW (after the warm-up; cosine "
+                   "decay to 0 at the last step)")
+    g.add_argument("--wd", type=float, default=None, help="AdamW weight decay, on weights with 2+ dims only (not on "
+                   "biases, norms, logit scale)")
     g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps before the cosine decay")
     g.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto (default) = bf16 autocast on CUDA, fp32 on CPU")
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU. A method's own real-data value (GOAL: bf16, as its "
+                   "release) applies on CUDA only; on CPU the default stays fp32")
     g = p.add_argument_group("system")
     g.add_argument("--gpus", type=int, default=0, help="GPUs on this node (0 = CPU or torchrun); DDP when > 1")
     g.add_argument("--cpu-procs", type=int, default=1, help=argparse.SUPPRESS)   # gloo processes, for tests
     g.add_argument("--out", default=None, help="run folder (default runs/<method>-<data>-<time>)")
-    g.add_argument("--resume", default=None, help="run folder (or checkpoint) to continue from")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    g.add_argument("--resume", default=None, help="run folder (or checkpoint) to continue from; flags you do not give "
+                   "are read from its config.json")
+    g.add_argument("--seed", type=int, default=None, help="random seed (each rank adds its rank)")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--eval", default=None, help="comma-separated benchmarks to run before and after training")
-    g.add_argument("--eval-root", default=None, help="root folder of the benchmark files")
+    g.add_argument("--log-every", type=int, default=10, help="write a log line every N steps")
+    g.add_argument("--eval", default=None, help="comma-separated benchmarks run on rank 0 before and after training: "
+                   "shapes (the built-in suite, no files), aro, sugarcrepe, valse, vlchecklist, zeroshot, retrieval, "
+                   "longtext or their members (python eval.py --help). Real data defaults to the paper's list and "
+                   "needs --eval-root; --eval '' skips evaluation")
+    g.add_argument("--eval-root", default=None, help="root folder of the benchmark files (layout: eval.py docstring)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still written)")
     return p
+
+
+# Used where a method's table has no value: every method has a seed and a precision.
+FALLBACK_DEFAULTS = {"seed": 0, "precision": "auto"}
+
+
+def _shown(value):
+    if value is None:
+        return "set at run time"
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def document_defaults(parser, defaults):
+    """End the help of every flag left at None with the value `apply_defaults` gives it: 'X on the shapes world,
+    Y on real data' from the method's two tables (one value when they agree), so that --help never says 'None'.
+    Flags that no table fills (--out, --resume, ...) keep their help as it is."""
+    for action in parser._actions:
+        if action.default is not None or not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        values = {}
+        for where, table in (("the shapes world", defaults["shapes"]), ("real data", defaults["real"])):
+            table = dict(FALLBACK_DEFAULTS, **table)
+            if action.dest in table:
+                values[where] = _shown(table[action.dest])
+        if len(values) == 2 and len(set(values.values())) == 1:
+            text = values["real data"]
+        else:
+            text = ", ".join(f"{value} on {where}" for where, value in values.items())
+        if text:
+            action.help = (action.help or "") + f" (default: {text})"
+    return parser
 
 
 def apply_defaults(args, defaults):
     """Fill every argument left at None: first from the run being resumed (its config.json, so that
     `--resume RUN_DIR` alone continues with the same settings; flags given now win), then from
-    `defaults['shapes']` or `defaults['real']` (by --data)."""
+    `defaults['shapes']` or `defaults['real']` (by --data), then from FALLBACK_DEFAULTS.
+
+    A table's `precision` is its CUDA precision: without CUDA it becomes 'auto' (fp32), since bf16/fp16 autocast
+    needs a GPU here (`Run`) and the CPU run of real data (tests, a laptop) should not stop on it."""
     if args.resume:
         folder = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
         config_path = os.path.join(folder, "config.json")
@@ -732,9 +819,9 @@ def apply_defaults(args, defaults):
                 if key in vars(args) and getattr(args, key) is None and key != "resume":
                     setattr(args, key, value)
     args.data = args.data or "shapes"
-    args.seed = 0 if args.seed is None else args.seed
-    args.precision = args.precision or "auto"
-    table = defaults["shapes" if args.data == "shapes" else "real"]
+    table = dict(FALLBACK_DEFAULTS, **defaults["shapes" if args.data == "shapes" else "real"])
+    if not torch.cuda.is_available():
+        table["precision"] = "auto"
     for key, value in table.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

@@ -898,7 +898,7 @@ or, with the sentence-box pairs of an offline LISM matching (GOAL):
 
 def load_segments(path: str) -> dict:
     """Read a segments file (format: `SEGMENTS_FORMAT`) into {key: {"boxes": [...], "pairs": [...]}}."""
-    _require(path, "segments file", SEGMENTS_FORMAT)
+    _require(path, "segments file (--segments-file / --lism)", SEGMENTS_FORMAT)
     raw = _load_json(path, SEGMENTS_FORMAT)
     if not isinstance(raw, dict):
         raise DataError(f"{path}: expected a JSON object keyed by image.\n{SEGMENTS_FORMAT}")
@@ -1058,7 +1058,7 @@ class DocciDataset(ImageCaptionDataset):
         if not os.path.isdir(root):
             raise DataError(f"DOCCI root not found: {root}\nExpected layout:\n{DOCCI_LAYOUT}")
         path = _require(os.path.join(root, "docci_descriptions.jsonlines"), "DOCCI descriptions", DOCCI_LAYOUT)
-        paths, captions, ids = [], [], []
+        paths, captions, ids, splits = [], [], [], set()
         with open(path, encoding="utf-8") as file:
             for line_number, line in enumerate(file, 1):
                 if not line.strip():
@@ -1068,12 +1068,14 @@ class DocciDataset(ImageCaptionDataset):
                     record_split, image_file, description = record["split"], record["image_file"], record["description"]
                 except (ValueError, KeyError, TypeError):
                     raise DataError(f"{path}:{line_number} is not a DOCCI record.\nExpected layout:\n{DOCCI_LAYOUT}") from None
+                splits.add(str(record_split))
                 if record_split == split:
                     paths.append(os.path.join(root, "images", image_file))
                     captions.append(description.strip())
                     ids.append(record.get("example_id", image_file))
         if not captions:
-            raise DataError(f"{path} has no records of split {split!r}.\nExpected layout:\n{DOCCI_LAYOUT}")
+            raise DataError(f"{path} has no records of split {split!r}; its splits: {', '.join(sorted(splits))} "
+                            f"(choose one with --split)")
         _check_images_exist(paths, DOCCI_LAYOUT)
         segments = load_segments(segments_file) if segments_file else {}
         super().__init__(paths, captions, ids, transform, segments=segments, root=root)
@@ -1082,18 +1084,33 @@ class DocciDataset(ImageCaptionDataset):
 DCI_LAYOUT = """\
 <root> = densely_captioned_images/ (from dci.tar.gz):
 <root>/annotations/<name>.json   one file per image: {"image": "<file name>", "short_caption": str,
-                                 "extra_caption": str, "mask_data": {...} (optional), ...}
+                                 "extra_caption": str, "mask_data": {"<idx>": {"bounds": {"topLeft": {"x", "y"},
+                                 "bottomRight": {"x", "y"}}, ...}} (optional), ...}
 <root>/photos/<file name>
 <root>/splits.json               optional: {"train": ["<name>.json", ...], "valid": [...], "test": [...]}"""
+
+
+def _dci_box(bounds, path):
+    """[x0, y0, x1, y1] from a DCI mask's `bounds`: the release's {"topLeft": {"x", "y"}, "bottomRight": {"x", "y"}}
+    (what facebookresearch/DCI's loader reads), or [[x0, y0], [x1, y1]]."""
+    try:
+        if isinstance(bounds, dict):
+            top_left, bottom_right = bounds["topLeft"], bounds["bottomRight"]
+            return [top_left["x"], top_left["y"], bottom_right["x"], bottom_right["y"]]
+        (x0, y0), (x1, y1) = bounds
+        return [x0, y0, x1, y1]
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{path}: mask bounds {bounds!r} are neither {{\"topLeft\": {{\"x\", \"y\"}}, \"bottomRight\": "
+                        f"{{\"x\", \"y\"}}}} nor [[x0, y0], [x1, y1]].\n{DCI_LAYOUT}") from None
 
 
 class DciDataset(ImageCaptionDataset):
     """DCI (Densely Captioned Images, Meta): one long caption per image.
 
     Our reading of the layout (field names not verified against the release, see benchmarks.md A7): the
-    long caption is `short_caption` followed by `extra_caption`. If `mask_data` entries carry `bounds`
-    ([[x0, y0], [x1, y1]], original pixels) they become the image's segments (unless a segments file is
-    given). `splits.json`, when present, selects the annotation files of `split`; otherwise all are used.
+    long caption is `short_caption` followed by `extra_caption`. If `mask_data` entries carry `bounds` (original
+    pixels; the release's {"topLeft": {"x", "y"}, "bottomRight": {"x", "y"}}, or [[x0, y0], [x1, y1]]) they become
+    the image's segments (unless a segments file is given). `splits.json`, when present, selects the annotation files of `split`; otherwise all are used.
     """
 
     def __init__(self, root: str, transform=None, split: str = "train", segments_file: str | None = None):
@@ -1120,8 +1137,7 @@ class DciDataset(ImageCaptionDataset):
             captions.append(caption)
             ids.append(os.path.splitext(name)[0])
             masks = record.get("mask_data") or {}
-            boxes = [[m["bounds"][0][0], m["bounds"][0][1], m["bounds"][1][0], m["bounds"][1][1]]
-                     for m in (masks.values() if isinstance(masks, dict) else masks)
+            boxes = [_dci_box(m["bounds"], path) for m in (masks.values() if isinstance(masks, dict) else masks)
                      if isinstance(m, dict) and "bounds" in m]
             if boxes:
                 mask_segments[record["image"]] = {"boxes": boxes, "pairs": []}
@@ -1458,7 +1474,7 @@ def build_train_set(args, transform, tokenizer):
     elif name in REAL_DATA:
         root = getattr(args, "data_root", None)
         if not root:
-            raise DataError(f"--data {name} needs --data_root")
+            raise DataError(f"--data {name} needs --data-root")
         if name == "coco":
             dataset = CocoCaptions(root, transform, karpathy_file=getattr(args, "karpathy_file", None))
         elif name == "docci":

@@ -83,6 +83,7 @@ PAPER_DEFAULTS = dict(
     tgc_weight=0.1,              # loss.py CLIPloss_DeGLA
     tgc_scale=10.0,              # hard-coded logit_scale = 10 in get_text_local_loss (tau = 0.1)
     global_negatives=1,          # NegCLIP-style global loss (hard negatives as extra i2t candidates)
+    seed=42,                     # official seed (+ rank)
     neg_types="reshuffle,swap_nouns,swap_adjs,replace_adjs",  # K = 4 (DeGLA_dataset stacks enhanced[0..3]);
                                  # which 4 of the 5 types is undocumented: we take the first four in the
                                  # paper's listing order. With --negatives FILE only the count K is used.
@@ -430,7 +431,8 @@ def train(args):
 def parse_args(argv=None):
     p = common.base_parser("DeGLA: NegCLIP global loss + EMA self-distillation + IGC + TGC")
     g = p.add_argument_group("DeGLA")
-    g.add_argument("--distill-weight", type=float, default=None, help="lambda_d on L_distill (sum of squared L2; shapes default: see shapes_distill_weight)")
+    g.add_argument("--distill-weight", type=float, default=None, help="lambda_d on L_distill (sum of squared L2); "
+                   "shapes world: 0.005 x 256 / global batch (shapes_distill_weight)")
     g.add_argument("--igc-weight", type=float, default=None, help="lambda_IGC on image-grounded contrast")
     g.add_argument("--tgc-weight", type=float, default=None, help="lambda_TGC on text-grounded contrast")
     g.add_argument("--tgc-scale", type=float, default=None, help="fixed TGC logit scale 1/tau")
@@ -438,7 +440,8 @@ def parse_args(argv=None):
                    help="TGC negatives: caption's own K (paper) or the release's tiled mask")
     g.add_argument("--global-negatives", type=int, default=None, choices=[0, 1],
                    help="1: hard negatives join the image->text candidates of the global loss (NegCLIP)")
-    g.add_argument("--ema-decay", type=float, default=None, help="EMA teacher decay alpha (shapes default: see shapes_ema_decay)")
+    g.add_argument("--ema-decay", type=float, default=None, help="EMA teacher decay alpha; shapes world: "
+                   "0.9996^(8000 / steps) (shapes_ema_decay)")
     g.add_argument("--neg-types", default=None,
                    help=f"comma-separated negative types (K = their number) from {', '.join(data.DEGLA_TYPES)}")
     g.add_argument("--negatives", default=None, help="DeGLA's released negatives JSON ({image_id, original, "
@@ -446,6 +449,7 @@ def parse_args(argv=None):
     g.add_argument("--baseline", default=None, choices=["plain", "negclip"],
                    help="plain: all extra weights 0 and no hard negatives (plain CLIP fine-tuning); "
                         "negclip: only the NegCLIP global loss")
+    common.document_defaults(p, _defaults())
     args = p.parse_args(argv)
     common.apply_defaults(args, _defaults())
     if args.baseline:

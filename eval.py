@@ -32,8 +32,9 @@ Library use (what the method scripts do before and after training):
 
 Command line:
 
-    python eval.py --model ViT-B-32 --pretrained openai --bench sugarcrepe,aro,zeroshot --root ~/data/bench --out runs/eval
-    python eval.py compare ...            (side-by-side table of several runs; reserved)
+    python eval.py --model ViT-B-32-quickgelu --pretrained openai --bench sugarcrepe,aro,zeroshot --root ~/data/bench
+    python eval.py compare ...            (train and tabulate plain fine-tuning and the four methods side by side)
+    python eval.py figure ...             (picture of one compositionality failure of a model)
 
 Expected layout under --root (each benchmark's section says where the files come from):
 
@@ -395,7 +396,8 @@ class _Context:
 def _require(ctx, name, files, source):
     """Fail with one clear message if any expected file/folder under the root is missing."""
     if ctx.root is None:
-        raise BenchmarkDataError(f"{name}: needs a data root (--root / root=). Expected under it: "
+        raise BenchmarkDataError(f"{name}: needs a data root (--eval-root in the method scripts, --root in eval.py, "
+                                 f"root= in Python). Expected under it: "
                                  + ", ".join(files) + f". Source: {source}")
     missing = [f for f in files if not (ctx.root / f).exists()]
     if missing:
@@ -1596,26 +1598,23 @@ def write_results(out_dir, before, after, extra=None):
 # ===== Command line =====
 
 def create_backbone(name, pretrained, device, **model_kwargs):
-    """(model, val_transform, tokenizer): common.create_backbone when available; open_clip directly for
-    `model_kwargs` (custom tiny configs in tests) or before common.py exists."""
-    pretrained = None if pretrained in (None, "", "none", "None") else pretrained
-    if not model_kwargs:
-        try:
-            import common
-            model, _, val_tf, tokenizer = common.create_backbone(name, pretrained, device)
-            return model, val_tf, tokenizer
-        except (ImportError, AttributeError):
-            pass
-    model, _, val_tf = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device, **model_kwargs)
-    tokenizer = open_clip.get_tokenizer(name, context_length=getattr(model, "context_length", None))
+    """(model, val_transform, tokenizer) from common.create_backbone (which knows the shapes-tiny-* names and turns
+    bad --pretrained values into one clear message). `model_kwargs` go to open_clip.create_model (e.g. a changed
+    text_cfg); the tokenizer then follows the model's context length."""
+    import common   # here, not at the top: the method scripts import this module, and common stays independent of it
+    model, _, val_tf, tokenizer = common.create_backbone(name, pretrained, device, **model_kwargs)
+    if model_kwargs:
+        tokenizer = common.tokenizer_for(name, context_length=getattr(model, "context_length", None))
     return model, val_tf, tokenizer
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate an open_clip model on compositionality and transfer benchmarks. "
-                                "Subcommand `compare` (side-by-side table of runs) is reserved.")
-    p.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32")
-    p.add_argument("--pretrained", default="", help="pretrained tag (openai, shapes, ...) or checkpoint path")
+                                "Subcommands: `eval.py compare --help` (plain fine-tuning and the four methods side by "
+                                "side), `eval.py figure --help` (picture of one failure).")
+    p.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32-quickgelu (OpenAI weights)")
+    p.add_argument("--pretrained", default="", help="pretrained tag (openai, shapes, ...) or weights file (a run's "
+                   "final.pt; its checkpoint.pt is for --resume)")
     p.add_argument("--bench", default="shapes", help=f"comma-separated: {', '.join(known_benchmarks())}")
     p.add_argument("--root", default=None, help="benchmark data root (layout in eval.py's docstring)")
     p.add_argument("--out", default=None, help="folder for results.json / results.md")
@@ -1624,7 +1623,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for image decoding")
     p.add_argument("--order-seed", type=int, default=ORDER_SEED,
                    help="seed of the COCO-/Flickr30k-Order perturbations (main_aro.py's --seed; default 1)")
-    p.add_argument("--model-kwargs", default=None, help=argparse.SUPPRESS)  # JSON, for tiny test models
+    p.add_argument("--model-kwargs", default=None, help="JSON of open_clip.create_model keyword arguments, e.g. "
+                   "'{\"text_cfg\": {...}}' for a model whose config was changed (docs/real_data.md section 7)")
     return p.parse_args(argv)
 
 
@@ -1949,13 +1949,19 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"eval.py: unknown benchmark(s) {unknown}; known: {', '.join(known_benchmarks())}")
     device = pick_device(args.device)
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    model, transform, tokenizer = create_backbone(args.model, args.pretrained, device, **kwargs)
     try:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"eval.py: --model-kwargs is not JSON ({error})")
+    try:
+        model, transform, tokenizer = create_backbone(args.model, args.pretrained, device, **kwargs)
         results = evaluate(model, tokenizer, transform, args.bench, args.root, device, args.batch_size, args.workers,
                            args.order_seed)
-    except BenchmarkDataError as e:
-        raise SystemExit(f"eval.py: {e}")
+    except Exception as error:   # bad input (common.InputError, BenchmarkDataError): one message, exit code 2
+        if not getattr(error, "user_error", False):
+            raise
+        print(f"eval.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(format_table(results))
     if args.out:
         extra = {"model": args.model, "pretrained": args.pretrained, "bench": args.bench, "root": args.root}

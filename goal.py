@@ -37,8 +37,9 @@ paper and a flag reproduces the release:
 Run:
   python goal.py                                   # shapes world, shipped `shapes` base model, CPU, ~4 min
   python goal.py lism --data docci --data-root DIR --segments-file SAM.json --out lism.json   # offline LISM
-  python goal.py --data docci --data-root DIR --lism lism.json --gpus 8                   # the paper's recipe
-  torchrun --nproc_per_node 8 goal.py --data dci --data-root DIR --lism lism.json         # same, under torchrun
+  python goal.py --data docci --data-root DIR --lism lism.json      # the paper's recipe: 1 GPU, batch 16, bf16
+  python goal.py --data docci --data-root DIR --lism lism.json --gpus 8 --batch-size 2       # 8 GPUs, same batch 16
+  torchrun --nproc_per_node 8 goal.py --data dci --data-root DIR --lism lism.json --batch-size 2   # same, torchrun
   python goal.py --resume OUT_DIR                  # continue an interrupted run
   python goal.py --local-weight 0 --tsl-weight 0   # the plain fine-tuning baseline
 The exported `final.pt` has a stretched text table, so load it as: `m = open_clip.create_model(NAME);
@@ -67,14 +68,15 @@ import eval as evaluation
 # Shapes: the shared small budget (common.SHAPES_DEFAULTS) plus the stretch scaled to the tiny model.
 # ----------------------------------------------------------------------------------------------------------
 PAPER_DEFAULTS = dict(
-    model="ViT-B-16",            # paper backbones: ViT-B/16 and ViT-L/14 at 224 px, OpenAI weights
+    model="ViT-B-16-quickgelu",  # paper: ViT-B/16 (and ViT-L/14) at 224 px, OpenAI weights, which use QuickGELU
+                                 # (plain ViT-B-16 builds GELU on them; open_clip only warns)
     pretrained="openai",
     lr=5e-6,                     # AdamW, official trainer
     wd=0.05,                     # applied to every parameter in the release
     warmup=0,                    # per-iteration cosine to 0, no warmup
     batch_size=16,               # per GPU, world size 1 in the release
     epochs=10,
-    precision="bf16",            # Lightning Fabric bf16-mixed
+    precision="bf16",            # Lightning Fabric bf16-mixed (on CUDA; CPU runs use fp32: common.apply_defaults)
     seed=1337,                   # official seed (+ rank)
     context_length=248,          # Long-CLIP stretch 77 -> 248 = 20 + 4 * (77 - 20)
     keep_positions=20,           # Long-CLIP keeps the first 20 positions as they are
@@ -554,6 +556,9 @@ def train(args):
 
 def lism_main(args):
     """`python goal.py lism ...`: the offline LISM step; writes the matching as a segments file with pairs."""
+    if args.data in ("docci", "json", "csv") and not args.segments_file:
+        raise common.InputError(f"goal.py lism --data {args.data} needs --segments-file FILE: the candidate boxes "
+                                f"(SAM or a detector) per image, format:\n{data.SEGMENTS_FORMAT}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
     long_tokenizer = open_clip.get_tokenizer(args.model, context_length=args.context_length)
@@ -571,7 +576,9 @@ def lism_main(args):
 
 
 def parse_args(argv=None):
-    p = common.base_parser("GOAL: global-local object alignment for long captions (goal.py lism ... = LISM)")
+    p = common.base_parser("GOAL: global-local object alignment for long captions.\n`goal.py lism ...` runs the "
+                           "offline LISM matching (same flags, plus --segments-file and --out); `goal.py ...` trains.")
+    p.usage = "%(prog)s [lism] [options]"
     g = p.add_argument_group("GOAL")
     g.add_argument("--local-weight", type=float, default=None, help="lambda_local on L_local(crop, sentence)")
     g.add_argument("--tsl-weight", type=float, default=None, help="lambda_TSL on the token-similarity loss")
@@ -584,6 +591,7 @@ def parse_args(argv=None):
     g.add_argument("--split", default=None, help="split of the long-caption set (default train)")
     argv = sys.argv[1:] if argv is None else list(argv)
     is_lism = bool(argv) and argv[0] == "lism"
+    common.document_defaults(p, _defaults())
     args = p.parse_args(argv[1:] if is_lism else argv)
     common.apply_defaults(args, _defaults())
     args.lism_only = is_lism
@@ -592,8 +600,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.lism_only:
-        return lism_main(args)
+    if args.lism_only:   # one process; bad input ends in one message and exit code 2, as in training
+        return common._user_errors_as_exit(lism_main, args)
     return common.launch(train, args)
 
 

@@ -182,6 +182,23 @@ def test_dci(tmp_path):
         data.DciDataset(str(tmp_path / "nowhere"))
 
 
+def test_dci_official_bounds_form(tmp_path):
+    """The release stores bounds as {"topLeft": {"x", "y"}, "bottomRight": {"x", "y"}} (the form its loader reads)."""
+    root = tmp_path / "densely_captioned_images"
+    (root / "annotations").mkdir(parents=True)
+    _image(str(root / "photos" / "sa_2.jpg"), size=(40, 40))
+    masks = {"0": {"idx": 0, "bounds": {"topLeft": {"x": 4, "y": 8}, "bottomRight": {"x": 20, "y": 40}}, "label": "cat"},
+             "1": {"idx": 1, "bounds": [[0, 0], [40, 20]], "label": "sofa"}}
+    record = {"image": "sa_2.jpg", "short_caption": "A cat on a sofa.", "extra_caption": "", "mask_data": masks}
+    (root / "annotations" / "sa_2.json").write_text(json.dumps(record))
+    sample = data.DciDataset(str(root), VAL_TRANSFORM)[0]
+    assert sample["segments"] == [[pytest.approx(3.2), pytest.approx(6.4), 16.0, 32.0], [0.0, 0.0, 32.0, 16.0]]
+    record["mask_data"]["0"]["bounds"] = {"topLeft": [4, 8]}
+    (root / "annotations" / "sa_2.json").write_text(json.dumps(record))
+    with pytest.raises(data.DataError, match="topLeft"):
+        data.DciDataset(str(root), VAL_TRANSFORM)
+
+
 def test_json_and_csv(tmp_path):
     _image(str(tmp_path / "img" / "a.png"))
     _image(str(tmp_path / "img" / "b.png"), color=(0, 0, 255))
@@ -211,7 +228,7 @@ def test_json_and_csv(tmp_path):
 def test_build_train_set_errors(tmp_path):
     with pytest.raises(data.DataError, match="unknown --data"):
         data.build_train_set(SimpleNamespace(data="imagenet", data_root=str(tmp_path)), None, None)
-    with pytest.raises(data.DataError, match="needs --data_root"):
+    with pytest.raises(data.DataError, match="needs --data-root"):
         data.build_train_set(SimpleNamespace(data="coco", data_root=None), None, None)
     with pytest.raises(data.DataError, match="captions.json"):
         data.build_train_set(SimpleNamespace(data="json", data_root=str(tmp_path)), None, None)
