@@ -348,9 +348,8 @@ def concept_words(text, width=CONCEPT_WORDS):
 def collate_with_words(batch, tokenizer):
     """data.collate_concepts plus "concept_words": (C, CONCEPT_WORDS) long, `concept_words` of each concept."""
     out = data.collate_concepts(batch, tokenizer)
-    if out is not None:
-        words = [concept_words(c) for sample in batch if sample is not None for c in sample["concepts"]]
-        out["concept_words"] = torch.tensor(words, dtype=torch.long)
+    out["concept_words"] = torch.tensor([concept_words(c) for sample in batch for c in sample["concepts"]],
+                                        dtype=torch.long)
     return out
 
 

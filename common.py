@@ -983,32 +983,35 @@ class EpochSampler(torch.utils.data.Sampler):
 def batch_stream(dataset, collate_fn, batch_size, seed, start_step, total_steps, workers=None):
     """Yield (step, epoch, batch) from `start_step` to `total_steps`, epoch after epoch, deterministically.
 
-    Batches with unreadable images are smaller (data.py's collates drop them and put the count in
-    batch["skipped"], removed here); the number dropped is reported once at the end of each epoch. A batch in
-    which no image could be read is skipped without taking a step."""
+    Every batch has `batch_size` samples, also when an image cannot be read: `data.ReplaceUnreadable` hands out
+    the next readable sample instead (dropping it would leave this rank with fewer samples than the others, and
+    the all-gather of features needs equal sizes). The collates count the stand-ins in batch["replaced"]
+    (removed here); each rank that had any reports its count at the end of every epoch."""
+    import data   # imported where it is used, as elsewhere in this file
     rank, world_size = world_info()
     steps_per_epoch = len(dataset) // world_size // batch_size
     if steps_per_epoch == 0:
         raise InputError(f"the data set has {len(dataset)} samples, fewer than one batch of {batch_size} per process")
     workers = _default_workers() if workers is None else workers
-    step = start_step
+    readable = data.ReplaceUnreadable(dataset)
+    step, replaced_in_run = start_step, 0
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
         sampler = EpochSampler(len(dataset), batch_size, seed, epoch, rank, world_size, skip)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        loader = torch.utils.data.DataLoader(readable, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                              collate_fn=collate_fn, drop_last=True, pin_memory=False)
-        skipped = 0
+        replaced = 0
         for batch in loader:
-            if batch is None:   # every image of the batch was unreadable (data.py collates return None)
-                skipped += batch_size
-                continue
-            skipped += int(batch.pop("skipped", 0))
+            replaced += int(batch.pop("replaced", 0))
             yield step, epoch, batch
             step += 1
             if step >= total_steps:
                 break
-        if skipped and rank == 0:
-            print(f"[data] epoch {epoch}: skipped {skipped} unreadable images", file=sys.stderr)
+        if replaced:
+            replaced_in_run += replaced
+            where = f"rank {rank}, " if world_size > 1 else ""
+            print(f"[data] {where}epoch {epoch}: {replaced} unreadable image(s) replaced by the next readable "
+                  f"sample ({replaced_in_run} in this run; the warnings name the files)", file=sys.stderr)
 
 
 def steps_for(args, dataset_size, world_size):

@@ -29,10 +29,11 @@ preprocessing runs once over all captions with spaCy's `nlp.pipe`. The module ha
 
 `build_train_set(args, transform, tokenizer)` picks the data set from `--data` / `--data_root`.
 
-Unreadable images are skipped, never a crash mid-epoch: the data set returns None for that index, the
-collate drops it and reports the count in the batch (`batch["skipped"]`), and the training loop feeds each
-batch to `SkippedImages.update(batch)` and prints `SkippedImages.end_epoch()` once per epoch. (The counting
-happens in the main process because data-loader workers are separate processes.)
+Unreadable images never crash a run mid-epoch and never change a batch's size: the data set returns None for
+that index, `ReplaceUnreadable` (which `common.batch_stream` puts around every training set) hands out the next
+readable sample instead, the collates count those replacements in `batch["replaced"]`, and `common.batch_stream`
+reports the count once per epoch. (Under DDP every rank's batch is all-gathered, so a rank with one sample less
+would abort the gather.)
 """
 from __future__ import annotations
 
@@ -748,33 +749,36 @@ def sentence_spans(text: str, tokenizer) -> list[tuple[str, int, int]]:
 # Unreadable images
 # =====================================================================================================
 
-class SkippedImageCounter:
-    """Counts samples dropped because their image could not be read.
+class ReplaceUnreadable(Dataset):
+    """Sample i, or, if its image cannot be read, the next readable sample (i+1, i+2, ..., wrapping around).
 
-    Data-loader workers are separate processes, so the collates put the number of dropped samples into
-    the batch (`batch["skipped"]`) and the training loop, in the main process, calls `update(batch)` every
-    step and prints `end_epoch()` once per epoch.
+    Why not drop it: under DDP the ranks' batches are all-gathered, and a rank with 3 samples where the others
+    have 4 aborts the gather (gloo) or hangs (NCCL). Web-scale data always has a few broken files. The
+    replacement is a pure function of the index, so it is the same in every data-loader worker, on every rank and
+    after a resume. It carries `"replaced": True` (the collates count it in `batch["replaced"]`). Put this
+    wrapper outside every other one (`common.batch_stream` does), so the replacement brings its own caption,
+    negatives, concepts or local pair.
     """
 
-    def __init__(self):
-        self.total = 0
-        self.this_epoch = 0
+    MAX_TRIES = 1000   # this many unreadable files in a row is a broken data set, not a few bad files
 
-    def update(self, batch) -> None:
-        if batch is not None and "skipped" in batch:
-            count = int(batch["skipped"])
-            self.total += count
-            self.this_epoch += count
+    def __init__(self, dataset):
+        self.dataset = dataset
 
-    def end_epoch(self) -> str | None:
-        """A one-line report if images were skipped this epoch (then resets the epoch count), else None."""
-        count, self.this_epoch = self.this_epoch, 0
-        if count == 0:
-            return None
-        return f"skipped {count} unreadable images this epoch ({self.total} in total)"
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        for offset in range(min(len(self.dataset), self.MAX_TRIES)):
+            sample = self.dataset[(index + offset) % len(self.dataset)]
+            if sample is not None:
+                if offset:
+                    sample["replaced"] = True
+                return sample
+        raise DataError(f"samples {index} to {index + offset} of the training set all have unreadable images "
+                        f"(the warnings above name the files): check the image folder")
 
 
-SkippedImages = SkippedImageCounter()
 _warned_paths: set[str] = set()
 
 
@@ -787,7 +791,7 @@ def _open_image(path: str):
     except Exception as error:  # truncated file, not an image, permission, ...
         if path not in _warned_paths:
             _warned_paths.add(path)
-            warnings.warn(f"skipping unreadable image {path}: {error}")
+            warnings.warn(f"unreadable image {path}: {error}")
         return None
 
 
@@ -1379,35 +1383,33 @@ class LocalPairs(Dataset):
 
 
 # =====================================================================================================
-# Collates: drop unreadable samples, tokenize, stack
+# Collates: tokenize, stack, count replaced samples
 # =====================================================================================================
 
-def _clean_batch(batch):
-    kept = [sample for sample in batch if sample is not None]
-    return kept, len(batch) - len(kept)
+def _count_replaced(batch) -> int:
+    """How many samples of the batch stand in for an unreadable one (`ReplaceUnreadable`)."""
+    if any(sample is None for sample in batch):
+        raise ValueError("a collate got None (an unreadable image): wrap the data set in data.ReplaceUnreadable "
+                         "(common.batch_stream does) so that every batch keeps its size")
+    return sum(1 for sample in batch if sample.get("replaced"))
 
 
 def collate_plain(batch, tokenizer):
-    """{"images": (B,3,H,W), "texts": (B,L), "index": (B,), "skipped": ()} ; None if every sample was dropped."""
-    kept, skipped = _clean_batch(batch)
-    if not kept:
-        return None
-    return {"images": torch.stack([s["image"] for s in kept]),
-            "texts": tokenizer([s["caption"] for s in kept]),
-            "index": torch.tensor([s["index"] for s in kept], dtype=torch.long),
-            "skipped": torch.tensor(skipped)}
+    """{"images": (B,3,H,W), "texts": (B,L), "index": (B,), "replaced": () number of stand-in samples}."""
+    replaced = _count_replaced(batch)
+    return {"images": torch.stack([s["image"] for s in batch]),
+            "texts": tokenizer([s["caption"] for s in batch]),
+            "index": torch.tensor([s["index"] for s in batch], dtype=torch.long),
+            "replaced": torch.tensor(replaced)}
 
 
 def collate_negatives(batch, tokenizer):
     """collate_plain + "neg_texts": (B,K,L) tokens of the K negatives, "neg_valid": (B,K) bool."""
     out = collate_plain(batch, tokenizer)
-    if out is None:
-        return None
-    kept, _ = _clean_batch(batch)
-    k = len(kept[0]["negatives"])
-    neg_tokens = tokenizer([text for s in kept for text in s["negatives"]])
-    out["neg_texts"] = neg_tokens.view(len(kept), k, -1)
-    out["neg_valid"] = torch.tensor([s["neg_valid"] for s in kept], dtype=torch.bool)
+    k = len(batch[0]["negatives"])
+    neg_tokens = tokenizer([text for s in batch for text in s["negatives"]])
+    out["neg_texts"] = neg_tokens.view(len(batch), k, -1)
+    out["neg_valid"] = torch.tensor([s["neg_valid"] for s in batch], dtype=torch.bool)
     return out
 
 
@@ -1415,12 +1417,9 @@ def collate_concepts(batch, tokenizer):
     """collate_plain + "concepts": (C,L) tokens of every concept of the batch, "concept_owner": (C,) long
     (position in the batch of the image each concept belongs to)."""
     out = collate_plain(batch, tokenizer)
-    if out is None:
-        return None
-    kept, _ = _clean_batch(batch)
-    concepts = [c for s in kept for c in s["concepts"]]
+    concepts = [c for s in batch for c in s["concepts"]]
     out["concepts"] = tokenizer(concepts)
-    out["concept_owner"] = torch.tensor([b for b, s in enumerate(kept) for _ in s["concepts"]], dtype=torch.long)
+    out["concept_owner"] = torch.tensor([b for b, s in enumerate(batch) for _ in s["concepts"]], dtype=torch.long)
     return out
 
 
@@ -1428,13 +1427,10 @@ def collate_local(batch, tokenizer):
     """collate_plain + "crops": (B,3,H,W), "sentences": (B,L), "boxes": (B,4) float pixels in the full
     transformed image, "sentence_span": (B,2) long [start, end) in "texts" (see `LocalPairs`)."""
     out = collate_plain(batch, tokenizer)
-    if out is None:
-        return None
-    kept, _ = _clean_batch(batch)
-    out["crops"] = torch.stack([s["local"]["crop"] for s in kept])
-    out["sentences"] = tokenizer([s["local"]["sentence"] for s in kept])
-    out["boxes"] = torch.tensor([s["local"]["box"] for s in kept], dtype=torch.float)
-    out["sentence_span"] = torch.tensor([list(s["local"]["sentence_span"]) for s in kept], dtype=torch.long)
+    out["crops"] = torch.stack([s["local"]["crop"] for s in batch])
+    out["sentences"] = tokenizer([s["local"]["sentence"] for s in batch])
+    out["boxes"] = torch.tensor([s["local"]["box"] for s in batch], dtype=torch.float)
+    out["sentence_span"] = torch.tensor([list(s["local"]["sentence_span"]) for s in batch], dtype=torch.long)
     return out
 
 

@@ -512,8 +512,6 @@ def train(args):
     run.progress(total, initial=start)
     for step, _, batch in common.batch_stream(dataset, collate, args.batch_size, args.seed, start, total,
                                               args.workers):
-        if batch is None:
-            continue
         batch = {k: v.to(device) for k, v in batch.items()}
         with run.autocast():
             if with_local:

@@ -87,32 +87,59 @@ def test_generated_negatives_and_collate(tmp_path):
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     dataset = data.WithNegatives(data.CocoCaptions(str(tmp_path), VAL_TRANSFORM), data.CEHN_TYPES,
                                  cache_dir=str(tmp_path / "cache"), progress=False)
-    batch = functools.partial(data.collate_negatives, tokenizer=tokenizer)([dataset[0], None, dataset[1]])
+    batch = functools.partial(data.collate_negatives, tokenizer=tokenizer)([dataset[0], dataset[1]])
     assert batch["images"].shape == (2, 3, 32, 32) and batch["texts"].shape == (2, 77)
     assert batch["neg_texts"].shape == (2, 4, 77) and batch["neg_valid"].dtype == torch.bool
-    assert batch["index"].tolist() == [0, 1] and int(batch["skipped"]) == 1
+    assert batch["index"].tolist() == [0, 1] and int(batch["replaced"]) == 0
     concepts = data.WithConcepts(data.CocoCaptions(str(tmp_path), VAL_TRANSFORM), cache_dir=str(tmp_path / "cache"),
                                  progress=False)
     batch = data.collate_concepts([concepts[0], concepts[1]], tokenizer=tokenizer)
     assert batch["concepts"].shape[0] == batch["concept_owner"].shape[0] >= 2
     assert batch["concept_owner"].tolist() == sorted(batch["concept_owner"].tolist())
     plain = data.collate_plain([dataset[0]], tokenizer=tokenizer)
-    assert set(plain) == {"images", "texts", "index", "skipped"}
+    assert set(plain) == {"images", "texts", "index", "replaced"}
 
 
-def test_unreadable_image_is_skipped_and_counted(tmp_path):
-    _coco(tmp_path)
+def test_unreadable_image_is_replaced_by_the_next_readable_sample(tmp_path):
+    """A bad file must not change a batch's size (under DDP the ranks' batches are all-gathered)."""
+    _coco(tmp_path)   # samples 0..3 are images 9, 25, 9, 25
     (tmp_path / "train2014" / "COCO_train2014_000000000025.jpg").write_bytes(b"not a jpeg")
     dataset = data.CocoCaptions(str(tmp_path), VAL_TRANSFORM)
-    with pytest.warns(UserWarning, match="unreadable"):
+    with pytest.warns(UserWarning, match="unreadable image .*025.jpg"):
         assert dataset[1] is None
-    tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    counter = data.SkippedImageCounter()
-    batch = data.collate_plain([dataset[i] for i in range(4)], tokenizer)
-    counter.update(batch)
-    assert len(batch["index"]) == 2 and counter.total == 2
-    assert "skipped 2" in counter.end_epoch() and counter.end_epoch() is None
-    assert data.collate_plain([None], tokenizer) is None
+    readable = data.ReplaceUnreadable(dataset)
+    samples = [readable[i] for i in range(4)]
+    assert [s["index"] for s in samples] == [0, 2, 2, 0]   # the next readable one, wrapping around at the end
+    assert [s["caption"] for s in samples] == [dataset.captions[i] for i in (0, 2, 2, 0)]
+    batch = data.collate_plain(samples, open_clip.get_tokenizer("ViT-B-32"))
+    assert batch["images"].shape == (4, 3, 32, 32) and int(batch["replaced"]) == 2
+    with pytest.raises(ValueError, match="ReplaceUnreadable"):
+        data.collate_plain([dataset[1]], open_clip.get_tokenizer("ViT-B-32"))
+    (tmp_path / "train2014" / "COCO_train2014_000000000009.jpg").write_bytes(b"not a jpeg either")
+    with pytest.raises(data.DataError, match="all have unreadable images"):
+        readable[0]
+
+
+class _OneBadImage(torch.utils.data.Dataset):
+    """8 samples; image i is filled with i, and sample 2's image is unreadable (None, as the real loaders)."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return None if index == 2 else {"image": torch.full((3, 2, 2), float(index)), "caption": "", "index": index}
+
+
+def test_batch_stream_keeps_the_batch_size_and_reports_replacements(capsys):
+    """What the all-gather under DDP needs: every step's batch has the full size (one process here: a 2-process
+    gloo run costs ~15 s of spawning on the CI machine; the size is the whole condition of the gather)."""
+    import common
+    collate = functools.partial(data.collate_plain, tokenizer=lambda texts: torch.zeros(len(texts), 4, dtype=torch.long))
+    batches = [batch for _, _, batch in common.batch_stream(_OneBadImage(), collate, 2, 0, 0, 4, workers=0)]
+    assert [len(batch["index"]) for batch in batches] == [2, 2, 2, 2] and all("replaced" not in b for b in batches)
+    seen = sorted(i for batch in batches for i in batch["index"].tolist())
+    assert seen == [0, 1, 3, 3, 4, 5, 6, 7]   # sample 2 became sample 3
+    assert "epoch 0: 1 unreadable image(s) replaced by the next readable sample" in capsys.readouterr().err
 
 
 def _docci(root):
