@@ -55,7 +55,7 @@ Run:
     torchrun --nproc_per_node 8 c2lip.py --data coco --data-root DIR          # same, launched by torchrun
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 c2lip.py --data coco --data-root DIR
     python c2lip.py --resume runs/c2lip-shapes-<time>                  # continue an interrupted run (its folder)
-    python eval.py --model ViT-B-16-SigLIP --pretrained runs/c2lip-.../final.pt --bench sugarcrepe,zeroshot --root DIR
+    python eval.py --model local-dir:runs/c2lip-... --bench sugarcrepe,zeroshot --root DIR   # the exported model
 """
 import math
 import os
@@ -517,7 +517,7 @@ def train(args):
     model.eval()
     after = evaluation.evaluate(model, tokenizer, val_tf, args.eval, root=args.eval_root, device=device) \
         if args.eval else None
-    common.export_open_clip(model, os.path.join(run.out, "final.pt"), meta={"method": "c2lip"})
+    common.export_open_clip(model, os.path.join(run.out, "final.pt"), args.model, tokenizer, meta={"method": "c2lip"})
     if before is not None:
         extra = {}
         if "shapes" in before:

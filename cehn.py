@@ -367,7 +367,7 @@ def train(args):
     model.eval()
     after = evaluation.evaluate(model, tokenizer, val_tf, args.eval, root=args.eval_root, device=device) \
         if args.eval else None
-    common.export_open_clip(model, os.path.join(run.out, "final.pt"), meta={"method": "cehn"})
+    common.export_open_clip(model, os.path.join(run.out, "final.pt"), args.model, tokenizer, meta={"method": "cehn"})
     if before is not None:
         evaluation.write_results(run.out, before, after, extra={"theta": theta.tolist()})
         print(evaluation.format_table(before, after))

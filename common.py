@@ -9,7 +9,7 @@ Sections
   3. EMA teacher.
   4. Distributed: `launch`, `gather_features`, rank helpers, `run_cpu_processes` (tests).
   5. Training utilities: arguments, optimizer, schedule, precision, seeding, logging, the data stream.
-  6. Checkpoints: atomic save, resume, export for `open_clip.create_model(name, pretrained=path)`.
+  6. Checkpoints: atomic save, resume, export as an open_clip model folder (`local-dir:RUN_FOLDER`).
 
 The skeleton every method's `train(args)` follows (see degla.py for the real thing):
 
@@ -35,8 +35,10 @@ import datetime
 import json
 import math
 import os
+import pathlib
 import pickle
 import random
+import shutil
 import socket
 import sys
 import tempfile
@@ -75,6 +77,9 @@ TINY_MODEL_CONFIG = {
 TINY_SIGLIP_CONFIG = {**TINY_MODEL_CONFIG, "init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
 TINY_MODELS = {TINY_MODEL: TINY_MODEL_CONFIG, SHAPES_SIGLIP_MODEL: TINY_SIGLIP_CONFIG}
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
+# An exported run folder is an open_clip model folder (`export_open_clip`): these are the names `local-dir:` reads.
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_pytorch_model.bin"
 
 
 def register_tiny_model():
@@ -103,14 +108,25 @@ def tokenizer_for(name, context_length=None):
 def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_length=None, **model_kwargs):
     """Model, train transform, val transform and tokenizer, all through open_clip.
 
+    name: an open_clip model name, or 'local-dir:FOLDER' (a finished run folder, see `export_open_clip`), which
+    brings its own config and weights, so `pretrained` is then ignored.
     pretrained: an open_clip tag ('openai', needs the internet), a path to weights, None (random init) or
     'shapes' (the base model shipped in models/ for `shapes-tiny-vit` or `shapes-tiny-siglip`; see
     `shapes_base_path`).
     """
     register_tiny_model()
-    if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
+    if name.startswith("local-dir:"):   # a model folder (e.g. a run folder) brings its own config and weights
+        folder = name[len("local-dir:"):]
+        if not os.path.isfile(os.path.join(folder, OPEN_CLIP_CONFIG)):
+            raise InputError(f"--model {name}: no {OPEN_CLIP_CONFIG} in {folder} (a run folder has one once the "
+                             f"run has finished and exported final.pt)")
+        pretrained = None
+    elif name.startswith("hf-hub:"):
+        pretrained = None
+    elif name not in open_clip.list_models():
         raise InputError(f"unknown model {name!r}: expected an open_clip model name such as {TINY_MODEL!r}, "
-                         f"'ViT-B-32-quickgelu' or 'ViT-B-16' (see open_clip.list_models())")
+                         f"'ViT-B-32-quickgelu' or 'ViT-B-16' (see open_clip.list_models()), or local-dir:RUN_FOLDER")
+    _check_exported_context(name, pretrained, model_kwargs.get("text_cfg"))
     if pretrained == "shapes":
         pretrained = shapes_base_path(name)
     elif pretrained in ("", "none", "None"):
@@ -119,8 +135,8 @@ def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_
     if pretrained and not is_file and not name.startswith(("hf-hub:", "local-dir:")) \
             and not open_clip.pretrained.is_pretrained_cfg(name, pretrained):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
-        what = "a folder, not a weights file (a run's weights are its final.pt)" if os.path.isdir(str(pretrained)) \
-            else "no such file"
+        what = "a folder, not a weights file (a run's weights are its final.pt; a finished run folder loads as " \
+            f"--model local-dir:{pretrained})" if os.path.isdir(str(pretrained)) else "no such file"
         raise InputError(f"--pretrained {pretrained}: {what}, and not a pretrained tag of {name!r} (its tags: "
                          f"{tags}; 'shapes' for the shipped tiny models, 'none' for a random init)")
     try:
@@ -136,6 +152,25 @@ def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_
         raise
     tokenizer = tokenizer_for(name, context_length=context_length)
     return model, train_tf, val_tf, tokenizer
+
+
+def _check_exported_context(name, pretrained, text_cfg=None):
+    """A run's final.pt loaded under a model name whose context is shorter than the trained one (GOAL's stretch)
+    would have its positions interpolated back by open_clip without an error: refuse, and name the folder.
+    text_cfg: a replacement text config given to open_clip (eval.py --model-kwargs), which sets the context."""
+    if not pretrained or not os.path.isfile(str(pretrained)) or name.startswith(("hf-hub:", "local-dir:")):
+        return
+    folder = os.path.dirname(os.path.abspath(str(pretrained)))
+    sidecar = os.path.join(folder, OPEN_CLIP_CONFIG)
+    if not os.path.isfile(sidecar):
+        return
+    with open(sidecar) as f:
+        trained = json.load(f)["model_cfg"]["text_cfg"].get("context_length")
+    named = (text_cfg or open_clip.get_model_config(name)["text_cfg"]).get("context_length")
+    if trained != named:
+        raise InputError(f"--pretrained {pretrained} was trained with a text context of {trained} tokens, {name!r} "
+                         f"has {named}: open_clip would cut the trained positions down. Load the run folder "
+                         f"instead: --model local-dir:{folder}")
 
 
 def _not_weights_message(path, error):
@@ -1107,9 +1142,40 @@ def resume(run, model, optimizer, scheduler, ema=None):
     return state["step"], state["extra"]
 
 
-def export_open_clip(model, path, meta=None):
-    """Save final weights so that `open_clip.create_model(name, pretrained=path)` loads them."""
-    _atomic_torch_save({"state_dict": unwrap(model).state_dict(), "meta": meta or {}}, path)
+def export_open_clip(model, path, model_name=None, tokenizer=None, meta=None):
+    """Save the final weights as `path` (a run's final.pt) and, given `model_name`, make its folder a model that
+    loads in a fresh interpreter, exactly as trained (the stretched context of GOAL included), with one line:
+
+        model, _, preprocess = open_clip.create_model_and_transforms("local-dir:RUN_FOLDER")
+        tokenizer = open_clip.get_tokenizer("local-dir:RUN_FOLDER")
+
+    open_clip's `local-dir:` reads the model config from open_clip_config.json (written by open_clip's own
+    `save_config_for_hf`, with the model's context length, which `open_clip.create_model(name, pretrained=path)`
+    would silently interpolate back to the named config's) and the weights from open_clip_pytorch_model.bin, a
+    hard link to `path` (the same file on disk; a copy where links are impossible). HF tokenizers (SigLIP's)
+    are saved there as well, since `local-dir:` reads them from the folder."""
+    from open_clip.push_to_hf_hub import save_config_for_hf   # open_clip.push_to_hf_hub is also a function's name
+    model = unwrap(model)
+    _atomic_torch_save({"state_dict": model.state_dict(), "meta": meta or {}}, path)
+    if model_name is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    config = open_clip.get_model_config(model_name)
+    config["text_cfg"]["context_length"] = model.context_length   # GOAL's stretch changed it
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    os.close(fd)
+    save_config_for_hf(model, pathlib.Path(tmp), config)
+    os.replace(tmp, os.path.join(folder, OPEN_CLIP_CONFIG))
+    link = os.path.join(folder, ".tmp-" + OPEN_CLIP_WEIGHTS)
+    if os.path.exists(link):
+        os.remove(link)
+    try:
+        os.link(path, link)
+    except OSError:
+        shutil.copyfile(path, link)
+    os.replace(link, os.path.join(folder, OPEN_CLIP_WEIGHTS))
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(folder)
 
 
 # The shared budget of every method on the shapes world, so that `python <method>.py` runs compare at equal

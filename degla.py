@@ -44,7 +44,7 @@ Run:
     torchrun --nproc_per_node 8 degla.py --data coco --data-root /data/coco                # same, via torchrun
     torchrun --nnodes 2 --nproc_per_node 4 --rdzv-endpoint HOST:29500 degla.py --data coco --data-root ...
     python degla.py --resume runs/degla-...           # continue an interrupted run (teacher included)
-    python eval.py --model ViT-B-32-quickgelu --pretrained runs/degla-.../final.pt --bench aro,sugarcrepe --root ~/bench
+    python eval.py --model local-dir:runs/degla-... --bench aro,sugarcrepe --root ~/bench   # the exported model
 
 On the shapes world two values are rescaled from the paper by a stated rule (see `shapes_ema_decay` and
 `shapes_distill_weight`): the EMA decay keeps the paper's end state (teacher holds 4% of the initial weights
@@ -414,7 +414,7 @@ def train(args):
     model.eval()
     after = evaluation.evaluate(model, tokenizer, val_tf, args.eval, root=args.eval_root, device=device) \
         if args.eval else None
-    common.export_open_clip(model, os.path.join(run.out, "final.pt"), meta={"method": "degla"})
+    common.export_open_clip(model, os.path.join(run.out, "final.pt"), args.model, tokenizer, meta={"method": "degla"})
     extra = {}
     if before is not None and after is not None and "shapes" in before:
         extra = {"target_swap_replace_before": target_metric(before),

@@ -1612,7 +1612,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate an open_clip model on compositionality and transfer benchmarks. "
                                 "Subcommands: `eval.py compare --help` (plain fine-tuning and the four methods side by "
                                 "side), `eval.py figure --help` (picture of one failure).")
-    p.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32-quickgelu (OpenAI weights)")
+    p.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32-quickgelu (OpenAI weights), "
+                   "or local-dir:RUN_FOLDER (a finished run: its own config and weights, no --pretrained)")
     p.add_argument("--pretrained", default="", help="pretrained tag (openai, shapes, ...) or weights file (a run's "
                    "final.pt; its checkpoint.pt is for --resume)")
     p.add_argument("--bench", default="shapes", help=f"comma-separated: {', '.join(known_benchmarks())}")

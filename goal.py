@@ -42,9 +42,10 @@ Run:
   torchrun --nproc_per_node 8 goal.py --data dci --data-root DIR --lism lism.json --batch-size 2   # same, torchrun
   python goal.py --resume OUT_DIR                  # continue an interrupted run
   python goal.py --local-weight 0 --tsl-weight 0   # the plain fine-tuning baseline
-The exported `final.pt` has a stretched text table, so load it as: `m = open_clip.create_model(NAME);
-goal.stretch_text_positions(m, CONTEXT, KEEP); m.load_state_dict(torch.load(path)["state_dict"])` (the values
-are in its "meta"), and tokenize with `open_clip.get_tokenizer(NAME, context_length=CONTEXT)`.
+The exported model has the stretched text table; its run folder holds the config that says so, and loads as
+`open_clip.create_model_and_transforms("local-dir:OUT_DIR")` with `open_clip.get_tokenizer("local-dir:OUT_DIR")`
+(or `python eval.py --model local-dir:OUT_DIR ...`). `--pretrained OUT_DIR/final.pt` with a model name would
+interpolate the trained positions back to the name's context; the scripts refuse it (common.create_backbone).
 Differences from the release kept on purpose: one forward pass per tower returns both the pooled embeddings and
 the pre-LN tokens (the release runs the towers twice; same maths); padding columns after the longest text in
 the batch are dropped (exact under the causal mask); weight decay skips norms/biases/logit scale
@@ -542,7 +543,7 @@ def train(args):
     model.eval()
     after = evaluation.evaluate(model, long_tokenizer, val_tf, args.eval, root=args.eval_root, device=device) \
         if args.eval else None
-    common.export_open_clip(model, os.path.join(run.out, "final.pt"),
+    common.export_open_clip(model, os.path.join(run.out, "final.pt"), args.model, long_tokenizer,
                             meta={"context_length": args.context_length, "keep_positions": args.keep_positions})
     extra = {"lism_kept_fraction": kept_fraction, "context_before": tokenizer.context_length,
              "context_after": args.context_length}
