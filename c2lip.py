@@ -443,8 +443,9 @@ def train(args):
     dataset = data.build_train_set(args, train_tf, tokenizer)
     with_concepts = bool(args.w_npc or args.w_xac)
     if with_concepts:
-        dataset = data.WithConcepts(dataset, cache_dir=os.path.join(common.cache_dir(), "concepts"),
-                                    progress=run.is_main and not args.no_progress)
+        with common.main_process_first():   # rank 0 runs spaCy and writes the cache, the other ranks read it
+            dataset = data.WithConcepts(dataset, cache_dir=os.path.join(common.cache_dir(), "concepts"),
+                                        progress=run.is_main and not args.no_progress)
     before = evaluation.evaluate(model, tokenizer, val_tf, args.eval, root=args.eval_root, device=device) \
         if run.is_main and args.eval else None
 

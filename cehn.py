@@ -294,7 +294,8 @@ def train(args):
     train_set = data.build_train_set(args, train_tf, tokenizer)
     with_negatives = uses_negatives(args)
     if with_negatives:
-        train_set = data.WithNegatives(train_set, data.CEHN_TYPES, progress=run.is_main)
+        with common.main_process_first():   # rank 0 runs spaCy and writes the cache, the other ranks read it
+            train_set = data.WithNegatives(train_set, data.CEHN_TYPES, progress=run.is_main)
         collate = lambda b: data.collate_negatives(b, tokenizer)  # noqa: E731
     else:
         collate = lambda b: data.collate_plain(b, tokenizer)  # noqa: E731

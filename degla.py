@@ -53,7 +53,6 @@ at the end of the run), and the distillation weight keeps the paper's per-sample
 import os
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import common
@@ -317,11 +316,8 @@ def _with_negatives(args, dataset, run):
     unknown = [t for t in types if t not in data.DEGLA_TYPES]
     if unknown:
         raise SystemExit(f"--neg-types: unknown {unknown}; DeGLA's types are {', '.join(data.DEGLA_TYPES)}")
-    if run.world_size > 1 and not run.is_main:
-        dist.barrier()
-    wrapped = data.WithNegatives(dataset, types, negatives_file=args.negatives, progress=run.is_main)
-    if run.world_size > 1 and run.is_main:
-        dist.barrier()
+    with common.main_process_first():
+        wrapped = data.WithNegatives(dataset, types, negatives_file=args.negatives, progress=run.is_main)
     valid = torch.tensor(wrapped.valid, dtype=torch.bool)
     run.print(f"negatives: K={len(types)} ({'file ' + args.negatives if args.negatives else ', '.join(types)}), "
               f"valid per slot: {[round(100 * float(v), 1) for v in valid.float().mean(0)]} %")

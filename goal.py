@@ -490,7 +490,8 @@ def train(args):
     long_tokenizer = open_clip.get_tokenizer(args.model, context_length=args.context_length)
     with_local = bool(args.local_weight or args.tsl_weight)
 
-    pairs = _lism_pairs(args, model, tokenizer, val_tf, long_tokenizer, device)
+    with common.main_process_first():   # shapes world: rank 0 computes and caches the matching, the others read it
+        pairs = _lism_pairs(args, model, tokenizer, val_tf, long_tokenizer, device)
     dataset, kept_fraction = _train_set(args, val_tf, long_tokenizer, pairs)
     run.print(f"LISM: {len(dataset)} training images keep a local pair ({100 * kept_fraction:.1f}%)")
     before = evaluation.evaluate(model, tokenizer, val_tf, args.eval, root=args.eval_root, device=device) \

@@ -41,6 +41,21 @@ def test_gathered_clip_loss_equals_single_process():
         torch.testing.assert_close(grad_text, single_text.grad[rank * 4:(rank + 1) * 4])
 
 
+def test_main_process_first_orders_rank_0_before_the_others(monkeypatch):
+    """The spaCy caches (negatives, concepts) are built by rank 0 while the others wait, then read by them."""
+    events = []
+    monkeypatch.setattr(common.dist, "barrier", lambda: events.append("barrier"))
+    for rank in (0, 1):
+        monkeypatch.setattr(common, "world_info", lambda rank=rank: (rank, 2))
+        with common.main_process_first():
+            events.append(f"rank {rank} builds")
+    assert events == ["rank 0 builds", "barrier", "barrier", "rank 1 builds"]
+    monkeypatch.setattr(common, "world_info", lambda: (0, 1))
+    with common.main_process_first():   # one process: no barrier
+        events.append("alone")
+    assert events[-1] == "alone" and events.count("barrier") == 2
+
+
 # --- token helpers ---------------------------------------------------------------------------------------------
 def test_token_features_match_open_clip_pooling():
     model, _, _, tokenizer = common.create_backbone(common.TINY_MODEL, None)
