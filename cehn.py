@@ -288,6 +288,8 @@ def uses_negatives(args):
 # Training
 # ----------------------------------------------------------------------------------------------------------------
 def train(args):
+    # bad input stops here, before a model, a data set or a run folder exists (Run checks --resume)
+    evaluation.check_benchmarks(args.eval, args.eval_root)
     run = common.Run(args, method="cehn")
     device = run.device
     model, train_tf, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)

@@ -727,7 +727,12 @@ def launch(fn, args):
     cpu_procs = getattr(args, "cpu_procs", 1) or 1
     if gpus > 1 or cpu_procs > 1:
         n, backend = (gpus, "nccl") if gpus > 1 else (cpu_procs, "gloo")
-        mp.spawn(_spawned_worker, args=(fn, args, n, backend, _free_port()), nprocs=n, join=True)
+        try:
+            mp.spawn(_spawned_worker, args=(fn, args, n, backend, _free_port()), nprocs=n, join=True)
+        except mp.ProcessExitedException as error:
+            if error.exit_code == 2:   # bad input: the processes printed their one message, no traceback here
+                raise SystemExit(2) from None
+            raise
         return None
     return _user_errors_as_exit(fn, args)
 
@@ -929,9 +934,13 @@ class Run:
     """One training run: device, rank, precision, output folder, JSON-lines log and progress bar.
 
     Only rank 0 creates folders, writes logs and shows the bar; seeds are offset by rank so that the
-    processes draw different random numbers where that matters (the data order is sharded explicitly)."""
+    processes draw different random numbers where that matters (the data order is sharded explicitly).
+    The run folder is created by `progress`, right before the first step, so that a start that fails (bad
+    input, a missing file, a data set that does not load) leaves no folder behind."""
 
     def __init__(self, args, method):
+        if args.resume:   # checked before the model, the data set and the negatives are built
+            _check_resume(args.resume, method)
         self.args, self.method = args, method
         self.rank, self.world_size = world_info()
         if torch.cuda.is_available():
@@ -953,11 +962,8 @@ class Run:
             args.out = os.path.join("runs", f"{method}-{args.data}-{stamp}")
         self.out = args.out
         self.is_main = self.rank == 0
-        if self.is_main:
-            os.makedirs(self.out, exist_ok=True)
-            config = {"method": method, "world_size": self.world_size, "precision": precision, **vars(args)}
-            _atomic_write_text(os.path.join(self.out, "config.json"), json.dumps(config, indent=2, default=str))
-            self._log = open(os.path.join(self.out, "log.jsonl"), "a")
+        self.config = {"method": method, "world_size": self.world_size, "precision": precision, **vars(args)}
+        self._log = None   # opened by `progress`
         self.bar = None
         self._last_time, self._last_step = time.time(), None
         self.started = time.time()
@@ -971,6 +977,11 @@ class Run:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def progress(self, total, initial=0):
+        """Create the run folder (config.json, log.jsonl) and the progress bar; call it once, before the first step."""
+        if self.is_main:
+            os.makedirs(self.out, exist_ok=True)
+            _atomic_write_text(os.path.join(self.out, "config.json"), json.dumps(self.config, indent=2, default=str))
+            self._log = open(os.path.join(self.out, "log.jsonl"), "a")
         self.bar = tqdm(total=total, initial=initial, desc=self.method, dynamic_ncols=True, file=sys.stderr,
                         disable=not self.is_main or getattr(self.args, "no_progress", False))
         return self.bar
@@ -983,7 +994,7 @@ class Run:
             self.train_seconds += now - self._last_time
             self.train_samples += samples_per_step * (step - self._last_step)
         self._last_time, self._last_step = now, step
-        if self.is_main:
+        if self._log is not None:
             record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}}
             self._log.write(json.dumps(record) + "\n")
             self._log.flush()
@@ -1005,7 +1016,7 @@ class Run:
     def close(self):
         if self.bar is not None:
             self.bar.close()
-        if self.is_main:
+        if self._log is not None:
             self._log.close()
 
 
@@ -1124,6 +1135,23 @@ def save_checkpoint(run, step, model, optimizer, scheduler, ema=None, extra=None
         "extra": extra or {}, "rng": rng_state(),
     }
     _atomic_torch_save(state, os.path.join(run.out, "checkpoint.pt"))
+
+
+def _check_resume(path, method):
+    """--resume names a checkpoint (or a run folder holding one) of this method: checked at the start, without
+    reading the checkpoint (which can be gigabytes)."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    checkpoint = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(checkpoint):
+        raise InputError(f"--resume {path}: no checkpoint there (expected a run folder containing checkpoint.pt, "
+                         f"written every --save-every steps)")
+    config_path = os.path.join(folder, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            written_by = json.load(f).get("method")
+        if written_by not in (None, method):
+            raise InputError(f"--resume {path}: that run was written by {written_by!r}, not {method!r} "
+                             f"(python {written_by}.py --resume {path})")
 
 
 def load_checkpoint(path, method, device="cpu"):

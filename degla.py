@@ -328,6 +328,8 @@ def _with_negatives(args, dataset, run):
 # Training
 # ---------------------------------------------------------------------------------------------------------
 def train(args):
+    # bad input stops here, before a model, a data set or a run folder exists (Run checks --resume)
+    evaluation.check_benchmarks(args.eval, args.eval_root)
     run = common.Run(args, method="degla")
     device = run.device
     model, train_tf, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)

@@ -1509,6 +1509,25 @@ def _run_group(ctx, group):
     return out
 
 
+def check_benchmarks(benchmarks, root):
+    """What the method scripts check before they build anything (a real-data start spends minutes on the model,
+    the data set and the negatives before the first evaluation): known names, and a --eval-root folder for every
+    benchmark other than the built-in `shapes` suite. Which files a benchmark finds under the root is still
+    checked when it runs (groups run the members whose files are present)."""
+    names = [b.strip() for b in benchmarks.split(",") if b.strip()] if isinstance(benchmarks, str) else list(benchmarks)
+    unknown = [b for b in names if b not in BENCHMARKS and b not in GROUPS]
+    if unknown:
+        raise BenchmarkDataError(f"--eval: unknown benchmark(s) {unknown}; known: {', '.join(known_benchmarks())}")
+    with_files = [b for b in names if b != "shapes"]
+    if with_files and root is None:
+        raise BenchmarkDataError(f"--eval {','.join(with_files)} reads benchmark files: give their folder with "
+                                 f"--eval-root DIR (layout in eval.py's docstring), or --eval shapes (built in, no "
+                                 f"files), or --eval '' to skip evaluation")
+    if with_files and not os.path.isdir(os.path.expanduser(root)):
+        raise BenchmarkDataError(f"--eval-root {root}: no such folder (it should hold the files of "
+                                 f"{','.join(with_files)}; layout in eval.py's docstring)")
+
+
 def evaluate(model, tokenizer, transform, benchmarks, root=None, device=None, batch_size=256, workers=2,
              order_seed=ORDER_SEED):
     """Run benchmarks and return {name: {"metrics", "summary", "n", "missing", ...}} (scores in [0, 100]).

@@ -447,9 +447,6 @@ def _lism_pairs(args, model, tokenizer, val_tf, long_tokenizer, device):
     """The LISM matching for this run: read from --lism, else (shapes world) computed now and cached."""
     if args.lism:
         return data.load_segments(args.lism)
-    if args.data != "shapes":
-        raise SystemExit("--data %s needs --lism FILE: run `python goal.py lism --data %s --data-root DIR "
-                         "--segments-file SAM_BOXES.json --out FILE` first" % (args.data, args.data))
     weights = common.shapes_base_path(args.model) if args.pretrained == "shapes" else str(args.pretrained)
     path = None
     if os.path.isfile(weights):   # cache only a matching made by fixed weights (not a random init), keyed by content
@@ -463,6 +460,7 @@ def _lism_pairs(args, model, tokenizer, val_tf, long_tokenizer, device):
     if path and common.is_main():
         common._atomic_write_text(path, json.dumps(matched))
     if common.is_main():
+        os.makedirs(args.out, exist_ok=True)   # the first file of the run folder (Run.progress makes it later)
         common._atomic_write_text(os.path.join(args.out, "lism.json"), json.dumps(matched))
     return matched
 
@@ -484,6 +482,11 @@ def _train_set(args, val_tf, long_tokenizer, pairs):
 
 
 def train(args):
+    # bad input stops here, before a model, a data set or a run folder exists (Run checks --resume)
+    evaluation.check_benchmarks(args.eval, args.eval_root)
+    if args.data != "shapes" and not args.lism:
+        raise common.InputError(f"--data {args.data} needs --lism FILE: run `python goal.py lism --data {args.data} "
+                                f"--data-root DIR --segments-file SAM_BOXES.json --out FILE` first")
     run = common.Run(args, method="goal")
     device = run.device
     model, _, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)

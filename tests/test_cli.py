@@ -116,3 +116,43 @@ def test_offline_pretrained_tag_is_one_message(monkeypatch):
     monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
     with pytest.raises(common.InputError, match="needs the internet once"):
         common.create_backbone("ViT-B-32-quickgelu", "openai")
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was built before the bad input was reported")
+
+
+def test_bad_eval_root_and_resume_stop_before_any_work_and_leave_no_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # where runs/<method>-... would appear
+    coco = tmp_path / "coco"      # never read: the checks come first
+    interrupted = tmp_path / "interrupted"
+    os.makedirs(interrupted)
+    (interrupted / "config.json").write_text(json.dumps({"method": "degla"}))
+    monkeypatch.setattr(common, "create_backbone", _no_model)
+    for method, (module, _) in METHODS.items():
+        data_flags = ["--data", REAL_DATA[method], "--data-root", str(coco)]
+        _exits_2(capsys, module.main, data_flags, "--eval-root DIR")
+        _exits_2(capsys, module.main, data_flags + ["--eval", "sugarcrepe", "--eval-root", str(tmp_path / "no")],
+                 "--eval-root", "no such folder")
+        _exits_2(capsys, module.main, ["--resume", str(interrupted), "--eval", ""], "no checkpoint there")
+    assert sorted(os.listdir(tmp_path)) == ["interrupted"] and os.listdir(interrupted) == ["config.json"]
+
+
+def test_a_start_that_fails_on_its_data_leaves_no_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    _exits_2(capsys, degla.main, ["--data", "coco", "--data-root", str(tmp_path / "nowhere"), "--eval", "",
+                                  "--model", common.TINY_MODEL, "--pretrained", "none", "--out", str(out)], "nowhere")
+    assert not out.exists()
+
+
+def test_missing_eval_root_from_the_command_line(tmp_path):
+    """The real command line: one line on stderr, exit code 2, no traceback, no run folder."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)), "degla.py"),
+                           "--data", "coco", "--data-root", str(tmp_path / "coco"), "--out", str(tmp_path / "run")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --eval aro,sugarcrepe,valse,zeroshot reads")
+    assert os.listdir(tmp_path) == []
