@@ -400,10 +400,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.data != "shapes" and args.pretrained == "shapes":
-        raise SystemExit("--pretrained shapes goes with --data shapes")
-    return common.launch(train, args)
+    return common.launch(train, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -900,8 +900,10 @@ or, with the sentence-box pairs of an offline LISM matching (GOAL):
                "pairs": [{"sentence": "<a sentence of the caption>", "box": [x0, y0, x1, y1], "score": 27.1}]}}"""
 
 
-def load_segments(path: str) -> dict:
-    """Read a segments file (format: `SEGMENTS_FORMAT`) into {key: {"boxes": [...], "pairs": [...]}}."""
+def load_segments(path: str, need_pairs: bool = False) -> dict:
+    """Read a segments file (format: `SEGMENTS_FORMAT`) into {key: {"boxes": [...], "pairs": [...]}}.
+
+    need_pairs: the file must be a LISM matching (GOAL's --lism), i.e. hold sentence-box pairs, not only boxes."""
     _require(path, "segments file (--segments-file / --lism)", SEGMENTS_FORMAT)
     raw = _load_json(path, SEGMENTS_FORMAT)
     if not isinstance(raw, dict):
@@ -918,6 +920,11 @@ def load_segments(path: str) -> dict:
             if not (isinstance(box, list) and len(box) == 4):
                 raise DataError(f"{path}: box {box!r} of {key!r} is not [x0, y0, x1, y1].\n{SEGMENTS_FORMAT}")
         segments[str(key)] = {"boxes": boxes, "pairs": pairs}
+    if need_pairs and not any(entry["pairs"] for entry in segments.values()):
+        what = "only candidate boxes" if any(entry["boxes"] for entry in segments.values()) else "no entries"
+        raise DataError(f"{path} holds {what}, no sentence-box \"pairs\": a LISM matching is what `python goal.py "
+                        f"lism --segments-file BOXES.json --out lism.json` writes from the candidate boxes; pass "
+                        f"that file.\n{SEGMENTS_FORMAT}")
     return segments
 
 
@@ -929,14 +936,23 @@ class ImageCaptionDataset(Dataset):
     """
 
     def __init__(self, image_paths, captions, image_ids, transform=None, segments=None, root=""):
-        self.image_paths = list(image_paths)
-        self.captions = list(captions)
-        self.image_ids = list(image_ids)
+        # One rule for every loader: a sample with an empty caption is skipped, counted and reported (real caption
+        # files have a few; one of them should neither stop a run nor train on an empty text).
+        kept = [i for i, caption in enumerate(captions) if str(caption).strip()]
+        self.image_paths = [image_paths[i] for i in kept]
+        self.captions = [str(captions[i]).strip() for i in kept]
+        self.image_ids = [image_ids[i] for i in kept]
         self.transform = transform
         self.segments = segments
         self.root = root
+        self.empty_captions = len(captions) - len(kept)
+        if self.empty_captions:
+            first = next(i for i, caption in enumerate(captions) if not str(caption).strip())
+            warnings.warn(f"{type(self).__name__}: skipped {self.empty_captions} of {len(captions)} samples with an "
+                          f"empty caption (the first: image {image_paths[first]})")
         if not self.captions:
-            raise DataError(f"{type(self).__name__}: no samples found under {root}")
+            raise DataError(f"{type(self).__name__}: no samples found under {root}"
+                            + (f" ({self.empty_captions} with an empty caption skipped)" if self.empty_captions else ""))
 
     def __len__(self):
         return len(self.captions)
@@ -1135,8 +1151,6 @@ class DciDataset(ImageCaptionDataset):
             if not isinstance(record, dict) or "image" not in record:
                 raise DataError(f"{path} is not a DCI annotation.\nExpected layout:\n{DCI_LAYOUT}")
             caption = " ".join(str(record.get(k, "")).strip() for k in ("short_caption", "extra_caption")).strip()
-            if not caption:
-                raise DataError(f"{path}: empty caption (no short_caption / extra_caption).\n{DCI_LAYOUT}")
             paths.append(os.path.join(root, "photos", record["image"]))
             captions.append(caption)
             ids.append(os.path.splitext(name)[0])
@@ -1180,13 +1194,10 @@ class JsonCaptions(ImageCaptionDataset):
                                                     for r in records):
             raise DataError(f"{path} is not a JSON list of {{image, caption}} records.\nExpected layout:\n{JSON_LAYOUT}")
         folder = os.path.dirname(os.path.abspath(path))
-        for position, record in enumerate(records):
-            if not str(record["caption"]).strip():
-                raise DataError(f"{path}: record {position} has an empty caption.\nExpected layout:\n{JSON_LAYOUT}")
         paths = [os.path.join(folder, r["image"]) for r in records]
         _check_images_exist(paths, JSON_LAYOUT)
         segments = load_segments(segments_file) if segments_file else None
-        super().__init__(paths, [str(r["caption"]).strip() for r in records],
+        super().__init__(paths, [str(r["caption"]) for r in records],
                          [r.get("image_id", i) for i, r in enumerate(records)], transform, segments=segments,
                          root=folder)
 
@@ -1208,13 +1219,10 @@ class CsvCaptions(ImageCaptionDataset):
         if image_column is None or caption_column is None:
             raise DataError(f"{path}: header {list(rows[0])} lacks image/caption columns.\nExpected layout:\n{CSV_LAYOUT}")
         folder = os.path.dirname(os.path.abspath(path))
-        for line_number, row in enumerate(rows, 2):
-            if not (row[caption_column] or "").strip():
-                raise DataError(f"{path}:{line_number} has an empty caption.\nExpected layout:\n{CSV_LAYOUT}")
         paths = [os.path.join(folder, row[image_column]) for row in rows]
         _check_images_exist(paths, CSV_LAYOUT)
         segments = load_segments(segments_file) if segments_file else None
-        super().__init__(paths, [row[caption_column].strip() for row in rows], list(range(len(rows))),
+        super().__init__(paths, [row[caption_column] or "" for row in rows], list(range(len(rows))),
                          transform, segments=segments, root=folder)
 
 

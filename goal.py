@@ -446,7 +446,7 @@ def _defaults():
 def _lism_pairs(args, model, tokenizer, val_tf, long_tokenizer, device):
     """The LISM matching for this run: read from --lism, else (shapes world) computed now and cached."""
     if args.lism:
-        return data.load_segments(args.lism)
+        return data.load_segments(args.lism, need_pairs=True)
     weights = common.shapes_base_path(args.model) if args.pretrained == "shapes" else str(args.pretrained)
     path = None
     if os.path.isfile(weights):   # cache only a matching made by fixed weights (not a random init), keyed by content
@@ -478,6 +478,10 @@ def _train_set(args, val_tf, long_tokenizer, pairs):
         dataset = data.LocalPairs(dataset, long_tokenizer, seed=args.seed)
     else:
         kept = [i for i in range(len(dataset)) if dataset.dataset.local_candidates(i)]
+    if args.lism and not kept:   # the keys do not match the data set (another data set, or another root)
+        raise common.InputError(f"--lism {args.lism}: none of its entries names an image of the training set (its "
+                                f"keys: {', '.join(list(pairs)[:3])}, ...); a key is the image's path relative to "
+                                f"--data-root, its file name or its id")
     return torch.utils.data.Subset(dataset, kept), len(kept) / max(1, len(dataset))
 
 

@@ -97,7 +97,8 @@ def test_bad_input_gives_one_message_and_exit_code_2(tmp_path, capsys):
     _exits_2(capsys, goal.main, ["lism", "--data", "docci", "--data-root", str(docci), *tiny], "needs --segments-file")
     _exits_2(capsys, goal.main, ["lism", "--data", "docci", "--data-root", str(docci), *tiny, "--segments-file",
                                  str(tmp_path / "missing.json")], "missing.json")
-    (tmp_path / "lism.json").write_text("{}")
+    pair = {"sentence": "A cat.", "box": [0, 0, 8, 8]}
+    (tmp_path / "lism.json").write_text(json.dumps({"images/a.jpg": {"boxes": [], "pairs": [pair]}}))
     _exits_2(capsys, goal.main, ["--data", "docci", "--data-root", str(docci), "--split", "validation", "--lism",
                                  str(tmp_path / "lism.json"), *tiny, "--eval", "", "--out", str(tmp_path / "goal")],
              "no records of split 'validation'; its splits: train")
@@ -156,3 +157,35 @@ def test_missing_eval_root_from_the_command_line(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("error: --eval aro,sugarcrepe,valse,zeroshot reads")
     assert os.listdir(tmp_path) == []
+
+
+class _Reached(Exception):
+    pass
+
+
+def test_pretrained_shapes_with_real_data_is_accepted_by_every_method(tmp_path, monkeypatch):
+    """A user's choice (e.g. the tiny shapes base on real files, to try the pipeline): no method refuses it."""
+    def reached(name, pretrained, *args, **kwargs):
+        assert pretrained == "shapes"
+        raise _Reached
+    monkeypatch.setattr(common, "create_backbone", reached)
+    for method, (module, _) in METHODS.items():
+        lism = ["--lism", "lism.json"] if method == "goal" else []   # GOAL's real data needs one (read later)
+        with pytest.raises(_Reached):
+            module.main(["--data", REAL_DATA[method], "--data-root", str(tmp_path), "--model", common.TINY_MODEL,
+                         "--pretrained", "shapes", "--eval", ""] + lism)
+
+
+def test_lism_file_without_pairs_or_with_other_keys_says_what_is_wrong(tmp_path, capsys):
+    docci = tmp_path / "docci"
+    _docci(docci)
+    run = ["--data", "docci", "--data-root", str(docci), "--model", common.TINY_MODEL, "--pretrained", "none",
+           "--eval", "", "--out", str(tmp_path / "run")]
+    (tmp_path / "boxes.json").write_text(json.dumps({"images/a.jpg": [[0, 0, 8, 8]]}))   # a --segments-file
+    _exits_2(capsys, goal.main, run + ["--lism", str(tmp_path / "boxes.json")], "only candidate boxes",
+             "python goal.py lism --segments-file")
+    pair = {"sentence": "A cat.", "box": [0, 0, 8, 8]}
+    (tmp_path / "other.json").write_text(json.dumps({"images/zebra.jpg": {"boxes": [], "pairs": [pair]}}))
+    _exits_2(capsys, goal.main, run + ["--lism", str(tmp_path / "other.json")], "none of its entries names an image",
+             "images/zebra.jpg")
+    assert not (tmp_path / "run").exists()

@@ -247,8 +247,23 @@ def test_json_and_csv(tmp_path):
     (tmp_path / "bad.csv").write_text("path,text\na.png,x\n")
     with pytest.raises(data.DataError, match="image/caption columns"):
         data.CsvCaptions(str(tmp_path / "bad.csv"))
+
+
+def test_empty_captions_are_skipped_counted_and_reported_by_every_loader(tmp_path):
+    annotations = _coco(tmp_path)
+    annotations.append({"id": 200, "image_id": 9, "caption": "  "})
+    coco_file = tmp_path / "annotations" / "captions_train2014.json"
+    coco_file.write_text(json.dumps(dict(json.loads(coco_file.read_text()), annotations=annotations)))
+    with pytest.warns(UserWarning, match="CocoCaptions: skipped 1 of 5 samples with an empty caption"):
+        coco = data.CocoCaptions(str(tmp_path), VAL_TRANSFORM)
+    assert len(coco) == 4 and coco.empty_captions == 1 and all(coco.captions)
+    _image(str(tmp_path / "img" / "a.png"))
+    (tmp_path / "captions.json").write_text(json.dumps([{"image": "img/a.png", "caption": ""},
+                                                        {"image": "img/a.png", "caption": "a red image"}]))
+    with pytest.warns(UserWarning, match="skipped 1 of 2 .*img/a.png"):
+        assert data.JsonCaptions(str(tmp_path / "captions.json")).captions == ["a red image"]
     (tmp_path / "empty.csv").write_text("image,caption\nimg/a.png,\n")
-    with pytest.raises(data.DataError, match="empty caption"):
+    with pytest.warns(UserWarning), pytest.raises(data.DataError, match="no samples .*1 with an empty caption"):
         data.CsvCaptions(str(tmp_path / "empty.csv"))
 
 
