@@ -86,19 +86,27 @@ def test_trimmed_text_padding_gives_the_same_features():
     torch.testing.assert_close(tokens, full_tokens[:, :14])
 
 
-def test_base_build_attribute_labels_only_for_single_objects():
-    """The build's attribute head sees (shape, colour, size) of one-object scenes; -1 (ignored) otherwise."""
+def test_base_build_labels_attributes_of_single_objects_and_layout_of_the_others():
+    """The build's attribute head sees (shape, colour, size) of one-object scenes, -1 (ignored) otherwise; its
+    layout head sees (colour, shape) of the leftmost and of the topmost object of multi-object scenes, -1 for one
+    object. The layout labels are checked against the scene's coordinates directly."""
     world = data.ShapesDataset("train", size=40, seed=5)
     labelled = common._SceneWithAttributes(world)
     for index in range(40):
         _, caption, labels = labelled[index]
         scene = world.scenes[index]
         assert caption == world.captions[index]
+        attributes, layout = labels.tolist()[:3], labels.tolist()[3:]
         if len(scene) == 1:
-            assert labels.tolist() == [data.SHAPES.index(scene[0].shape), data.COLORS.index(scene[0].color),
-                                       data.SIZES.index(scene[0].size)]
+            assert attributes == [data.SHAPES.index(scene[0].shape), data.COLORS.index(scene[0].color),
+                                  data.SIZES.index(scene[0].size)]
+            assert layout == [-1, -1, -1, -1]
         else:
-            assert labels.tolist() == [-1, -1, -1]
+            assert attributes == [-1, -1, -1]
+            left = [o for o in scene if all(o.cx <= other.cx for other in scene)][0]
+            top = [o for o in scene if all(o.cy <= other.cy for other in scene)][0]
+            assert layout == [data.COLORS.index(left.color), data.SHAPES.index(left.shape),
+                              data.COLORS.index(top.color), data.SHAPES.index(top.shape)]
     assert any(len(s) == 1 for s in world.scenes) and any(len(s) > 1 for s in world.scenes)
 
 
