@@ -279,13 +279,15 @@ def clip_loss(image_emb, text_emb, logit_scale):
 #   its image embedding and from its caption embedding (cross-entropy; thrown away afterwards). It puts the shapes
 #   in the same directions of the joint space on both sides from the first steps; it never sees two objects, so
 #   it teaches nothing about which colour goes with which shape.
-#   In phase 2 a second head, on the image embedding only, names the colour and shape of the leftmost and of the
-#   topmost object of each multi-object scene (`layout_labels`). Web CLIP's image tower knows where things are
-#   (linear probes on its features recover spatial relations) even where its text-image match ignores it; a base
-#   trained without this head does not: a linear probe for "the colour of the left object" of 2-object scenes was
-#   at 49% on its image embeddings, exactly the 50% of knowing the two colours and not their places, and stayed
-#   there after NegCLIP, whose relation-order negatives then had nothing to align with (docs/base_model_notes.md).
-#   The head touches only the image tower, so the text side stays as order-blind as random batches leave it.
+#   Off by default (the shipped bases were built without it), `--layout-weight W` adds in phase 2 a second head,
+#   on the image embedding only, that names the colour and shape of the leftmost and of the topmost object of
+#   each multi-object scene (`layout_labels`). Why it exists: the shipped base's image tower does not know which
+#   object is where (a linear probe for "the colour of the left object" of 2-object scenes reads 49%, the 50% of
+#   knowing both colours and not their places), so relation-order negatives have nothing on the image side to
+#   align with. With the head (and no twins: variant v2e) the probe reads 74% and the base is still order-blind
+#   (aro_relation 54), but a NegCLIP run at the shared budget gained only 1.7 ARO points over plain; with the head
+#   and the twins (v2d) plain contrastive training learned relation order by itself (aro_relation 82). Both
+#   variants and their numbers: docs/base_model_notes.md.
 SHAPES_BASE_ARCHS = {"clip": TINY_MODEL, "siglip": SHAPES_SIGLIP_MODEL}
 SHAPES_BASE_STEPS = 2000            # steps of 64 (about 30 minutes on one core; run once, the result is shipped)
 SHAPES_BASE_ONE_OBJECT_STEPS = 400  # phase 1
@@ -294,7 +296,7 @@ SHAPES_BASE_LR = 1e-3
 SHAPES_BASE_WARMUP = 100
 SHAPES_BASE_AUX_WEIGHT = 1.0        # weight of the attribute head's cross-entropy (one-object scenes only)
 SHAPES_BASE_TWIN_PAIRS = 8          # phase 2: pairs of 2-object scenes per batch whose relation changes axis
-SHAPES_BASE_LAYOUT_WEIGHT = 1.0     # phase 2: weight of the image-only layout head (multi-object scenes)
+SHAPES_BASE_LAYOUT_WEIGHT = 0.0     # phase 2: weight of the image-only layout head (off in the shipped bases)
 SHAPES_BASE_SEED = 1234             # its own random stream of scenes, disjoint from the test split
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 
@@ -1257,7 +1259,8 @@ def _main(argv=None):
     build.add_argument("--twin-pairs", type=int, default=SHAPES_BASE_TWIN_PAIRS,
                        help="phase 2: layout-twin pairs per batch (same two objects, relation on the other axis)")
     build.add_argument("--layout-weight", type=float, default=SHAPES_BASE_LAYOUT_WEIGHT,
-                       help="phase 2: weight of the image-only layout head (0: off, as the SigLIP base was built)")
+                       help="phase 2: weight of the image-only layout head (0: off, as the shipped bases were built; variant "
+                       "v2e of docs/base_model_notes.md: 1 with --twin-pairs 0)")
     build.add_argument("--seed", type=int, default=SHAPES_BASE_SEED)
     build.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     build.add_argument("--eval-every", type=int, default=0, help="print quick suite numbers every N steps (0: off)")
