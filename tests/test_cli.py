@@ -146,19 +146,6 @@ def test_a_start_that_fails_on_its_data_leaves_no_run_folder(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_missing_eval_root_from_the_command_line(tmp_path):
-    """The real command line: one line on stderr, exit code 2, no traceback, no run folder."""
-    import subprocess
-    import sys
-    done = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)), "degla.py"),
-                           "--data", "coco", "--data-root", str(tmp_path / "coco"), "--out", str(tmp_path / "run")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1].startswith("error: --eval aro,sugarcrepe,valse,zeroshot reads")
-    assert os.listdir(tmp_path) == []
-
-
 class _Reached(Exception):
     pass
 
