@@ -22,10 +22,11 @@ The skeleton every method's `train(args)` follows (see degla.py for the real thi
     before = eval.evaluate(model, tokenizer, val_tf, args.eval, ...)
     for step, batch in common.batch_stream(dataset, collate, args, run, start_step=state.step):
         with run.autocast():
-            ... features, gather, loss, parts = method_loss(...)
+            ... features = forward(...)                           # forward passes under autocast
+        loss, parts = method_loss(gather(features.float()), ...)  # loss math in fp32, outside autocast
         common.check_finite(loss, parts, step)
-        (loss * run.world_size).backward()   # see `gather_features` for why the sum over ranks
-        ...optimizer step, scheduler step, clamp logit scale, EMA update, log, periodic checkpoint
+        common.backward_and_step(run, loss, optimizer, [model.logit_scale])   # why the scalars: see there
+        ...scheduler step, clamp logit scale, EMA update, log, periodic checkpoint
 """
 import argparse
 import contextlib
@@ -652,7 +653,8 @@ def gather_features(features):
     Every rank then computes the *same* global loss, but back-propagates only through its own slice, so its
     gradient w.r.t. its local features equals the single-process gradient for that slice. The parameter
     gradient of the single-process loss is the *sum* of the ranks' gradients; DDP averages, so the training
-    loops back-propagate `loss * world_size` (see the module docstring). On one process this is the identity."""
+    loops back-propagate `loss * world_size` (`backward_and_step`, which also corrects the scalars the loss uses
+    directly). On one process this is the identity."""
     rank, world_size = world_info()
     if world_size == 1:
         return features
@@ -905,6 +907,31 @@ def cosine_schedule(optimizer, warmup, total):
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def backward_and_step(run, loss, optimizer, loss_scalars=()):
+    """Back-propagate the gathered loss and step the optimizer (through the GradScaler under fp16).
+
+    Every rank computes the same global loss on gathered features (`gather_features`). A weight of the towers
+    gets, on each rank, only the part of the gradient that flows through that rank's own features, so the sum
+    over ranks is the single-process gradient: we back-propagate `loss * world_size` because DDP averages.
+    A scalar used directly by the loss (the logit scale, SigLIP's bias, C2LIP's concept scale and bias) gets
+    the *whole* gradient on every rank, so after DDP's average it would be world_size times too large (AdamW
+    would hide it, SGD or gradient clipping would not). Dividing those gradients by world_size after backward
+    gives every parameter exactly the single-process gradient. loss_scalars: the parameters the loss uses
+    directly, not through a rank's features; one process: the division is by 1."""
+    scaled = loss * run.world_size
+    if run.scaler is not None:   # fp16: scale the loss against underflow; step() unscales and skips inf/nan steps
+        scaled = run.scaler.scale(scaled)
+    scaled.backward()
+    for param in loss_scalars:
+        if param is not None and param.grad is not None:
+            param.grad.div_(run.world_size)   # linear, so it commutes with the GradScaler's later unscale
+    if run.scaler is not None:
+        run.scaler.step(optimizer)
+        run.scaler.update()
+    else:
+        optimizer.step()
 
 
 @torch.no_grad()

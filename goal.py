@@ -528,14 +528,14 @@ def train(args):
                               batch["sentence_span"])
             else:
                 out = forward(batch["images"], batch["texts"])
-            out = {k: common.gather_features(v.float()) for k, v in out.items()}
-            loss, parts = goal_loss(out["image"], out["text"], out.get("crop"), out.get("sentence"),
-                                    out.get("region"), out.get("span"), model.logit_scale,
-                                    args.local_weight, args.tsl_weight)
+        out = {k: common.gather_features(v.float()) for k, v in out.items()}   # loss math in fp32, no autocast
+        loss, parts = goal_loss(out["image"], out["text"], out.get("crop"), out.get("sentence"),
+                                out.get("region"), out.get("span"), model.logit_scale,
+                                args.local_weight, args.tsl_weight)
         common.check_finite(loss, parts, step)
         optimizer.zero_grad(set_to_none=True)
-        (loss * run.world_size).backward()   # DDP averages; the gathered loss needs the sum (common.gather_features)
-        optimizer.step()
+        # loss x world size for the gathered features (DDP averages), the logit scale's gradient divided back
+        common.backward_and_step(run, loss, optimizer, loss_scalars=[model.logit_scale])
         scheduler.step()                     # GOAL never clamps the logit scale
         if run.bar is not None:
             run.bar.update(1)
