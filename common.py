@@ -686,18 +686,27 @@ def _free_port():
 def _spawned_worker(local_rank, fn, args, world_size, backend, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                       LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
-    _init_from_env(backend)
+    _init_from_env(backend, args)
     try:
         _user_errors_as_exit(fn, args)
     finally:
         dist.destroy_process_group()
 
 
-def _init_from_env(backend):
+# Generous on purpose: a rank that really hangs is reported only this late, but a slow evaluation on rank 0
+# (hours for the full real-data lists on one GPU) must not kill the run.
+DIST_TIMEOUT_MINUTES = 240
+
+
+def _init_from_env(backend, args):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(minutes=30))
+    # The timeout of every collective. torch's default (30 min for NCCL) is shorter than rank 0's evaluation
+    # before training (the paper lists with SUN397 and ImageNet zero-shot), while the other ranks wait in DDP's
+    # first broadcast; see --dist-timeout.
+    minutes = getattr(args, "dist_timeout", None) or DIST_TIMEOUT_MINUTES
+    dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(minutes=minutes))
 
 
 def _user_errors_as_exit(fn, args):
@@ -723,7 +732,7 @@ def launch(fn, args):
         raise SystemExit(f"--gpus {gpus} asks for {gpus} GPUs but this machine has {torch.cuda.device_count()}; "
                          f"use --gpus {torch.cuda.device_count()} (0 = CPU)")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        _init_from_env("nccl" if torch.cuda.is_available() else "gloo")
+        _init_from_env("nccl" if torch.cuda.is_available() else "gloo", args)
         try:
             return _user_errors_as_exit(fn, args)
         finally:
@@ -812,6 +821,9 @@ def base_parser(description):
                    "release) applies on CUDA only; on CPU the default stays fp32")
     g = p.add_argument_group("system")
     g.add_argument("--gpus", type=int, default=0, help="GPUs on this node (0 = CPU or torchrun); DDP when > 1")
+    g.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES,
+                   help="minutes a rank waits in a collective before the run aborts (DDP, torchrun): the other ranks "
+                        "wait this long while rank 0 evaluates the starting model")
     g.add_argument("--cpu-procs", type=int, default=1, help=argparse.SUPPRESS)   # gloo processes, for tests
     g.add_argument("--out", default=None, help="run folder (default runs/<method>-<data>-<time>)")
     g.add_argument("--resume", default=None, help="run folder (or checkpoint) to continue from; flags you do not give "

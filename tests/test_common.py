@@ -1,5 +1,6 @@
 """Tests of common.py: distributed gather, resume, atomic checkpoints, export, the shipped base models."""
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -70,6 +71,20 @@ def test_backward_and_step_gives_the_scalars_the_single_process_gradient():
     ddp = [(a + b) / 2 for a, b in zip(*ranks)]   # DDP's all-reduce average
     for name, got, want in zip(["weight", "bias", "logit_scale"], ddp, single):
         torch.testing.assert_close(got, want, msg=name)
+
+
+def test_process_group_timeout_outlasts_rank_0s_evaluation(monkeypatch):
+    """Under torchrun the process group gets --dist-timeout (default 4 hours), not torch's 30 minutes."""
+    calls = []
+    monkeypatch.setattr(common.dist, "init_process_group", lambda **kwargs: calls.append(kwargs["timeout"]))
+    monkeypatch.setattr(common.dist, "destroy_process_group", lambda: None)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    parser = common.base_parser("test")
+    for flags, minutes in (([], common.DIST_TIMEOUT_MINUTES), (["--dist-timeout", "600"], 600)):
+        assert common.launch(lambda args: "ran", parser.parse_args(flags)) == "ran"
+        assert calls.pop() == datetime.timedelta(minutes=minutes)
+    assert common.DIST_TIMEOUT_MINUTES >= 240
 
 
 def test_main_process_first_orders_rank_0_before_the_others(monkeypatch):
