@@ -475,30 +475,34 @@ def train(args):
     for step, _, batch in common.batch_stream(dataset, collate, args.batch_size, args.seed, start, total,
                                               args.workers):
         batch = {k: v.to(device) for k, v in batch.items()}
-        with run.autocast():
+        with run.autocast():   # the forward under autocast; calibration and loss math below in fp32
             out = ddp(batch["images"], batch["texts"], batch.get("concepts"))
-            image_emb = common.gather_features(out["image"].float())
-            text_emb = common.gather_features(out["text"].float())
-            patch_emb = common.gather_features(out["patch"].float()) if out["patch"] is not None else None
-            concept_emb = concept_owner = pair_mask = None
-            if with_concepts:
-                concept_emb, concept_owner, words = gather_concepts(out["concept"].float(), batch["concept_owner"],
-                                                                    len(batch["images"]), batch["concept_words"])
-                if args.mask_duplicates:
-                    pair_mask = duplicate_concept_mask(concept_owner, words, len(image_emb),
-                                                       subsets=args.mask_duplicates == 2)
-            scale, bias, concept_scale, concept_bias = out["scales"]
-            if concept_logits is not None and bool(concept_logits.needs_calibration):
-                concept_logits.calibrate_(concept_scale.detach(), image_emb.detach(), concept_emb.detach(),
-                                          concept_owner, pair_mask)
-                run.print(f"concept bias calibrated on the first batch: b = {concept_logits.logit_bias.item():.3f}")
-            loss, parts = c2lip_loss(image_emb, text_emb, patch_emb, concept_emb, concept_owner, scale, bias,
-                                     concept_scale, concept_bias, args.w_npc, args.w_xac, args.xac_temperature,
-                                     args.xac_chunk, recompute=args.xac_recompute, pair_mask=pair_mask)
+        image_emb = common.gather_features(out["image"].float())
+        text_emb = common.gather_features(out["text"].float())
+        patch_emb = common.gather_features(out["patch"].float()) if out["patch"] is not None else None
+        concept_emb = concept_owner = pair_mask = None
+        if with_concepts:
+            concept_emb, concept_owner, words = gather_concepts(out["concept"].float(), batch["concept_owner"],
+                                                                len(batch["images"]), batch["concept_words"])
+            if args.mask_duplicates:
+                pair_mask = duplicate_concept_mask(concept_owner, words, len(image_emb),
+                                                   subsets=args.mask_duplicates == 2)
+        scale, bias, concept_scale, concept_bias = (None if v is None else v.float() for v in out["scales"])
+        if concept_logits is not None and bool(concept_logits.needs_calibration):
+            concept_logits.calibrate_(concept_scale.detach(), image_emb.detach(), concept_emb.detach(),
+                                      concept_owner, pair_mask)
+            run.print(f"concept bias calibrated on the first batch: b = {concept_logits.logit_bias.item():.3f}")
+        loss, parts = c2lip_loss(image_emb, text_emb, patch_emb, concept_emb, concept_owner, scale, bias,
+                                 concept_scale, concept_bias, args.w_npc, args.w_xac, args.xac_temperature,
+                                 args.xac_chunk, recompute=args.xac_recompute, pair_mask=pair_mask)
         common.check_finite(loss, parts, step)
         optimizer.zero_grad(set_to_none=True)
-        (loss * run.world_size).backward()  # DDP averages; the gathered loss needs the sum (common.gather_features)
-        optimizer.step()
+        # loss x world size for the gathered features (DDP averages); the scalars the loss uses directly (scale,
+        # SigLIP bias, concept scale and bias) get their gradient divided back by it (common.backward_and_step)
+        scalars = [model.logit_scale, getattr(model, "logit_bias", None)]
+        if concept_logits is not None:
+            scalars += list(concept_logits.parameters())
+        common.backward_and_step(run, loss, optimizer, loss_scalars=scalars)
         scheduler.step()
         common.clamp_logit_scale(model)  # official train.py clamps to [0, ln 100] after every step
         if concept_logits is not None:

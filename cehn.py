@@ -331,24 +331,19 @@ def train(args):
         neg_texts, neg_valid = batch.get("neg_texts"), batch.get("neg_valid")
         if with_negatives and args.mask_invalid == "cmr":
             neg_texts = release_placeholders(neg_texts, neg_valid, tokenizer)
-        with run.autocast():
+        with run.autocast():   # the forward under autocast; the loss math below in fp32 (as degla.py)
             image_emb, text_emb, neg_text_emb, scale = forward(batch["images"], batch["texts"], neg_texts)
-            image_emb, text_emb = common.gather_features(image_emb.float()), common.gather_features(text_emb.float())
-            if with_negatives:
-                neg_text_emb = common.gather_features(neg_text_emb.float())
-                neg_valid = common.gather_features(neg_valid.to(torch.uint8)).bool()
-            loss, parts, logits = cehn_loss(image_emb, text_emb, neg_text_emb, neg_valid, scale.float(), theta,
-                                            w_cmr=args.w_cmr, w_imc=args.w_imc, itc_hn=bool(args.itc_hn),
-                                            imc_variant=args.imc_variant, mask_invalid=args.mask_invalid)
+        image_emb, text_emb = common.gather_features(image_emb.float()), common.gather_features(text_emb.float())
+        if with_negatives:
+            neg_text_emb = common.gather_features(neg_text_emb.float())
+            neg_valid = common.gather_features(neg_valid.to(torch.uint8)).bool()
+        loss, parts, logits = cehn_loss(image_emb, text_emb, neg_text_emb, neg_valid, scale.float(), theta,
+                                        w_cmr=args.w_cmr, w_imc=args.w_imc, itc_hn=bool(args.itc_hn),
+                                        imc_variant=args.imc_variant, mask_invalid=args.mask_invalid)
         common.check_finite(loss, parts, step)
         optimizer.zero_grad(set_to_none=True)
-        if run.scaler is not None:
-            run.scaler.scale(loss * run.world_size).backward()  # DDP averages; the gathered loss needs the sum
-            run.scaler.step(optimizer)
-            run.scaler.update()
-        else:
-            (loss * run.world_size).backward()
-            optimizer.step()
+        # loss x world size for the gathered features (DDP averages), the logit scale's gradient divided back
+        common.backward_and_step(run, loss, optimizer, loss_scalars=[model.logit_scale])
         scheduler.step()
         common.clamp_logit_scale(model)
         # theta for the next step, from this (global, so identical on every rank) batch: the one-step lag

@@ -22,10 +22,11 @@ The skeleton every method's `train(args)` follows (see degla.py for the real thi
     before = eval.evaluate(model, tokenizer, val_tf, args.eval, ...)
     for step, batch in common.batch_stream(dataset, collate, args, run, start_step=state.step):
         with run.autocast():
-            ... features, gather, loss, parts = method_loss(...)
+            ... features = forward(...)                           # forward passes under autocast
+        loss, parts = method_loss(gather(features.float()), ...)  # loss math in fp32, outside autocast
         common.check_finite(loss, parts, step)
-        (loss * run.world_size).backward()   # see `gather_features` for why the sum over ranks
-        ...optimizer step, scheduler step, clamp logit scale, EMA update, log, periodic checkpoint
+        common.backward_and_step(run, loss, optimizer, [model.logit_scale])   # why the scalars: see there
+        ...scheduler step, clamp logit scale, EMA update, log, periodic checkpoint
 """
 import argparse
 import contextlib
@@ -652,7 +653,8 @@ def gather_features(features):
     Every rank then computes the *same* global loss, but back-propagates only through its own slice, so its
     gradient w.r.t. its local features equals the single-process gradient for that slice. The parameter
     gradient of the single-process loss is the *sum* of the ranks' gradients; DDP averages, so the training
-    loops back-propagate `loss * world_size` (see the module docstring). On one process this is the identity."""
+    loops back-propagate `loss * world_size` (`backward_and_step`, which also corrects the scalars the loss uses
+    directly). On one process this is the identity."""
     rank, world_size = world_info()
     if world_size == 1:
         return features
@@ -684,18 +686,27 @@ def _free_port():
 def _spawned_worker(local_rank, fn, args, world_size, backend, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                       LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
-    _init_from_env(backend)
+    _init_from_env(backend, args)
     try:
         _user_errors_as_exit(fn, args)
     finally:
         dist.destroy_process_group()
 
 
-def _init_from_env(backend):
+# Generous on purpose: a rank that really hangs is reported only this late, but a slow evaluation on rank 0
+# (hours for the full real-data lists on one GPU) must not kill the run.
+DIST_TIMEOUT_MINUTES = 240
+
+
+def _init_from_env(backend, args):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(minutes=30))
+    # The timeout of every collective. torch's default (30 min for NCCL) is shorter than rank 0's evaluation
+    # before training (the paper lists with SUN397 and ImageNet zero-shot), while the other ranks wait in DDP's
+    # first broadcast; see --dist-timeout.
+    minutes = getattr(args, "dist_timeout", None) or DIST_TIMEOUT_MINUTES
+    dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(minutes=minutes))
 
 
 def _user_errors_as_exit(fn, args):
@@ -721,7 +732,7 @@ def launch(fn, args):
         raise SystemExit(f"--gpus {gpus} asks for {gpus} GPUs but this machine has {torch.cuda.device_count()}; "
                          f"use --gpus {torch.cuda.device_count()} (0 = CPU)")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        _init_from_env("nccl" if torch.cuda.is_available() else "gloo")
+        _init_from_env("nccl" if torch.cuda.is_available() else "gloo", args)
         try:
             return _user_errors_as_exit(fn, args)
         finally:
@@ -810,6 +821,9 @@ def base_parser(description):
                    "release) applies on CUDA only; on CPU the default stays fp32")
     g = p.add_argument_group("system")
     g.add_argument("--gpus", type=int, default=0, help="GPUs on this node (0 = CPU or torchrun); DDP when > 1")
+    g.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES,
+                   help="minutes a rank waits in a collective before the run aborts (DDP, torchrun): the other ranks "
+                        "wait this long while rank 0 evaluates the starting model")
     g.add_argument("--cpu-procs", type=int, default=1, help=argparse.SUPPRESS)   # gloo processes, for tests
     g.add_argument("--out", default=None, help="run folder (default runs/<method>-<data>-<time>)")
     g.add_argument("--resume", default=None, help="run folder (or checkpoint) to continue from; flags you do not give "
@@ -905,6 +919,31 @@ def cosine_schedule(optimizer, warmup, total):
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def backward_and_step(run, loss, optimizer, loss_scalars=()):
+    """Back-propagate the gathered loss and step the optimizer (through the GradScaler under fp16).
+
+    Every rank computes the same global loss on gathered features (`gather_features`). A weight of the towers
+    gets, on each rank, only the part of the gradient that flows through that rank's own features, so the sum
+    over ranks is the single-process gradient: we back-propagate `loss * world_size` because DDP averages.
+    A scalar used directly by the loss (the logit scale, SigLIP's bias, C2LIP's concept scale and bias) gets
+    the *whole* gradient on every rank, so after DDP's average it would be world_size times too large (AdamW
+    would hide it, SGD or gradient clipping would not). Dividing those gradients by world_size after backward
+    gives every parameter exactly the single-process gradient. loss_scalars: the parameters the loss uses
+    directly, not through a rank's features; one process: the division is by 1."""
+    scaled = loss * run.world_size
+    if run.scaler is not None:   # fp16: scale the loss against underflow; step() unscales and skips inf/nan steps
+        scaled = run.scaler.scale(scaled)
+    scaled.backward()
+    for param in loss_scalars:
+        if param is not None and param.grad is not None:
+            param.grad.div_(run.world_size)   # linear, so it commutes with the GradScaler's later unscale
+    if run.scaler is not None:
+        run.scaler.step(optimizer)
+        run.scaler.update()
+    else:
+        optimizer.step()
 
 
 @torch.no_grad()

@@ -897,7 +897,8 @@ its base name, or its image_id):
   {"<image>": [[x0, y0, x1, y1], ...]}                                  # boxes in original-image pixels
 or, with the sentence-box pairs of an offline LISM matching (GOAL):
   {"<image>": {"boxes": [[x0, y0, x1, y1], ...],
-               "pairs": [{"sentence": "<a sentence of the caption>", "box": [x0, y0, x1, y1], "score": 27.1}]}}"""
+               "pairs": [{"sentence": "<a sentence of the caption>", "box": [x0, y0, x1, y1], "score": 27.1}]}}
+optional in an entry: "areas": [pixels, ...], each box's mask area (GOAL's LISM filters on it; else on the box)"""
 
 
 def load_segments(path: str, need_pairs: bool = False) -> dict:
@@ -920,6 +921,11 @@ def load_segments(path: str, need_pairs: bool = False) -> dict:
             if not (isinstance(box, list) and len(box) == 4):
                 raise DataError(f"{path}: box {box!r} of {key!r} is not [x0, y0, x1, y1].\n{SEGMENTS_FORMAT}")
         segments[str(key)] = {"boxes": boxes, "pairs": pairs}
+        if "areas" in entry:
+            if not (isinstance(entry["areas"], list) and len(entry["areas"]) == len(boxes)):
+                raise DataError(f"{path}: \"areas\" of {key!r} must be a list with one number per box.\n"
+                                f"{SEGMENTS_FORMAT}")
+            segments[str(key)]["areas"] = [float(area) for area in entry["areas"]]
     if need_pairs and not any(entry["pairs"] for entry in segments.values()):
         what = "only candidate boxes" if any(entry["boxes"] for entry in segments.values()) else "no entries"
         raise DataError(f"{path} holds {what}, no sentence-box \"pairs\": a LISM matching is what `python goal.py "

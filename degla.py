@@ -386,14 +386,8 @@ def train(args):
                                  tgc_weight=args.tgc_weight, tgc_scale=args.tgc_scale, tgc_mask=args.tgc_mask)
         common.check_finite(loss, parts, step)
         optimizer.zero_grad(set_to_none=True)
-        scaled = loss * run.world_size       # DDP averages; the gathered loss needs the sum over ranks
-        if run.scaler is not None:
-            run.scaler.scale(scaled).backward()
-            run.scaler.step(optimizer)
-            run.scaler.update()
-        else:
-            scaled.backward()
-            optimizer.step()
+        # loss x world size for the gathered features (DDP averages), the logit scale's gradient divided back
+        common.backward_and_step(run, loss, optimizer, loss_scalars=[model.logit_scale])
         scheduler.step()
         common.clamp_logit_scale(model)      # logit_scale.clamp_(0, ln 100) after every step (release)
         if ema is not None:

@@ -6,9 +6,9 @@ multi-sentence captions and teaches it which sentence describes which part of th
      interpolate the rest by a factor; 77 -> 248 for OpenAI CLIP).
   2. LISM (Local Image-Sentence Matching, offline, `python goal.py lism`): for each image, score every
      (candidate crop, sentence) pair with the starting model, where the candidates are [full image] + crops
-     of segments (SAM on real data; the generator's object boxes in the shapes world). Each sentence picks
-     its argmax candidate, sentences that pick the full image are dropped, and the best-scoring
-     (crop, sentence) pair is kept: one local pair per image, with its crop box.
+     of segments covering 1%-80% of the image (SAM on real data; the generator's object boxes in the shapes
+     world). Each sentence picks its argmax candidate, sentences that pick the full image are dropped, and
+     the best-scoring (crop, sentence) pair is kept: one local pair per image, with its crop box.
   3. TSL (Token Similarity-based Learning): the full image's last-layer patch tokens inside the crop box,
      averaged, must embed like the crop itself; the long caption's tokens over the sentence's span,
      averaged, must embed like the sentence on its own.
@@ -325,15 +325,29 @@ def _crop_tensor(image, box):
     return F.interpolate(image[None, :, y0:y1, x0:x1], size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
+def keep_by_area(boxes, image_size, areas=None, min_ratio=0.01, max_ratio=0.8):
+    """GOAL's segment filter: keep a candidate whose area is 1%-80% of the image area (goal.md, LISM step 3).
+
+    boxes: [[x0, y0, x1, y1], ...] in the pixels of image_size = (width, height). areas: the masks' pixel
+    counts if the segments file has them ("areas"), which is what the release filters on; without them the
+    box's area stands in (never smaller than its mask's). Returns the indices of the kept boxes."""
+    image_area = float(image_size[0] * image_size[1])
+    if areas is None:
+        areas = [max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1]) for box in boxes]
+    return [i for i, area in enumerate(areas) if min_ratio <= area / image_area <= max_ratio]
+
+
 def _lism_crops(dataset, index, sample):
-    """Candidate boxes and their crops (transformed like the image). Real loaders: boxes in original pixels,
-    cut from the original image (as GOAL crops the original RGB image). Shapes world: boxes in the rendered
-    image's pixels (= the transformed image's), cut from the tensor and resized back."""
+    """Candidate boxes that pass `keep_by_area` and their crops (transformed like the image). Real loaders:
+    boxes in original pixels, cut from the original image (as GOAL crops the original RGB image). Shapes world:
+    boxes in the rendered image's pixels (= the transformed image's), cut from the tensor and resized back."""
     image = sample["image"]
     if hasattr(dataset, "load_image") and hasattr(dataset, "_segment_entry"):
         original = dataset.load_image(index)
+        entry = dataset._segment_entry(index)
         boxes, crops = [], []
-        for box in dataset._segment_entry(index)["boxes"]:
+        for i in keep_by_area(entry["boxes"], original.size, entry.get("areas")):
+            box = entry["boxes"][i]
             x0, y0 = max(0, int(box[0])), max(0, int(box[1]))
             x1 = min(original.size[0], max(x0 + 1, int(round(box[2]))))
             y1 = min(original.size[1], max(y0 + 1, int(round(box[3]))))
@@ -344,50 +358,59 @@ def _lism_crops(dataset, index, sample):
             crops.append(crop)
         return boxes, crops
     boxes = [[float(v) for v in box] for box in sample["segments"]]
+    boxes = [boxes[i] for i in keep_by_area(boxes, (image.shape[-1], image.shape[-2]))]
     return boxes, [_crop_tensor(image, box) for box in boxes]
 
 
 @torch.no_grad()
-def run_lism(model, tokenizer, dataset, long_tokenizer, device, chunk=64, log_every=2000):
+def run_lism(model, tokenizer, dataset, long_tokenizer, device, crops_per_forward=128, log_every=2000):
     """Score every (candidate, sentence) pair with the starting model and keep one local pair per image.
 
     dataset: a long-caption set (shapes world with long=True, or a real loader with a segments file) whose
     samples carry "image" (transformed tensor) and "segments". Sentences are those of data.sentence_spans under
     the *training* context (not truncated away), encoded as separate texts with `tokenizer` (the starting
-    model's own). Scores are 100 * cosine, as in the release. Images are processed `chunk` at a time (one
-    encoder call per chunk; the decision is still per image, `lism_best_pair`).
+    model's own). Scores are 100 * cosine, as in the release. Candidates (each image, then its crops) are
+    encoded `crops_per_forward` at a time across images: SAM gives dozens to 100+ crops per image, so one
+    forward per image or per group of images would have no memory bound. The decision is per image
+    (`lism_best_pair`), made as soon as all its candidates are encoded.
     Returns {image_id: {"boxes": [...], "pairs": [{"sentence", "box", "score"}]}}: data.SEGMENTS_FORMAT.
     """
     model.eval()
     matched = {}
-    for first in range(0, len(dataset), chunk):
-        items, images, texts = [], [], []
-        for index in range(first, min(first + chunk, len(dataset))):
-            sample = dataset[index]
-            if sample is None or not sample.get("segments"):   # no candidate crops: no local pair
-                continue
-            sentences = [s for s, _, _ in data.sentence_spans(sample["caption"], long_tokenizer)]
-            if not sentences:
-                continue
-            boxes, crops = _lism_crops(dataset, index, sample)
-            items.append((sample["image_id"], boxes, sentences, len(images), len(texts)))
-            images += [sample["image"]] + crops
-            texts += sentences
-        if not items:
-            continue
-        image_emb = F.normalize(model.encode_image(torch.stack(images).to(device)), dim=-1)
-        text_emb = F.normalize(model.encode_text(tokenizer(texts).to(device)), dim=-1)
-        for image_id, boxes, sentences, i0, t0 in items:
-            scores = 100.0 * image_emb[i0:i0 + 1 + len(boxes)] @ text_emb[t0:t0 + len(sentences)].t()
+    waiting = []                 # (image_id, boxes, sentence texts, sentence embeddings), in candidate order
+    pending, encoded = [], []    # candidate tensors not yet encoded; embeddings of the waiting images' candidates
+
+    def encode(count):
+        batch, pending[:] = pending[:count], pending[count:]
+        encoded.append(F.normalize(model.encode_image(torch.stack(batch).to(device)), dim=-1))
+        image_emb, used = torch.cat(encoded), 0
+        while waiting and used + 1 + len(waiting[0][1]) <= len(image_emb):
+            image_id, boxes, sentences, text_emb = waiting.pop(0)
+            scores = 100.0 * image_emb[used:used + 1 + len(boxes)] @ text_emb.t()
+            used += 1 + len(boxes)
             best = lism_best_pair(scores)
             entry = {"boxes": boxes, "pairs": []}
             if best is not None:
                 crop, sentence, score = best
                 entry["pairs"].append({"sentence": sentences[sentence], "box": boxes[crop], "score": round(score, 4)})
             matched[str(image_id)] = entry
-        done = min(first + chunk, len(dataset))
-        if log_every and done // log_every > first // log_every:
-            print(f"[lism] {done}/{len(dataset)} images", file=sys.stderr)
+        encoded[:] = [image_emb[used:]]
+
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        if sample is not None and sample.get("segments"):   # no candidate crops: no local pair
+            sentences = [s for s, _, _ in data.sentence_spans(sample["caption"], long_tokenizer)]
+            boxes, crops = _lism_crops(dataset, index, sample) if sentences else ([], [])
+            if boxes:
+                text_emb = F.normalize(model.encode_text(tokenizer(sentences).to(device)), dim=-1)
+                waiting.append((sample["image_id"], boxes, sentences, text_emb))
+                pending.extend([sample["image"]] + crops)
+                while len(pending) >= crops_per_forward:
+                    encode(crops_per_forward)
+        if log_every and (index + 1) % log_every == 0:
+            print(f"[lism] {index + 1}/{len(dataset)} images", file=sys.stderr)
+    if pending:
+        encode(len(pending))
     return matched
 
 
@@ -528,14 +551,14 @@ def train(args):
                               batch["sentence_span"])
             else:
                 out = forward(batch["images"], batch["texts"])
-            out = {k: common.gather_features(v.float()) for k, v in out.items()}
-            loss, parts = goal_loss(out["image"], out["text"], out.get("crop"), out.get("sentence"),
-                                    out.get("region"), out.get("span"), model.logit_scale,
-                                    args.local_weight, args.tsl_weight)
+        out = {k: common.gather_features(v.float()) for k, v in out.items()}   # loss math in fp32, no autocast
+        loss, parts = goal_loss(out["image"], out["text"], out.get("crop"), out.get("sentence"),
+                                out.get("region"), out.get("span"), model.logit_scale,
+                                args.local_weight, args.tsl_weight)
         common.check_finite(loss, parts, step)
         optimizer.zero_grad(set_to_none=True)
-        (loss * run.world_size).backward()   # DDP averages; the gathered loss needs the sum (common.gather_features)
-        optimizer.step()
+        # loss x world size for the gathered features (DDP averages), the logit scale's gradient divided back
+        common.backward_and_step(run, loss, optimizer, loss_scalars=[model.logit_scale])
         scheduler.step()                     # GOAL never clamps the logit scale
         if run.bar is not None:
             run.bar.update(1)

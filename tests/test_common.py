@@ -1,5 +1,6 @@
 """Tests of common.py: distributed gather, resume, atomic checkpoints, export, the shipped base models."""
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -39,6 +40,51 @@ def test_gathered_clip_loss_equals_single_process():
         assert loss == pytest.approx(single_loss.item(), abs=1e-12)
         torch.testing.assert_close(grad_image, single_image.grad[rank * 4:(rank + 1) * 4])
         torch.testing.assert_close(grad_text, single_text.grad[rank * 4:(rank + 1) * 4])
+
+
+def test_backward_and_step_gives_the_scalars_the_single_process_gradient():
+    """Two DDP ranks simulated in one process: each rank's loss is the global CLIP loss on gathered features
+    (its own half differentiable, the other half detached), DDP averages the ranks' gradients. After
+    backward_and_step the tower weights and the logit scale both hold the gradient of one process on the
+    whole batch; without the division the logit scale's would be twice it."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(6, 4).double()
+    logit_scale = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+    params = [encoder.weight, encoder.bias, logit_scale]
+    optimizer = torch.optim.SGD(params, lr=0.0)   # lr 0: the step leaves the weights, the gradients stay
+    images, texts = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
+
+    def gradients(world_size, rank=0):
+        image_emb = torch.nn.functional.normalize(encoder(images), dim=-1)
+        text_emb = torch.nn.functional.normalize(encoder(texts), dim=-1)
+        own = (torch.arange(8) // (8 // world_size) == rank)[:, None]   # this rank's rows of the gathered batch
+        image_emb = torch.where(own, image_emb, image_emb.detach())
+        text_emb = torch.where(own, text_emb, text_emb.detach())
+        optimizer.zero_grad(set_to_none=True)
+        run = argparse.Namespace(world_size=world_size, scaler=None)
+        loss = common.clip_loss(image_emb, text_emb, logit_scale.exp())
+        common.backward_and_step(run, loss, optimizer, loss_scalars=[logit_scale])
+        return [p.grad.clone() for p in params]
+
+    single = gradients(1)
+    ranks = [gradients(2, rank) for rank in range(2)]
+    ddp = [(a + b) / 2 for a, b in zip(*ranks)]   # DDP's all-reduce average
+    for name, got, want in zip(["weight", "bias", "logit_scale"], ddp, single):
+        torch.testing.assert_close(got, want, msg=name)
+
+
+def test_process_group_timeout_outlasts_rank_0s_evaluation(monkeypatch):
+    """Under torchrun the process group gets --dist-timeout (default 4 hours), not torch's 30 minutes."""
+    calls = []
+    monkeypatch.setattr(common.dist, "init_process_group", lambda **kwargs: calls.append(kwargs["timeout"]))
+    monkeypatch.setattr(common.dist, "destroy_process_group", lambda: None)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    parser = common.base_parser("test")
+    for flags, minutes in (([], common.DIST_TIMEOUT_MINUTES), (["--dist-timeout", "600"], 600)):
+        assert common.launch(lambda args: "ran", parser.parse_args(flags)) == "ran"
+        assert calls.pop() == datetime.timedelta(minutes=minutes)
+    assert common.DIST_TIMEOUT_MINUTES >= 240
 
 
 def test_main_process_first_orders_rank_0_before_the_others(monkeypatch):

@@ -270,6 +270,45 @@ def test_lism_best_pair_matches_loop():
     assert goal.lism_best_pair(scores)[:2] == (0, 1)
 
 
+def test_area_filter_keeps_1_to_80_percent_of_the_image():
+    boxes = [[0, 0, 10, 10], [0, 0, 9, 9], [0, 0, 80, 100], [0, 0, 89, 90], [0, 0, 100, 100]]   # image 100 x 100
+    assert goal.keep_by_area(boxes, (100, 100)) == [0, 2]   # 1%, 0.81%, 80%, 80.1%, 100% of the image
+    assert goal.keep_by_area(boxes, (100, 100), areas=[50, 100, 100, 8000, 9000]) == [1, 2, 3]   # mask areas
+
+
+def test_segments_file_carries_mask_areas(tmp_path):
+    import json
+    import data
+    path = tmp_path / "sam.json"
+    path.write_text(json.dumps({"a.jpg": {"boxes": [[0, 0, 10, 10], [0, 0, 5, 5]], "areas": [60, 20]}}))
+    assert data.load_segments(str(path))["a.jpg"]["areas"] == [60.0, 20.0]
+    path.write_text(json.dumps({"a.jpg": {"boxes": [[0, 0, 10, 10]], "areas": [60, 20]}}))
+    with pytest.raises(data.DataError, match="one number per box"):
+        data.load_segments(str(path))
+
+
+def test_lism_encodes_a_fixed_number_of_candidates_per_forward(monkeypatch):
+    """Batching the candidates across images (3 per forward) gives the matching of one big forward."""
+    import common
+    import data
+    model, _, val_tf, tokenizer = common.create_backbone(common.TINY_MODEL, None)
+    world = data.ShapesDataset("train", size=6, image_size=model.visual.image_size[0], seed=0, transform=val_tf,
+                               long=True)
+    sizes, encode_image = [], model.encode_image
+    monkeypatch.setattr(model, "encode_image", lambda images: sizes.append(len(images)) or encode_image(images))
+    one_forward = goal.run_lism(model, tokenizer, world, tokenizer, "cpu", crops_per_forward=10_000)
+    assert len(sizes) == 1
+    sizes.clear()
+    batched = goal.run_lism(model, tokenizer, world, tokenizer, "cpu", crops_per_forward=3)
+    assert max(sizes) == 3 and sum(sizes) == sum(1 + len(entry["boxes"]) for entry in batched.values())
+    assert batched.keys() == one_forward.keys() and len(batched) > 0
+    for key, entry in one_forward.items():
+        assert entry["boxes"] == batched[key]["boxes"]
+        assert [p["sentence"] for p in entry["pairs"]] == [p["sentence"] for p in batched[key]["pairs"]]
+        for p, q in zip(entry["pairs"], batched[key]["pairs"]):
+            assert p["score"] == pytest.approx(q["score"], abs=1e-3)
+
+
 def test_padding_trim_is_exact():
     model = _tiny_model()
     goal.stretch_text_positions(model, 104, keep=8)
