@@ -96,6 +96,7 @@ C2LIP_DEFAULTS = dict(
     #                                (-10 = SigLIP's from-scratch init; measured: negatives get no gradient)
     mask_duplicates=0,  # paper: a repeated phrase from another caption stays a negative
     concept_scale_init=math.log(10.0),  # 'own' scale: SigLIP's from-scratch init_logit_scale (open_clip_train --siglip)
+    xac_recompute=False,  # same losses and gradients either way; on trades compute for autograd memory
 )
 
 
@@ -544,7 +545,7 @@ def parse_args(argv=None):
     g.add_argument("--w-xac", type=float, default=None, help="weight of L_xac (0 turns it off)")
     g.add_argument("--xac-temperature", type=float, default=None, help="tau of the concept->patch softmax")
     g.add_argument("--xac-chunk", type=int, default=None, help="concepts per XAC einsum chunk (memory bound)")
-    g.add_argument("--xac-recompute", action="store_true",
+    g.add_argument("--xac-recompute", action="store_true", default=None,
                    help="recompute each XAC chunk in backward (bounds autograd memory at large batch)")
     g.add_argument("--mask-duplicates", type=int, choices=[0, 1, 2], default=None,
                    help="drop false-negative (image, concept) pairs: 1 = the concept repeats one of the image's "

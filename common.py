@@ -820,28 +820,39 @@ def base_parser(description):
                    help="auto = bf16 autocast on CUDA, fp32 on CPU. A method's own real-data value (GOAL: bf16, as its "
                    "release) applies on CUDA only; on CPU the default stays fp32")
     g = p.add_argument_group("system")
-    g.add_argument("--gpus", type=int, default=0, help="GPUs on this node (0 = CPU or torchrun); DDP when > 1")
-    g.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES,
+    g.add_argument("--gpus", type=int, default=None, help="GPUs on this node (0 = CPU or torchrun); DDP when > 1")
+    g.add_argument("--dist-timeout", type=float, default=None,
                    help="minutes a rank waits in a collective before the run aborts (DDP, torchrun): the other ranks "
                         "wait this long while rank 0 evaluates the starting model")
-    g.add_argument("--cpu-procs", type=int, default=1, help=argparse.SUPPRESS)   # gloo processes, for tests
+    g.add_argument("--cpu-procs", type=int, default=None, help=argparse.SUPPRESS)   # gloo processes, for tests
     g.add_argument("--out", default=None, help="run folder (default runs/<method>-<data>-<time>)")
     g.add_argument("--resume", default=None, help="run folder (or checkpoint) to continue from; flags you do not give "
                    "are read from its config.json")
     g.add_argument("--seed", type=int, default=None, help="random seed (each rank adds its rank)")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
-    g.add_argument("--log-every", type=int, default=10, help="write a log line every N steps")
+    g.add_argument("--log-every", type=int, default=None, help="write a log line every N steps")
     g.add_argument("--eval", default=None, help="comma-separated benchmarks run on rank 0 before and after training: "
                    "shapes (the built-in suite, no files), aro, sugarcrepe, valse, vlchecklist, zeroshot, retrieval, "
                    "longtext or their members (python eval.py --help). Real data defaults to the paper's list and "
                    "needs --eval-root; --eval '' skips evaluation")
     g.add_argument("--eval-root", default=None, help="root folder of the benchmark files (layout: eval.py docstring)")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still written)")
+    g.add_argument("--no-progress", action="store_true", default=None, help="no tqdm bar (logs still written)")
     return p
 
 
-# Used where a method's table has no value: every method has a seed and a precision.
-FALLBACK_DEFAULTS = {"seed": 0, "precision": "auto"}
+# Used where a method's table has no value: every method has a seed and a precision, and the system flags of
+# `base_parser`. Every flag's argparse default is None (switches included), so that `apply_defaults` can tell a
+# flag given on the command line from one left out, and a resumed run keeps its own value of the latter.
+FALLBACK_DEFAULTS = {"seed": 0, "precision": "auto", "gpus": 0, "dist_timeout": DIST_TIMEOUT_MINUTES, "cpu_procs": 1,
+                     "log_every": 10, "no_progress": False}
+
+# Not read back from a resumed run's config.json: --resume itself, and --out, which defaults to the folder being
+# resumed (`Run`), not to the path the run had when it started (the folder may have been moved or copied).
+# --gpus is read back although it describes the machine: the number of processes is part of the run (the global
+# batch is --batch-size x processes, the data are sharded and the RNG states saved per rank), so a resume in
+# fewer processes would silently train something else; on a machine with fewer GPUs `launch` stops with one
+# message, and `--gpus N` given again wins as every flag does.
+NOT_RESUMED = ("resume", "out")
 
 
 def _shown(value):
@@ -856,6 +867,8 @@ def document_defaults(parser, defaults):
     Flags that no table fills (--out, --resume, ...) keep their help as it is."""
     for action in parser._actions:
         if action.default is not None or not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        if action.nargs == 0:   # an on/off switch: off unless given, nothing to show
             continue
         values = {}
         for where, table in (("the shapes world", defaults["shapes"]), ("real data", defaults["real"])):
@@ -874,7 +887,8 @@ def document_defaults(parser, defaults):
 def apply_defaults(args, defaults):
     """Fill every argument left at None: first from the run being resumed (its config.json, so that
     `--resume RUN_DIR` alone continues with the same settings; flags given now win), then from
-    `defaults['shapes']` or `defaults['real']` (by --data), then from FALLBACK_DEFAULTS.
+    `defaults['shapes']` or `defaults['real']` (by --data), then from FALLBACK_DEFAULTS. Every flag of the method
+    scripts defaults to None for this (switches too: None = not given), except those in NOT_RESUMED.
 
     A table's `precision` is its CUDA precision: without CUDA it becomes 'auto' (fp32), since bf16/fp16 autocast
     needs a GPU here (`Run`) and the CPU run of real data (tests, a laptop) should not stop on it."""
@@ -885,7 +899,7 @@ def apply_defaults(args, defaults):
             with open(config_path) as f:
                 saved = json.load(f)
             for key, value in saved.items():
-                if key in vars(args) and getattr(args, key) is None and key != "resume":
+                if key in vars(args) and getattr(args, key) is None and key not in NOT_RESUMED:
                     setattr(args, key, value)
     args.data = args.data or "shapes"
     table = dict(FALLBACK_DEFAULTS, **defaults["shapes" if args.data == "shapes" else "real"])
@@ -1080,6 +1094,34 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+class SeededSamples(torch.utils.data.Dataset):
+    """Sample i of epoch e with its random augmentation drawn from a seed of (seed, e, i) alone.
+
+    Without it the augmentation of a sample depends on which data-loader worker loads it and on how many samples
+    that worker loaded before (or, with no workers, on the training process's RNG stream), so a run resumed in
+    the middle of an epoch would see other crops than the uninterrupted run. The process's RNG states (torch CPU,
+    Python, NumPy) are put back after each sample, so the training loop's random numbers are not touched."""
+
+    def __init__(self, dataset, seed, epoch):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        sample_seed = (self.seed * 1_000_003 + self.epoch) * 100_000_007 + index
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                random.seed(sample_seed)
+                np.random.seed(sample_seed % 2 ** 32)
+                return self.dataset[index]
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def batch_stream(dataset, collate_fn, batch_size, seed, start_step, total_steps, workers=None):
     """Yield (step, epoch, batch) from `start_step` to `total_steps`, epoch after epoch, deterministically.
 
@@ -1098,8 +1140,12 @@ def batch_stream(dataset, collate_fn, batch_size, seed, start_step, total_steps,
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
         sampler = EpochSampler(len(dataset), batch_size, seed, epoch, rank, world_size, skip)
-        loader = torch.utils.data.DataLoader(readable, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                             collate_fn=collate_fn, drop_last=True, pin_memory=False)
+        # The loader's own generator: its worker base seed is then not drawn from the process RNG, which a resume
+        # restores at a point where the uninterrupted run had already drawn it (at the start of the epoch).
+        loader = torch.utils.data.DataLoader(SeededSamples(readable, seed, epoch), batch_size=batch_size,
+                                             sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+                                             drop_last=True, pin_memory=False,
+                                             generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         replaced = 0
         for batch in loader:
             replaced += int(batch.pop("replaced", 0))
@@ -1151,6 +1197,7 @@ def _atomic_torch_save(obj, path):
 
 
 def rng_state():
+    """This process's RNG states (Python, NumPy, torch CPU, every CUDA device)."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
@@ -1163,17 +1210,37 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def gather_rng_states():
+    """Every rank's `rng_state()`, in rank order (a list of one without DDP). Every rank must call it: each rank
+    draws its own random numbers (its seed is offset by its rank), so a checkpoint keeps all of them."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [rng_state()]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def rank_rng_state(saved, rank):
+    """Rank `rank`'s state from a checkpoint's "rng" entry: the list of `gather_rng_states`, or (checkpoints
+    written before it) rank 0's state alone. None if the checkpoint holds none for this rank (it was written by
+    fewer processes)."""
+    states = [saved] if isinstance(saved, dict) else saved
+    return states[rank] if rank < len(states) else None
+
+
 def save_checkpoint(run, step, model, optimizer, scheduler, ema=None, extra=None):
-    """Write `<out>/checkpoint.pt` atomically (rank 0 only): everything needed to continue exactly.
+    """Write `<out>/checkpoint.pt` atomically: everything needed to continue exactly. Call it on every rank:
+    the ranks' RNG states are gathered to it, then rank 0 alone writes.
 
     extra: method state (e.g. CE-CLIP's adaptive thresholds) as a dict of tensors/numbers."""
+    rng_states = gather_rng_states()
     if not run.is_main:
         return
     state = {
         "method": run.method, "step": step, "args": vars(run.args),
         "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler else None, "ema": ema.state_dict() if ema else None,
-        "extra": extra or {}, "rng": rng_state(),
+        "extra": extra or {}, "rng": rng_states,
     }
     _atomic_torch_save(state, os.path.join(run.out, "checkpoint.pt"))
 
@@ -1208,7 +1275,13 @@ def load_checkpoint(path, method, device="cpu"):
 
 
 def resume(run, model, optimizer, scheduler, ema=None):
-    """Restore a run from `args.resume`; returns (start_step, extra method state). (0, {}) without --resume."""
+    """Restore a run from `args.resume`; returns (start_step, extra method state). (0, {}) without --resume.
+
+    Each rank gets back its own RNG state. The resumed run ends with the weights of an uninterrupted one when it
+    runs in the same number of processes (same --gpus or torchrun command; --gpus comes back from config.json)
+    on the same kind of device and torch build: the data order is a function of (seed, epoch, rank) and each
+    sample's augmentation of (seed, epoch, index) (`SeededSamples`), so --workers may differ. Not exact: CUDA
+    kernels that are not deterministic (cuDNN autotuning, atomics), which differ between any two runs."""
     if not run.args.resume:
         return 0, {}
     state = load_checkpoint(run.args.resume, run.method, device=run.device)
@@ -1219,7 +1292,14 @@ def resume(run, model, optimizer, scheduler, ema=None):
         run.scaler.load_state_dict(state["scaler"])
     if ema is not None and state["ema"]:
         ema.load_state_dict(state["ema"])
-    set_rng_state(state["rng"])
+    saved_ranks = 1 if isinstance(state["rng"], dict) else len(state["rng"])
+    own_state = rank_rng_state(state["rng"], run.rank)
+    if own_state is not None and saved_ranks == run.world_size:
+        set_rng_state(own_state)
+    else:   # this rank keeps the fresh seed + rank of `Run`
+        run.print(f"warning: the checkpoint holds the RNG states of {saved_ranks} process(es), this run has "
+                  f"{run.world_size}: random numbers (and, with another world size, the data order) differ from "
+                  f"an uninterrupted run")
     run.print(f"resumed {run.method} from step {state['step']} ({run.args.resume})")
     return state["step"], state["extra"]
 

@@ -82,6 +82,7 @@ PAPER_DEFAULTS = dict(
     tgc_weight=0.1,              # loss.py CLIPloss_DeGLA
     tgc_scale=10.0,              # hard-coded logit_scale = 10 in get_text_local_loss (tau = 0.1)
     global_negatives=1,          # NegCLIP-style global loss (hard negatives as extra i2t candidates)
+    tgc_mask="own",              # the paper's TGC (a caption's own K negatives); the release tiles a mask
     seed=42,                     # official seed (+ rank)
     neg_types="reshuffle,swap_nouns,swap_adjs,replace_adjs",  # K = 4 (DeGLA_dataset stacks enhanced[0..3]);
                                  # which 4 of the 5 types is undocumented: we take the first four in the
@@ -111,7 +112,7 @@ def shapes_distill_weight(global_batch):
 SHAPES_DEGLA_DEFAULTS = dict(
     ema_decay=None,              # shapes_ema_decay(total steps)
     distill_weight=None,         # shapes_distill_weight(global batch)
-    igc_weight=0.1, tgc_weight=0.1, tgc_scale=10.0, global_negatives=1,   # paper values
+    igc_weight=0.1, tgc_weight=0.1, tgc_scale=10.0, global_negatives=1, tgc_mask="own",   # paper values
     betas=(0.9, 0.98), eps=1e-6,                                          # paper values
     neg_types=PAPER_DEFAULTS["neg_types"],
 )
@@ -428,7 +429,7 @@ def parse_args(argv=None):
     g.add_argument("--igc-weight", type=float, default=None, help="lambda_IGC on image-grounded contrast")
     g.add_argument("--tgc-weight", type=float, default=None, help="lambda_TGC on text-grounded contrast")
     g.add_argument("--tgc-scale", type=float, default=None, help="fixed TGC logit scale 1/tau")
-    g.add_argument("--tgc-mask", default="own", choices=["own", "tile_as_released"],
+    g.add_argument("--tgc-mask", default=None, choices=["own", "tile_as_released"],
                    help="TGC negatives: caption's own K (paper) or the release's tiled mask")
     g.add_argument("--global-negatives", type=int, default=None, choices=[0, 1],
                    help="1: hard negatives join the image->text candidates of the global loss (NegCLIP)")
