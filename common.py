@@ -1109,7 +1109,7 @@ class SeededSamples(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        sample_seed = (self.seed * 1_000_003 + self.epoch) * 100_000_007 + index
+        sample_seed = ((self.seed * 1_000_003 + self.epoch) * 100_000_007 + index) % 2 ** 63
         python_state, numpy_state = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
@@ -1128,7 +1128,8 @@ def batch_stream(dataset, collate_fn, batch_size, seed, start_step, total_steps,
     Every batch has `batch_size` samples, also when an image cannot be read: `data.ReplaceUnreadable` hands out
     the next readable sample instead (dropping it would leave this rank with fewer samples than the others, and
     the all-gather of features needs equal sizes). The collates count the stand-ins in batch["replaced"]
-    (removed here); each rank that had any reports its count at the end of every epoch."""
+    (removed here); each rank that had any reports its count at the end of every epoch. Each sample's random
+    augmentation is seeded by (seed, epoch, index) (`SeededSamples`): the same with any `workers` and after a resume."""
     import data   # imported where it is used, as elsewhere in this file
     rank, world_size = world_info()
     steps_per_epoch = len(dataset) // world_size // batch_size
