@@ -105,32 +105,45 @@ def _fails_clearly(command, expected, cwd=None):
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
 
 
-def test_wrong_inputs_give_one_clear_error(shapes_base, tmp_path):
-    degla_py = [sys.executable, os.path.join(ROOT, "degla.py"), "--no-progress", "--eval", "", "--out",
-                str(tmp_path / "out"), "--train-size", "96", "--steps", "2", "--batch-size", "8"]
-    # a missing data root
-    _fails_clearly(degla_py + ["--data", "coco", "--data-root", str(tmp_path / "nowhere"), "--pretrained", "none",
-                               "--model", "shapes-tiny-vit"], "nowhere")
+def _fails_clearly_in_process(capsys, argv, expected):
+    """The same checks as `_fails_clearly`, through degla.main in this process (no interpreter start-up)."""
+    import degla
+    with pytest.raises(SystemExit) as exit_info:
+        degla.main(argv)
+    code = exit_info.value.code
+    err = capsys.readouterr().err + (code if isinstance(code, str) else "")   # sys.exit(text) prints text at exit
+    assert code not in (0, None) and expected in err and "Traceback" not in err, err[-2000:]
+
+
+def test_wrong_inputs_give_one_clear_error(shapes_base, tmp_path, capsys):
+    flags = ["--no-progress", "--eval", "", "--out", str(tmp_path / "out"), "--train-size", "96", "--steps", "2",
+             "--batch-size", "8"]
+    # a missing data root, through the real command line (exit code, stderr, no traceback)
+    _fails_clearly([sys.executable, os.path.join(ROOT, "degla.py")] + flags
+                   + ["--data", "coco", "--data-root", str(tmp_path / "nowhere"), "--pretrained", "none",
+                      "--model", "shapes-tiny-vit"], "nowhere")
+    # the rest in-process: the same main() and error wrapper, without six interpreter start-ups
     # a captions file in the wrong format
     bad = tmp_path / "bad"
     os.makedirs(bad / "annotations")
     (bad / "annotations" / "captions_train2014.json").write_text(json.dumps([{"caption": "not the COCO format"}]))
-    _fails_clearly(degla_py + ["--data", "coco", "--data-root", str(bad), "--pretrained", "none",
-                               "--model", "shapes-tiny-vit"], "captions_train2014.json")
+    _fails_clearly_in_process(capsys, flags + ["--data", "coco", "--data-root", str(bad), "--pretrained", "none",
+                                               "--model", "shapes-tiny-vit"], "captions_train2014.json")
     # a negatives file whose image ids are absent from the COCO annotations
     coco = tmp_path / "coco"
     _coco_fixture(coco)
     negatives = tmp_path / "DeGLA.json"
     negatives.write_text(json.dumps([{"image_id": 999, "original": "a cat", "enhanced": ["a dog"] * 4}]))
-    _fails_clearly(degla_py + ["--data", "coco", "--data-root", str(coco), "--negatives", str(negatives),
-                               "--pretrained", "none", "--model", "shapes-tiny-vit"], "999")
+    _fails_clearly_in_process(capsys, flags + ["--data", "coco", "--data-root", str(coco), "--negatives",
+                                               str(negatives), "--pretrained", "none", "--model", "shapes-tiny-vit"],
+                              "999")
     # an unknown model name
-    _fails_clearly(degla_py + ["--model", "ViT-Imaginary-99", "--pretrained", "none"], "unknown model")
+    _fails_clearly_in_process(capsys, flags + ["--model", "ViT-Imaginary-99", "--pretrained", "none"], "unknown model")
     # --gpus 8 on a machine without (8) GPUs
-    _fails_clearly(degla_py + ["--gpus", "8"], "--gpus 8")
+    _fails_clearly_in_process(capsys, flags + ["--gpus", "8"], "--gpus 8")
     # --resume with a run folder written by another method
     other = tmp_path / "cehn-run"
     os.makedirs(other)
     torch.save({"method": "cehn", "step": 3}, other / "checkpoint.pt")
-    _fails_clearly([a for a in degla_py if a not in ("--out", str(tmp_path / "out"))]
-                   + ["--resume", str(other), "--pretrained", shapes_base], "written by 'cehn'")
+    _fails_clearly_in_process(capsys, [a for a in flags if a not in ("--out", str(tmp_path / "out"))]
+                              + ["--resume", str(other), "--pretrained", shapes_base], "written by 'cehn'")
