@@ -318,7 +318,7 @@ class _Editor:
         self.edits[start] = (end, text)
 
     def render(self) -> str:
-        doc, pieces, i = self.doc, [], 0
+        doc, pieces, i = list(self.doc), [], 0   # a list: indexing a spaCy Doc builds a new Token each time
         while i < len(doc):
             if i in self.edits:
                 end, text = self.edits[i]
@@ -329,7 +329,7 @@ class _Editor:
                         ("a", "an", "the", "two", "three", "some", "this", "that", "these", "those", "one"):
                     text = text[0].lower() + text[1:]
                 if i == 0:
-                    text = _match_case(text, doc.text)
+                    text = _match_case(text, doc[0].text)
                 pieces.append(text + doc[end - 1].whitespace_)
                 i = end
             else:
@@ -455,8 +455,8 @@ def _swap_two_units(doc, first, second) -> str:
 def _neg_swap_nouns(doc, rng, vocabulary=None) -> str | None:
     """Exchange two object nouns; determiners and adjectives stay where they are."""
     units = _object_units(doc)
-    pairs = [(a, b) for i, a in enumerate(units) for b in units[i + 1:]
-             if doc[a[0]:a[1]].text.lower() != doc[b[0]:b[1]].text.lower()]
+    texts = [doc[start:end].text.lower() for start, end in units]
+    pairs = [(a, b) for i, a in enumerate(units) for j, b in enumerate(units[i + 1:], i + 1) if texts[i] != texts[j]]
     return _swap_two_units(doc, *rng.choice(pairs)) if pairs else None
 
 
@@ -517,10 +517,11 @@ def _neg_replace_attribute(doc, rng, vocabulary=None) -> str | None:
 def _neg_replace_object(doc, rng, vocabulary=None) -> str | None:
     """Replace one object noun by another of the same category, keeping its number ("dogs" -> "cats").
     With a `vocabulary`, only by nouns of that closed world (as `_neg_replace_attribute`)."""
-    candidates = []
+    candidates, present = [], set()
     for start, end in _object_units(doc):
         text = doc[start:end].text.lower()
         head = doc[end - 1].lower_
+        present.add(text)
         if text in _OBJECT_INFO:
             candidates.append((start, end, _OBJECT_INFO[text]))
         elif head in _OBJECT_INFO:
@@ -528,7 +529,6 @@ def _neg_replace_object(doc, rng, vocabulary=None) -> str | None:
     if not candidates:
         return None
     start, end, (category, group_index, is_plural) = rng.choice(candidates)
-    present = {doc[s:e].text.lower() for s, e in _object_units(doc)}
     groups = [g for g in range(len(OBJECT_WORDS[category]))
               if g != group_index and not set(_OBJECT_SURFACE[(category, g, False)] +
                                               _OBJECT_SURFACE[(category, g, True)]) & present
@@ -586,12 +586,14 @@ def _normalize(text: str) -> str:
 
 def negatives_for_doc(doc, types: Sequence[str], vocabulary=None) -> tuple[list[str], list[bool]]:
     """All requested negatives of one parsed caption; an impossible type gives (original, False)."""
+    text = doc.text   # spaCy joins the tokens on every access
+    normalized = _normalize(text)
     negatives, valid = [], []
     for negative_type in types:
-        rng = random.Random(_stable_seed(negative_type, doc.text))
+        rng = random.Random(_stable_seed(negative_type, text))
         negative = NEGATIVE_RULES[negative_type](doc, rng, vocabulary)
-        ok = negative is not None and _normalize(negative) != _normalize(doc.text)
-        negatives.append(negative if ok else doc.text)
+        ok = negative is not None and _normalize(negative) != normalized
+        negatives.append(negative if ok else text)
         valid.append(ok)
     return negatives, valid
 
