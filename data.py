@@ -137,13 +137,21 @@ def _write_cache_atomically(path: str, value) -> None:
 
 
 def _parse(captions: Sequence[str], progress: bool, what: str):
-    """Yield spaCy docs for the captions, batched with nlp.pipe, with a progress bar."""
+    """Yield spaCy docs for the captions, batched with nlp.pipe, with a progress bar. Of batch sizes 16-5000,
+    256 was the fastest; n_process=2 was slower on the shared 2-core machine (docs/data_notes.md)."""
     nlp = load_spacy()
     docs = nlp.pipe(captions, batch_size=256)
     if progress:
         from tqdm import tqdm
         docs = tqdm(docs, total=len(captions), desc=what, unit="cap", mininterval=2.0)
     return docs
+
+
+def _per_distinct_caption(captions: Sequence[str], rule, progress: bool, what: str) -> dict:
+    """{caption: rule(doc)}, parsing each distinct caption once: the rules read only the text and its parse,
+    and data sets repeat captions (the shapes world often, COCO sometimes)."""
+    distinct = list(dict.fromkeys(captions))
+    return dict(zip(distinct, map(rule, _parse(distinct, progress, what))))
 
 
 # =====================================================================================================
@@ -641,11 +649,10 @@ def make_negatives(captions: Sequence[str], types: Sequence[str], cache_dir: str
     cached = _read_cache(path)
     if cached is not None and len(cached["negatives"]) == len(captions):
         return cached["negatives"], cached["valid"]
-    negatives, valid = [], []
-    for doc in _parse(captions, progress, "hard negatives"):
-        doc_negatives, doc_valid = negatives_for_doc(doc, types, vocabulary)
-        negatives.append(doc_negatives)
-        valid.append(doc_valid)
+    per_caption = _per_distinct_caption(captions, lambda doc: negatives_for_doc(doc, types, vocabulary),
+                                        progress, "hard negatives")
+    negatives = [list(per_caption[caption][0]) for caption in captions]   # one list per sample, as from the cache
+    valid = [list(per_caption[caption][1]) for caption in captions]
     _write_cache_atomically(path, {"negatives": negatives, "valid": valid})
     return negatives, valid
 
@@ -692,7 +699,8 @@ def extract_concepts(captions: Sequence[str], cache_dir: str | None = None, prog
     cached = _read_cache(path)
     if cached is not None and len(cached) == len(captions):
         return cached
-    concepts = [_concepts_for_doc(doc) for doc in _parse(captions, progress, "concepts")]
+    per_caption = _per_distinct_caption(captions, _concepts_for_doc, progress, "concepts")
+    concepts = [list(per_caption[caption]) for caption in captions]
     _write_cache_atomically(path, concepts)
     return concepts
 
