@@ -5,7 +5,8 @@
 
 Each row is one function registered with `@row("name")` returning `(ratio, detail)`; the script prints
 `name | ratio | detail`. To add a row, write a function below and decorate it. Keep rows short (the
-development machines have 2 shared CPU cores): a few seconds each.
+development machines have 2 shared CPU cores): a few seconds each; the negatives row parses 5,000 captions
+twelve times (about two minutes).
 """
 import argparse
 import json
@@ -455,6 +456,79 @@ def bench_degla_step(args):
     return t_degla / t_plain, detail
 
 
+# ---- text tools ----------------------------------------------------------------------------------------------
+PRE_ISSUE_18 = "c906a91"   # main before the speed work of issue 18: the old path of the negatives row
+
+
+def negatives_captions(n=5000):
+    """COCO-style captions for the negatives row: 40% shapes-world captions (they repeat), the hand-written
+    sentences of tests/coco_style_captions.txt, and the rest from test_text_frozen's COCO-style templates."""
+    import data
+    from test_text_frozen import coco_like_captions
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "coco_style_captions.txt"), encoding="utf-8") as file:
+        written = file.read().splitlines()
+    shapes = data.ShapesDataset("train", size=n * 2 // 5, seed=0).captions
+    return shapes + coco_like_captions(n - len(shapes) - len(written), seed=0) + written
+
+
+def _data_module_at(commit):
+    """data.py as it was at `commit` (from git), imported as a module of its own; None without the history."""
+    import subprocess
+    import types
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        source = subprocess.run(["git", "-C", repo, "show", f"{commit}:data.py"], capture_output=True, text=True,
+                                check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    module = types.ModuleType(f"data_at_{commit}")
+    sys.modules[module.__name__] = module   # dataclasses look their module up there
+    exec(compile(source, f"{commit}:data.py", "exec"), module.__dict__)
+    return module
+
+
+@row("negatives")
+def bench_negatives(args):
+    """captions/s of data.make_negatives (DeGLA and CE-CLIP types; no cache hit, one process) and of
+    data.extract_concepts; the ratio is against data.py before issue 18 (the same functions at PRE_ISSUE_18,
+    loaded from git) on the same captions, whose output must be identical. Each rate is the best of two calls,
+    alternating old and new (the shared machine's speed drifts)."""
+    import data
+    captions = negatives_captions(args.captions)
+    old = _data_module_at(PRE_ISSUE_18)
+    modules = [data] + ([old] if old is not None else [])
+    for module in modules:   # load and warm up each module's spaCy pipeline
+        with tempfile.TemporaryDirectory() as tmp:
+            module.make_negatives(captions[:50], data.DEGLA_TYPES, cache_dir=tmp, progress=False)
+
+    def run(module, types):
+        with tempfile.TemporaryDirectory() as tmp:   # a fresh cache: every call parses
+            t0 = time.perf_counter()
+            out = module.make_negatives(captions, types, cache_dir=tmp, progress=False) if types else \
+                module.extract_concepts(captions, cache_dir=tmp, progress=False)
+            return out, len(captions) / (time.perf_counter() - t0)
+
+    parts, ratios = [], {}
+    for name, types in (("DeGLA", data.DEGLA_TYPES), ("CE-CLIP", data.CEHN_TYPES), ("concepts", None)):
+        outs, rates = {}, {}
+        for module in modules * 2:
+            outs[module], rate = run(module, types)
+            rates[module] = max(rates.get(module, 0.0), rate)
+        if old is None:
+            parts.append(f"{name} {rates[data]:.0f}/s")
+            continue
+        if outs[data] != outs[old]:
+            raise SystemExit(f"negatives: {name} output differs from {PRE_ISSUE_18}")
+        parts.append(f"{name} {rates[data]:.0f}/s (was {rates[old]:.0f}/s)")
+        ratios[name] = rates[data] / rates[old]
+    against = (f"outputs identical to {PRE_ISSUE_18}; ratio = DeGLA types (CE-CLIP {ratios['CE-CLIP']:.2f}x, "
+               f"concepts {ratios['concepts']:.2f}x)" if ratios else f"no git history: {PRE_ISSUE_18} not compared")
+    detail = (f"{len(captions)} captions ({len(set(captions))} distinct; shapes, COCO-style templates and "
+              f"hand-written), one process: {', '.join(parts)}; {against}; no implied ratio")
+    return ratios.get("DeGLA", float("nan")), detail
+
+
 @row("goal_step")
 def bench_goal_step(args):
     """A GOAL training step (crops + sentences through the towers, region/span pooling, local + TSL losses) over
@@ -516,6 +590,7 @@ def main():
     p.add_argument("--zeroshot-classes", type=int, default=200, help="eval_zeroshot_classifier: ImageNet classes")
     p.add_argument("--xac-shape", type=int, nargs=4, default=(32, 196, 768, 96), metavar=("B", "P", "D", "N"),
                    help="c2lip_xac: images, patches, width, concepts (SigLIP B/16 tokens, a 32-image batch)")
+    p.add_argument("--captions", type=int, default=5000, help="negatives: number of captions")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machines are shared)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
