@@ -1246,12 +1246,16 @@ def save_checkpoint(run, step, model, optimizer, scheduler, ema=None, extra=None
     _atomic_torch_save(state, os.path.join(run.out, "checkpoint.pt"))
 
 
+def _checkpoint_file(path):
+    """The checkpoint --resume names: the file itself, or checkpoint.pt inside a run folder."""
+    return os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+
+
 def _check_resume(path, method):
     """--resume names a checkpoint (or a run folder holding one) of this method: checked at the start, without
     reading the checkpoint (which can be gigabytes)."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
-    checkpoint = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(checkpoint):
+    if not os.path.isfile(_checkpoint_file(path)):
         raise InputError(f"--resume {path}: no checkpoint there (expected a run folder containing checkpoint.pt, "
                          f"written every --save-every steps)")
     config_path = os.path.join(folder, "config.json")
@@ -1265,8 +1269,7 @@ def _check_resume(path, method):
 
 def load_checkpoint(path, method, device="cpu"):
     """Read a checkpoint written by `save_checkpoint` (a file or a run folder), checking it belongs to `method`."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint.pt")
+    path = _checkpoint_file(path)
     if not os.path.exists(path):
         raise SystemExit(f"--resume {path}: no checkpoint there (expected a run folder containing checkpoint.pt)")
     state = torch.load(path, map_location=device, weights_only=False)
