@@ -373,8 +373,62 @@ class _LayoutTwins(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         scene, caption = self.pairs[index // 2][index % 2]
-        labels = (-1, -1, -1) + layout_labels(scene)   # no attribute labels: two objects
+        labels = (-1, -1, -1) + probe_labels(scene, caption)   # no attribute labels: two objects
         return self.transform(self.data.render_scene(scene, 64)), caption, torch.tensor(labels)
+
+
+def mention_labels(caption):
+    """(colour, shape) class indices of the first and of the second object a caption names, in the order it names
+    them: the text order head's targets. Every object phrase of a shapes caption holds one colour word and one
+    shape word, so the k-th colour word and the k-th shape word belong to the k-th object. -1 (ignored) when the
+    caption names one object."""
+    import data
+    words = caption.replace(".", " ").split()
+    colours = [data.COLORS.index(w) for w in words if w in data.COLORS]
+    shapes = [data.SHAPES.index(w) for w in words if w in data.SHAPES]
+    if len(colours) < 2 or len(shapes) < 2:
+        return (-1, -1, -1, -1)
+    return (colours[0], shapes[0], colours[1], shapes[1])
+
+
+def caption_layout_labels(caption):
+    """What a relation caption says of the layout, in the image layout head's frame: (colour, shape) of the left
+    and of the top object of the two it relates ("a red circle below a blue square": top = blue square; left
+    unknown, -1). All -1 for list captions and single objects."""
+    import data
+    first, second = mention_labels(caption)[:2], mention_labels(caption)[2:]
+    unknown = (-1, -1)
+    for relation in data.RELATIONS:
+        if f" {relation} " in caption and first[0] >= 0:
+            if relation == "to the left of":
+                return first + unknown
+            if relation == "to the right of":
+                return second + unknown
+            return unknown + (first if relation == "above" else second)
+    return unknown + unknown
+
+
+def pair_labels(pairs):
+    """Up to 4 colour-shape pair classes (colour x len(SHAPES) + shape), padded with -1: the targets of a pair
+    head (which colour-shape conjunctions are present)."""
+    import data
+    classes = sorted({data.COLORS.index(c) * len(data.SHAPES) + data.SHAPES.index(s) for c, s in pairs})[:4]
+    return tuple(classes) + (-1,) * (4 - len(classes))
+
+
+def caption_pairs(caption):
+    """The (colour, shape) of every object phrase of a shapes caption (see `mention_labels`)."""
+    import data
+    words = caption.replace(".", " ").split()
+    return list(zip([w for w in words if w in data.COLORS], [w for w in words if w in data.SHAPES]))
+
+
+def probe_labels(scene, caption):
+    """Targets of the build's optional heads after the 3 attribute labels, 20 in all: `layout_labels` (image),
+    `mention_labels` and `caption_layout_labels` (text), the scene's colour-shape pairs (image) and the
+    caption's (text)."""
+    return (layout_labels(scene) + mention_labels(caption) + caption_layout_labels(caption)
+            + pair_labels([(o.color, o.shape) for o in scene]) + pair_labels(caption_pairs(caption)))
 
 
 def layout_labels(scene):
@@ -412,7 +466,7 @@ class _SceneWithAttributes(torch.utils.data.Dataset):
                       self.data.SIZES.index(obj.size))
         else:
             labels = (-1, -1, -1)
-        return sample["image"], sample["caption"], torch.tensor(labels + layout_labels(scene))
+        return sample["image"], sample["caption"], torch.tensor(labels + probe_labels(scene, sample["caption"]))
 
 
 def _phase2_counts(batch_size, twin_pairs):
@@ -439,8 +493,9 @@ def _base_batch_indices(step, batch_size, one_object_steps, twin_pairs=0):
 def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_steps=SHAPES_BASE_ONE_OBJECT_STEPS,
                       batch_size=SHAPES_BASE_BATCH, lr=SHAPES_BASE_LR, warmup=SHAPES_BASE_WARMUP,
                       aux_weight=SHAPES_BASE_AUX_WEIGHT, twin_pairs=SHAPES_BASE_TWIN_PAIRS,
-                      layout_weight=SHAPES_BASE_LAYOUT_WEIGHT, seed=SHAPES_BASE_SEED,
-                      checkpoint_every=100, eval_every=0, progress=True, command=None):
+                      layout_weight=SHAPES_BASE_LAYOUT_WEIGHT, text_order_weight=0.0, text_layout_weight=0.0,
+                      pair_weight=0.0,
+                      seed=SHAPES_BASE_SEED, checkpoint_every=100, eval_every=0, progress=True, command=None):
     """Train a tiny CLIP (arch 'clip') or SigLIP (arch 'siglip') from scratch on the shapes world and save it
     at `path` (fp16, atomically) with a sidecar `path[:-3] + '.json'`. Returns the sidecar dict.
 
@@ -462,6 +517,10 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
     attribute_head = torch.nn.Linear(model.visual.output_dim, sum(class_counts))
     layout_counts = (len(data.COLORS), len(data.SHAPES), len(data.COLORS), len(data.SHAPES))
     layout_head = torch.nn.Linear(model.visual.output_dim, sum(layout_counts))
+    text_order_head = torch.nn.Linear(model.visual.output_dim, sum(layout_counts))   # first / second named
+    text_layout_head = torch.nn.Linear(model.visual.output_dim, sum(layout_counts))  # left / top, as said
+    n_pairs = len(data.COLORS) * len(data.SHAPES)
+    pair_heads = torch.nn.ModuleList([torch.nn.Linear(model.visual.output_dim, n_pairs) for _ in range(2)])
     phase2_steps = max(0, steps - one_object_steps)
     per_batch = _phase2_counts(batch_size, twin_pairs)
     n_one = one_object_steps * batch_size + phase2_steps * per_batch[0]
@@ -470,7 +529,7 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
                "world": _SceneWithAttributes(data.ShapesDataset("train", size=max(1, phase2_steps * per_batch[1]),
                                                                 image_size=64, seed=seed + 1, transform=val_tf)),
                "twins": _LayoutTwins(max(2, phase2_steps * per_batch[2]), seed + 2, val_tf)}
-    optimizer = make_optimizer(torch.nn.ModuleList([model, attribute_head, layout_head]), lr=lr, wd=0.1,
+    optimizer = make_optimizer(torch.nn.ModuleList([model, attribute_head, layout_head, text_order_head, text_layout_head, pair_heads]), lr=lr, wd=0.1,
                                betas=(0.9, 0.98), eps=1e-6)
     scheduler = cosine_schedule(optimizer, warmup=warmup, total=steps)
     partial = path + ".partial"
@@ -480,6 +539,10 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
         model.load_state_dict(state["model"])
         attribute_head.load_state_dict(state["head"])
         layout_head.load_state_dict(state["layout_head"])
+        if "text_order_head" in state:
+            text_order_head.load_state_dict(state["text_order_head"])
+            text_layout_head.load_state_dict(state["text_layout_head"])
+            pair_heads.load_state_dict(state["pair_heads"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -496,7 +559,9 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
         images = torch.stack([s[0] for s in samples])
         texts = trim_padding(tokenizer([s[1] for s in samples]))   # 5-20 of 32 columns are used
         labels = torch.stack([s[2] for s in samples])
-        attribute_labels, layout_targets = labels[:, :3], labels[:, 3:]
+        attribute_labels, layout_targets, mention_targets = labels[:, :3], labels[:, 3:7], labels[:, 7:11]
+        caption_layout_targets = labels[:, 11:15]
+        pair_targets = labels[:, 15:19], labels[:, 19:23]   # image's, caption's
         image_features = model.encode_image(images)
         text_features = encode_text_tokens(model, texts)[0]
         image_emb, text_emb = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
@@ -515,6 +580,21 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
             heads = layout_head(image_features).split(layout_counts, dim=-1)
             layout = sum(F.cross_entropy(h, y, ignore_index=-1) for h, y in zip(heads, layout_targets.unbind(1)))
             loss = loss + layout_weight * layout
+        if text_order_weight and (mention_targets[:, 0] >= 0).any():   # the text tower only: who is named first
+            heads = text_order_head(text_features).split(layout_counts, dim=-1)
+            mention = sum(F.cross_entropy(h, y, ignore_index=-1) for h, y in zip(heads, mention_targets.unbind(1)))
+            loss = loss + text_order_weight * mention
+        if text_layout_weight and (caption_layout_targets >= 0).any():   # the text tower only: what is left / on top
+            heads = text_layout_head(text_features).split(layout_counts, dim=-1)
+            said = sum(F.cross_entropy(h, y, ignore_index=-1) for h, y in zip(heads, caption_layout_targets.unbind(1))
+                       if (y >= 0).any())
+            loss = loss + text_layout_weight * said
+        if pair_weight:   # each tower its own head: which colour-shape conjunctions are there
+            for head, features, targets in zip(pair_heads, (image_features, text_features), pair_targets):
+                # -1 (padding) lands in an extra column that is cut off
+                multi_hot = torch.zeros(len(targets), n_pairs + 1).scatter_(1, targets % (n_pairs + 1), 1.0)
+                pairs = F.binary_cross_entropy_with_logits(head(features), multi_hot[:, :n_pairs], reduction="sum")
+                loss = loss + pair_weight * pairs / len(targets)   # summed over the 64 yes/no questions
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -535,6 +615,9 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
             seconds += time.time() - tick
             _atomic_torch_save({"model": model.state_dict(), "head": attribute_head.state_dict(),
                                 "layout_head": layout_head.state_dict(),
+                                "text_order_head": text_order_head.state_dict(),
+                                "text_layout_head": text_layout_head.state_dict(),
+                                "pair_heads": pair_heads.state_dict(),
                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                 "rng": rng_state(), "step": done, "seconds": seconds, "history": history,
                                 "commit": commit}, partial)
@@ -553,7 +636,8 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
         "command": command or rebuild_command(arch), "recipe_commit": commit,
         "seed": seed, "steps": steps, "one_object_steps": one_object_steps, "batch_size": batch_size, "lr": lr,
         "warmup": warmup, "weight_decay": 0.1, "aux_weight": aux_weight, "twin_pairs": twin_pairs,
-        "layout_weight": layout_weight,
+        "layout_weight": layout_weight, "text_order_weight": text_order_weight,
+        "text_layout_weight": text_layout_weight, "pair_weight": pair_weight,
         "train_seconds": round(seconds, 1),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "open_clip": open_clip.__version__,
         "captions": "natural word order (data.scene_caption); phase 1 one-object scenes; phase 2 half one-object, "
@@ -1384,6 +1468,14 @@ def _main(argv=None):
     build.add_argument("--layout-weight", type=float, default=SHAPES_BASE_LAYOUT_WEIGHT,
                        help="phase 2: weight of the image-only layout head (0: off, as the shipped bases were built; variant "
                        "v2e of docs/base_model_notes.md: 1 with --twin-pairs 0)")
+    build.add_argument("--text-order-weight", type=float, default=0.0,
+                       help="weight of a text-only head naming colour and shape of the first two objects a caption "
+                       "names, in order (0: off)")
+    build.add_argument("--text-layout-weight", type=float, default=0.0,
+                       help="weight of a text-only head naming colour and shape of the left and the top object of a "
+                       "relation caption, as the caption says them (0: off)")
+    build.add_argument("--pair-weight", type=float, default=0.0,
+                       help="weight of two heads, one per tower, naming the colour-shape pairs present (0: off)")
     build.add_argument("--seed", type=int, default=SHAPES_BASE_SEED)
     build.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     build.add_argument("--eval-every", type=int, default=0, help="print quick suite numbers every N steps (0: off)")
@@ -1398,7 +1490,8 @@ def _main(argv=None):
     sidecar = build_shapes_base(out, arch=args.arch, steps=args.steps, one_object_steps=args.one_object_steps,
                                 batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                                 aux_weight=args.aux_weight, twin_pairs=args.twin_pairs,
-                                layout_weight=args.layout_weight, seed=args.seed,
+                                layout_weight=args.layout_weight, text_order_weight=args.text_order_weight,
+                                text_layout_weight=args.text_layout_weight, pair_weight=args.pair_weight, seed=args.seed,
                                 checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, command=command)
     suite = sidecar["shapes_suite"]
     print(f"{out}: {sidecar['bytes'] / 1e6:.1f} MB, {sidecar['train_seconds']:.0f} s of training; zero-shot "

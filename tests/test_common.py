@@ -142,7 +142,8 @@ def test_base_build_labels_attributes_of_single_objects_and_layout_of_the_others
         _, caption, labels = labelled[index]
         scene = world.scenes[index]
         assert caption == world.captions[index]
-        attributes, layout = labels.tolist()[:3], labels.tolist()[3:]
+        attributes, layout = labels.tolist()[:3], labels.tolist()[3:7]
+        assert labels.tolist()[3:] == list(common.probe_labels(scene, caption))
         if len(scene) == 1:
             assert attributes == [data.SHAPES.index(scene[0].shape), data.COLORS.index(scene[0].color),
                                   data.SIZES.index(scene[0].size)]
@@ -154,6 +155,20 @@ def test_base_build_labels_attributes_of_single_objects_and_layout_of_the_others
             assert layout == [data.COLORS.index(left.color), data.SHAPES.index(left.shape),
                               data.COLORS.index(top.color), data.SHAPES.index(top.shape)]
     assert any(len(s) == 1 for s in world.scenes) and any(len(s) > 1 for s in world.scenes)
+
+
+def test_text_side_labels_read_the_caption_in_order():
+    """The optional text heads' targets: the first two named objects, what a relation caption says is left / on
+    top, and the colour-shape pairs it names (classes colour x 8 + shape)."""
+    c, s = data.COLORS.index, data.SHAPES.index
+    caption = "a small yellow square below a blue diamond"
+    assert common.mention_labels(caption) == (c("yellow"), s("square"), c("blue"), s("diamond"))
+    assert common.caption_layout_labels(caption) == (-1, -1, c("blue"), s("diamond"))
+    assert common.caption_layout_labels("a green ring to the right of a red star") == (c("red"), s("star"), -1, -1)
+    assert common.caption_layout_labels("the red circle and the blue square") == (-1, -1, -1, -1)
+    assert common.pair_labels(common.caption_pairs(caption)) == tuple(sorted(
+        (c("yellow") * len(data.SHAPES) + s("square"), c("blue") * len(data.SHAPES) + s("diamond")))) + (-1, -1)
+    assert common.mention_labels("a small blue star") == (-1, -1, -1, -1)
 
 
 def test_tiny_model_is_an_open_clip_name():
