@@ -44,6 +44,10 @@ Differences from the official code (the paper's intent is the default):
     concepts with one bmm each. Same numbers (tests/test_c2lip.py), ratio in tests/bench.py.
   - Concepts are spaCy noun chunks (data.extract_concepts); the paper's extractor is proprietary and the
     repo substitutes an LLM prompt. A caption without concepts falls back to the whole caption (as the repo).
+  - Patch embeddings of CLIP towers: normalize(ln_post(x_j) @ proj) for every patch token x_j of the last block,
+    the spec's option (A) (section 6.2: CLIP's own pooling head applied per token, no new parameters). The spec's
+    option (B), MaskCLIP-style identity attention in the last block, is not implemented; the paper trains
+    SigLIP, where the MAP head's value path is the method as published (above).
   - Precision: bf16 autocast with fp32 master weights (project-wide). The release casts the whole model to
     bf16 weights (`--precision bf16` in open_clip), where many lr 1e-5 updates round away (spec 4.2).
 
