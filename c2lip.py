@@ -174,6 +174,18 @@ def npc_loss(image_emb, concept_emb, concept_owner, logit_scale, logit_bias, pai
     return loss, {"npc": loss.item()}
 
 
+def xac_attention(patch_emb, concept_emb, temperature=1.0):
+    """The attention weights of XAC's parameter-free cross-attention: each concept is the query over each image's
+    patches, with the patch embeddings themselves as keys (no projections, no parameters).
+
+    a_ikj = softmax_j(<c_k, u_ij> / tau)
+    patch_emb: (B, P, D) L2-normalized u_ij; concept_emb: (K, D) L2-normalized c_k; temperature: tau.
+    Returns (K, B, P), each row summing to 1 over the P patches (`python eval.py figure --kind c2lip` draws it).
+    """
+    sim = torch.einsum("kd,bpd->kbp", concept_emb, patch_emb)  # (K, B, P)
+    return torch.softmax(sim / temperature, dim=-1)
+
+
 def xac_similarity(patch_emb, concept_emb, temperature=1.0, chunk_size=64, recompute=False):
     """Parameter-free cross-modal attention pooling, scored against the query concept.
 
@@ -187,8 +199,7 @@ def xac_similarity(patch_emb, concept_emb, temperature=1.0, chunk_size=64, recom
     """
 
     def score_chunk(patches, concepts):
-        sim = torch.einsum("kd,bpd->kbp", concepts, patches)  # (K, B, P)
-        attn = torch.softmax(sim / temperature, dim=-1)
+        attn = xac_attention(patches, concepts, temperature)  # (K, B, P)
         pooled = F.normalize(torch.einsum("kbp,bpd->kbd", attn, patches), dim=-1)  # (K, B, D)
         return torch.einsum("kbd,kd->bk", pooled, concepts)  # (B, K)
 

@@ -149,6 +149,16 @@ def test_xac_similarity_matches_per_concept_loop():
     check_value_and_grad((fast * weights).sum(), (slow * weights).sum(), (patch, concept))
 
 
+def test_xac_attention_is_the_softmax_of_concept_patch_cosines():
+    _, _, patch, concept, _, _, _ = random_batch()
+    attention = c2lip.xac_attention(patch, concept, 0.5)
+    assert attention.shape == (len(concept), len(patch), patch.shape[1])
+    for k in (0, 3):
+        for i in (1, 4):
+            naive = torch.stack([torch.dot(concept[k], u) / 0.5 for u in patch[i]]).softmax(0)
+            assert torch.allclose(attention[k, i], naive, rtol=1e-12, atol=1e-14)
+
+
 def test_total_loss_parts_and_baseline():
     image, text, patch, concept, owner, scale, bias = random_batch()
     total, parts = c2lip.c2lip_loss(image, text, patch, concept, owner, scale, bias, scale, bias, 1.0, 0.01)
