@@ -1731,9 +1731,14 @@ def load_figure_model(spec, model_name="shapes-tiny-vit", role="after", device=N
     """A --before / --after value as a FigureModel.
 
     spec: a finished run folder (loaded as `local-dir:FOLDER`: its own config and weights, GOAL's stretched text
-    context included), or a pretrained tag or weights file of `model_name` ('shapes' = the shipped base; a run's
-    final.pt, whose folder then still gives the run's config and log)."""
+    context included), or a pretrained tag or weights file of `model_name` ('shapes' = the shipped base). A run's
+    final.pt loads as its run folder: the same weights (the folder's open_clip weights are a link to it) with the
+    run's own config, which a model name would not have for GOAL's stretched context."""
+    import common
     spec = str(spec)
+    exported = os.path.join(os.path.dirname(os.path.abspath(spec)), common.OPEN_CLIP_CONFIG)
+    if os.path.isfile(spec) and os.path.basename(spec) == "final.pt" and os.path.isfile(exported):
+        spec = os.path.dirname(os.path.abspath(spec))
     if os.path.isdir(spec):
         model, transform, tokenizer = create_backbone(f"local-dir:{spec}", None, pick_device(device))
         run_dir = spec
@@ -1744,7 +1749,8 @@ def load_figure_model(spec, model_name="shapes-tiny-vit", role="after", device=N
     model.eval()
     config = _run_config(run_dir)
     if config:
-        label = f"{role}: {config.get('method', '?')} run {Path(run_dir).name} ({config.get('steps', '?')} steps)"
+        method = config.get("method", "?") + (f" --baseline {config['baseline']}" if config.get("baseline") else "")
+        label = f"{role}: {method} run {Path(run_dir).name} ({config.get('steps', '?')} steps)"
     else:
         label = f"{role}: {model_name} / {spec}" + (" (the shipped base)" if spec == "shapes" else "")
     return FigureModel(model, transform, tokenizer, label, run_dir)
@@ -1853,8 +1859,9 @@ def failure_figure(model, tokenizer, transform, path, device=None, subset="swap_
 # --- negatives: DeGLA's and CE-CLIP's hard negatives, before and after ----------------------------------------
 
 NEGATIVES_SEARCH = 60            # held-out relation captions searched for the default scene
-NEGATIVES_SIZE = (1250, 430)     # without the thresholds panel; the panel adds NEGATIVES_PANEL pixels of height
+NEGATIVES_SIZE = (1250, 470)     # without the thresholds panel; the panel adds NEGATIVES_PANEL pixels of height
 NEGATIVES_PANEL = 280
+NEGATIVES_ROW, NEGATIVES_ROWS = 40, 6   # a row holds two lines of text; room for the caption and DeGLA's 5 types
 METHOD_TITLES = {"degla": "DeGLA", "cehn": "CE-CLIP"}
 
 
@@ -1899,10 +1906,10 @@ def negatives_figure(before, after, path, method="degla", log_path=None, scene=N
     the run's log.jsonl, when `log_path` is given or the after run folder has one with theta_<type> entries.
 
     before, after: FigureModel (after may be None: before column only). scene: index of the held-out test scene;
-    default: of the first NEGATIVES_SEARCH relation captions, the first whose caption has a valid negative of
-    every type and on which the before model scores a negative at or above the caption (else the first with every
-    type valid). Only relation captions are searched: in a plain list ("a red circle and a blue square") DeGLA's
-    reshuffle gives a caption that is still true. The picture is NEGATIVES_SIZE, plus NEGATIVES_PANEL pixels of
+    default: of the first NEGATIVES_SEARCH relation captions, the first that has a valid negative of every type,
+    no two of them alike, and on which the before model scores a negative at or above the caption (else the first
+    with such negatives). Only relation captions are searched: in a plain list ("a red circle and a blue square")
+    DeGLA's reshuffle gives a caption that is still true. The picture is NEGATIVES_SIZE, plus NEGATIVES_PANEL pixels of
     height with the thresholds.
     Returns a dict of what is drawn ("rows": the scored caption and valid negatives)."""
     import data
@@ -1928,7 +1935,8 @@ def negatives_figure(before, after, path, method="degla", log_path=None, scene=N
     negatives, valid = data.make_negatives(captions, types, progress=False, vocabulary=data.ShapesDataset.vocabulary)
     image_size = _transform_size(before.transform)
     pick, rule = 0, "chosen with --scene"
-    complete = [k for k in range(len(indices)) if all(valid[k])]
+    # every type valid and no two negatives alike (two red objects make a colour swap and a noun swap the same text)
+    complete = [k for k in range(len(indices)) if all(valid[k]) and len(set(negatives[k])) == len(types)]
     if scene is None and complete:
         images = [data.render_scene(world.scenes[indices[k]], image_size) for k in complete]
         image_emb, _ = encode_images(before.model, images, before.transform, device, workers=0)
@@ -1938,10 +1946,10 @@ def negatives_figure(before, after, path, method="degla", log_path=None, scene=N
         neg_score = choice_scores(image_emb, neg_emb.view(len(complete), len(types), -1))
         fooled = (neg_score.max(dim=1).values >= pos_score).nonzero().flatten().tolist()
         pick = complete[fooled[0] if fooled else 0]
-        rule = (f"the first of the first {len(indices)} held-out relation captions with a valid negative of every "
-                f"type on which the before model scores a negative at or above the caption" if fooled else
-                f"the first of the first {len(indices)} held-out relation captions with a valid negative of every "
-                f"type (the before model ranks the caption first on all of them)")
+        rule = (f"the first of the first {len(indices)} held-out relation captions with {len(types)} different valid "
+                f"negatives on which the before model scores a negative at or above the caption" if fooled else
+                f"the first of the first {len(indices)} held-out relation captions with {len(types)} different valid "
+                f"negatives (the before model ranks the caption first on all of them)")
     index, caption = indices[pick], captions[pick]
     texts = [caption] + [n for n, ok in zip(negatives[pick], valid[pick]) if ok]
     labels = ["caption (true)"] + [t for t, ok in zip(types, valid[pick]) if ok]
@@ -1968,11 +1976,11 @@ def negatives_figure(before, after, path, method="degla", log_path=None, scene=N
     draw.text((columns["after"], 62), "after" if after is not None else "after: -", fill=GREY, font=font)
     rows = []
     for r, (label, text) in enumerate(zip(labels, texts)):
-        y = 90 + 28 * r
+        y = 90 + NEGATIVES_ROW * r
         colour = GREEN if r == 0 else INK
         draw.text((columns["type"], y), label, fill=colour, font=font)
-        draw.text((columns["text"], y), _fit(draw, text, font, columns["before"] - columns["text"] - 15), fill=colour,
-                  font=font)
+        _paragraph(draw, (columns["text"], y), text, font, columns["before"] - columns["text"] - 15, colour,
+                   max_lines=2)
         row = {"type": label, "text": text}
         for when in ("before", "after"):
             if scores[when] is None:
@@ -1983,10 +1991,10 @@ def negatives_figure(before, after, path, method="degla", log_path=None, scene=N
             row[when] = value
         rows.append(row)
     for r, negative_type in enumerate(invalid, start=len(texts)):
-        draw.text((columns["type"], 90 + 28 * r), negative_type, fill=GREY, font=font)
-        draw.text((columns["text"], 90 + 28 * r), "(the rule does not apply to this caption: masked out of the losses)",
-                  fill=GREY, font=font)
-    y = 90 + 28 * (len(types) + 1) + 6
+        draw.text((columns["type"], 90 + NEGATIVES_ROW * r), negative_type, fill=GREY, font=font)
+        draw.text((columns["text"], 90 + NEGATIVES_ROW * r), "(the rule does not apply to this caption: masked out of "
+                  "the losses)", fill=GREY, font=font)
+    y = 90 + NEGATIVES_ROW * NEGATIVES_ROWS + 6
     ranks = []
     for when in ("before", "after"):
         if scores[when] is not None:
@@ -1995,7 +2003,7 @@ def negatives_figure(before, after, path, method="degla", log_path=None, scene=N
     draw.text((columns["type"], y), ";   ".join(ranks), fill=INK, font=font)
     draw.text((columns["type"], y + 24), "green: the true caption;  red: a negative scored at or above the caption "
                                          "(the model would pick it)", fill=GREY, font=small)
-    _paragraph(draw, (20, 350), f"Scene {index} of the shapes suite's test split (never trained on; {rule}). "
+    _paragraph(draw, (20, 388), f"Scene {index} of the shapes suite's test split (never trained on; {rule}). "
                f"Each row is one of {name}'s rule-made hard negatives of the caption (data.make_negatives), and the "
                f"numbers are the cosine of the image with each text under the two models. "
                + ("" if after is not None else "Before column only: no --after model was given."),
@@ -2251,18 +2259,19 @@ def goal_figure(before, after, path, scene=None, device=None):
                     shade.rectangle([c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1],
                                     fill=(255, 230, 0, 90), outline=(255, 230, 0, 200))
         canvas.paste(Image.alpha_composite(big, layer).convert("RGB"), (x, y))
-        used = defaultdict(int)   # sentences drawn on the same crop so far (each further box is drawn inset)
-        for j, candidate in enumerate(result["choice"]):
-            if candidate == 0:
-                continue
+        kept_sentence = result["kept"][1] if result["kept"] is not None else None
+        # sentences that pick the same crop: the kept one outermost, the others inset 6 px each, tags side by side
+        order = sorted((j for j, c in enumerate(result["choice"]) if c > 0), key=lambda j: (j != kept_sentence, j))
+        slot = defaultdict(int)
+        for j in order:
+            candidate = result["choice"][j]
             box = [v * scale for v in result["boxes"][candidate - 1]]
-            inset = 3 * used[candidate]
-            used[candidate] += 1
-            kept = result["kept"] is not None and result["kept"][1] == j
-            colour = SERIES_COLOURS[j % len(SERIES_COLOURS)]
+            k = slot[candidate]
+            slot[candidate] += 1
+            inset, colour = 6 * k, SERIES_COLOURS[j % len(SERIES_COLOURS)]
             draw.rectangle([x + box[0] + inset, y + box[1] + inset, x + box[2] - inset, y + box[3] - inset],
-                           outline=colour, width=5 if kept else 2)
-            tag = (x + box[0] + inset + 2, y + box[1] + inset + 2)
+                           outline=colour, width=5 if j == kept_sentence else 2)
+            tag = (x + box[0] + 2 + 17 * k, y + box[1] + 2)
             draw.rectangle([tag[0], tag[1], tag[0] + 14, tag[1] + 14], fill=colour)
             draw.text((tag[0] + 4, tag[1] + 1), str(j + 1), fill=(255, 255, 255), font=tiny)
     x_legend = 60 + 2 * GOAL_CELL

@@ -33,7 +33,7 @@ def test_failure_figure(tmp_path, base):
 def test_negatives_figure_degla_before_only(tmp_path, base):
     out = tmp_path / "negatives.png"
     info = ev.negatives_figure(base, None, out, method="degla", device="cpu")
-    assert Image.open(out).size == (1250, 430)   # NEGATIVES_SIZE: no thresholds panel without a cehn log
+    assert Image.open(out).size == (1250, 470)   # NEGATIVES_SIZE: no thresholds panel without a cehn log
     types = [t.strip() for t in degla.PAPER_DEFAULTS["neg_types"].split(",")]
     assert info["types"] == types
     negatives, valid = data.make_negatives([info["caption"]], types, progress=False,
@@ -48,11 +48,12 @@ def test_negatives_figure_degla_before_only(tmp_path, base):
 
 def test_negatives_figure_cehn_with_thresholds(tmp_path, base):
     log = tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps({"step": s, "loss": 1.0, **{f"theta_{t}": 0.5 * s + k for k, t in
-                                                                   enumerate(cehn.NEG_TYPES)}}) + "\n" for s in range(4)))
+    thetas = [{f"theta_{t}": 0.5 * step + k for k, t in enumerate(cehn.NEG_TYPES)} for step in range(4)]
+    log.write_text("".join(json.dumps({"step": step, "loss": 1.0, **theta}) + "\n"
+                           for step, theta in enumerate(thetas)))
     out = tmp_path / "negatives_cehn.png"
     info = ev.negatives_figure(base, base, out, method="cehn", log_path=log, device="cpu")
-    assert Image.open(out).size == (1250, 430 + 280)   # NEGATIVES_SIZE plus the thresholds panel
+    assert Image.open(out).size == (1250, 470 + 280)   # NEGATIVES_SIZE plus the thresholds panel
     assert info["types"] == list(data.CEHN_TYPES) and info["thresholds"] == list(cehn.NEG_TYPES)
     assert len(info["rows"]) == 1 + len(info["types"]) - len(info["invalid"])
     assert all(r["before"] == pytest.approx(r["after"]) for r in info["rows"])   # before = after = the base
