@@ -2365,6 +2365,8 @@ def figure_main(argv):
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     args = p.parse_args(argv)
     out = args.out or ("docs/failure.png" if args.kind == "failure" else f"docs/figure_{args.kind}.png")
+    if args.scene is not None and not 0 <= args.scene < SHAPES_SUITE_SCENES:
+        p.error(f"--scene {args.scene}: the shapes suite's test split has scenes 0..{SHAPES_SUITE_SCENES - 1}")
     try:
         if args.kind == "failure":
             model, transform, tokenizer = create_backbone(args.model, args.pretrained, pick_device(args.device))
