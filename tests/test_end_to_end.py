@@ -438,8 +438,8 @@ def test_the_two_ranks_first_batches_are_the_one_process_batch_in_another_order(
 @pytest.mark.parametrize("method", list(METHODS))
 def test_two_processes_under_torchrun_log_the_first_step_losses_of_one_process(runs, method):
     """Every loss term logged at step 0 by two torchrun processes equals the one logged by one process on the
-    doubled batch. The two are the same float32 maths in another order (matrix products over batches of 4 and
-    8, the gathered rows in rank order): they agree to float32 rounding, so the tolerance is torch's own default
+    doubled batch. The two are the same float32 maths in another order (matrix products over half and whole
+    batches, the gathered rows in rank order): they agree to float32 rounding, so the tolerance is torch's own default
     for float32 results (torch.testing.assert_close: rtol 1.3e-6, atol 1e-5). The log's 9 significant digits
     pin each float32 value to its last bit."""
     assert runs["torchrun_code"] == 0, runs["torchrun_log"][-5000:]
@@ -457,10 +457,11 @@ def test_two_processes_under_torchrun_log_the_first_step_losses_of_one_process(r
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_sigkill_after_a_checkpoint_then_resume_gives_the_weights_of_an_uninterrupted_run(runs, method):
-    """The resumed run continues in the middle of an epoch (COCO: 5 steps per epoch; GOAL's 8 DOCCI pairs: 2),
-    with the run's own flags from its config.json, its data-loader workers (8 for DeGLA and CE-CLIP) and its
-    RNG state, optimizer, schedule and method state (DeGLA's teacher, CE-CLIP's thresholds), and ends with the
-    weights of the uninterrupted run to the last bit. Both runs trained (their weights left the base model's)."""
+    """The resumed run continues where its checkpoint left off (COCO: inside the first epoch, of 5 steps; GOAL's
+    8 DOCCI pairs, 2 steps per epoch: across an epoch boundary), with the run's own flags from its config.json,
+    its data-loader workers (8 for DeGLA and CE-CLIP) and its RNG state, optimizer, schedule and method state
+    (DeGLA's teacher, CE-CLIP's thresholds), and ends with the weights of the uninterrupted run to the last bit.
+    Both runs trained (their weights left the base model's)."""
     assert runs["ended"][method] == "SIGKILL", runs["killed_log"][-5000:]
     saved = runs["saved_steps"][method]
     assert 1 <= saved < STEPS, saved
