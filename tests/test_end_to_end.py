@@ -311,6 +311,8 @@ def runs(tmp_path_factory):
                 if process.poll() is None:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
+            for weights in [*tmp.rglob("*.pt"), *tmp.rglob("*.bin")]:   # 2-3 GB of checkpoints; logs stay
+                weights.unlink()
 
 
 def _all_runs(tmp, env, processes):
