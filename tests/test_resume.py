@@ -1,5 +1,5 @@
 """Resume: which flags come back from the run's config.json, each rank's RNG state, and augmentations that do not
-depend on the data-loader workers (fast; the SIGKILL + resume of a real script is in test_failures.py)."""
+depend on the data-loader workers (fast; the SIGKILL + resume of the real scripts is in test_end_to_end.py)."""
 import argparse
 import json
 import random
