@@ -5,7 +5,8 @@ multi-sentence captions and teaches it which sentence describes which part of th
   1. Long text: Long-CLIP's "knowledge-preserved" position stretch (keep the first K positions, linearly
      interpolate the rest by a factor; 77 -> 248 for OpenAI CLIP).
   2. LISM (Local Image-Sentence Matching, offline, `python goal.py lism`): for each image, score every
-     (candidate crop, sentence) pair with the starting model, where the candidates are [full image] + crops
+     (candidate crop, sentence) pair with a frozen CLIP (the paper's ViT-L/14-336, `--scorer-model`; the
+     starting model in the shapes world), where the candidates are [full image] + crops
      of segments covering 1%-80% of the image (SAM on real data; the generator's object boxes in the shapes
      world). Each sentence picks its argmax candidate, sentences that pick the full image are dropped, and
      the best-scoring (crop, sentence) pair is kept: one local pair per image, with its crop box.
@@ -89,6 +90,8 @@ PAPER_DEFAULTS = dict(
     keep_positions=20,           # Long-CLIP keeps the first 20 positions as they are
     local_weight=0.5,            # lambda_local (paper notes, FAST-GOAL, official trainer)
     tsl_weight=1.0,              # lambda_TSL
+    scorer_model="ViT-L-14-336-quickgelu",  # LISM's frozen scorer (goal.md LISM step 4: CLIP ViT-L/14-336)
+    scorer_pretrained="openai",
 )
 # Tiny model: context 32. We keep Long-CLIP's ratios: K = round(20/77 * 32) = 8 kept positions and the same
 # factor 4, so the new length is 8 + 4 * (32 - 8) = 104 (Long-CLIP: 20 + 4 * (77 - 20) = 248). Shapes long
@@ -96,7 +99,8 @@ PAPER_DEFAULTS = dict(
 # The shapes world keeps the project-wide AdamW betas and eps (common.make_optimizer) like the other three methods,
 # so that the four shapes results differ by their losses only.
 SHAPES_GOAL_DEFAULTS = dict(context_length=104, keep_positions=8, local_weight=0.5, tsl_weight=1.0,
-                            betas=(0.9, 0.98), eps=1e-6)
+                            betas=(0.9, 0.98), eps=1e-6,
+                            scorer_model="same", scorer_pretrained="same")   # no larger shapes model exists
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -373,7 +377,7 @@ def _lism_crops(dataset, index, sample):
 
 @torch.no_grad()
 def run_lism(model, tokenizer, dataset, long_tokenizer, device, crops_per_forward=128, log_every=2000):
-    """Score every (candidate, sentence) pair with the starting model and keep one local pair per image.
+    """Score every (candidate, sentence) pair with `model` (the scorer) and keep one local pair per image.
 
     dataset: a long-caption set (shapes world with long=True, or a real loader with a segments file) whose
     samples carry "image" (transformed tensor) and "segments". Sentences are those of data.sentence_spans under
@@ -598,9 +602,18 @@ def lism_main(args):
     if args.data in ("docci", "json", "csv") and not args.segments_file:
         raise common.InputError(f"goal.py lism --data {args.data} needs --segments-file FILE: the candidate boxes "
                                 f"(SAM or a detector) per image, format:\n{data.SEGMENTS_FORMAT}")
+    if args.segments_file and not os.path.isfile(args.segments_file):   # before the scorer's (big) weights load
+        raise common.InputError(f"--segments-file {args.segments_file}: no such file; expected the candidate "
+                                f"boxes per image, format:\n{data.SEGMENTS_FORMAT}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
+    # The scorer is a frozen model of its own (the paper: CLIP ViT-L/14-336), with its own transform and tokenizer;
+    # "same" scores with the model that will be trained. Which sentences exist is decided by the *training*
+    # tokenizer and context (a sentence cut off by the trained context cannot be a local pair).
+    scorer_name = args.model if args.scorer_model == "same" else args.scorer_model
+    scorer_weights = args.pretrained if args.scorer_pretrained == "same" else args.scorer_pretrained
+    model, _, val_tf, tokenizer = common.create_backbone(scorer_name, scorer_weights, device=device)
     long_tokenizer = open_clip.get_tokenizer(args.model, context_length=args.context_length)
+    print(f"LISM scorer: {scorer_name} ({scorer_weights})", file=sys.stderr)
     if args.data == "shapes":
         dataset = data.ShapesDataset("train", size=args.train_size, image_size=model.visual.image_size[0],
                                      seed=args.seed, transform=val_tf, long=True)
@@ -628,6 +641,9 @@ def parse_args(argv=None):
                         "approximate: no rounding, boxes in model-input pixels (see the module docstring)")
     g.add_argument("--lism", default=None, help="LISM output (segments file with pairs); shapes: computed if absent")
     g.add_argument("--segments-file", default=None, help="lism: candidate boxes (SAM/detector) per image")
+    g.add_argument("--scorer-model", default=None,
+                   help="lism: the frozen model that scores (crop, sentence) pairs; 'same' = --model")
+    g.add_argument("--scorer-pretrained", default=None, help="lism: the scorer's weights; 'same' = --pretrained")
     g.add_argument("--split", default=None, help="split of the long-caption set (default train)")
     argv = sys.argv[1:] if argv is None else list(argv)
     is_lism = bool(argv) and argv[0] == "lism"

@@ -327,11 +327,12 @@ def _all_runs(tmp, env, processes):
     write_dci(str(dci))
     tiny = ["--model", common.TINY_MODEL, "--pretrained", "shapes"]
     goal_tiny = tiny + ["--context-length", "104", "--keep-positions", "8"]   # the tiny model's Long-CLIP stretch
+    lism_tiny = goal_tiny + ["--scorer-model", "same", "--scorer-pretrained", "same"]   # not the paper's ViT-L
     printed = io.StringIO()
     _in_process([("goal", ["lism", "--data", "docci", "--data-root", str(docci), "--segments-file",
-                           str(docci / "sam_boxes.json"), "--out", str(docci / "lism.json"), *goal_tiny]),
+                           str(docci / "sam_boxes.json"), "--out", str(docci / "lism.json"), *lism_tiny]),
                  ("goal", ["lism", "--data", "dci", "--data-root", str(dci), "--out", str(bench / "dci" / "lism.json"),
-                           *goal_tiny])], printed)
+                           *lism_tiny])], printed)
     coco_set = data.CocoCaptions(str(coco), karpathy_file=str(karpathy), check_files=False)
     data.WithNegatives(coco_set, degla.PAPER_DEFAULTS["neg_types"].split(","), progress=False)
     data.WithNegatives(coco_set, data.CEHN_TYPES, progress=False)

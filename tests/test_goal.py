@@ -367,3 +367,17 @@ def test_short_goal_run_improves_long_retrieval(shapes_base, tmp_path):
     print(f"long-caption R@1: {before:.2f} -> {after:.2f}")
     assert result["out"] == str(tmp_path / "run")
     assert after > before + 2.0, (before, after)
+
+
+def test_lism_scores_with_its_own_frozen_scorer(tmp_path, capsys):
+    """`goal.py lism` scores with --scorer-model / --scorer-pretrained (real data: the paper's CLIP ViT-L/14-336;
+    the shapes world: 'same', the starting model), through the scorer's own transform and tokenizer."""
+    real = goal.parse_args(["lism", "--data", "docci", "--data-root", str(tmp_path)])
+    assert (real.scorer_model, real.scorer_pretrained) == ("ViT-L-14-336-quickgelu", "openai")
+    assert goal.parse_args(["lism"]).scorer_model == "same"
+    out = tmp_path / "lism.json"
+    goal.main(["lism", "--train-size", "6", "--scorer-model", "shapes-tiny-siglip", "--out", str(out)])
+    assert "LISM scorer: shapes-tiny-siglip (shapes)" in capsys.readouterr().err
+    import json
+    matched = json.loads(out.read_text())
+    assert len(matched) == 6 and all(set(entry) == {"boxes", "pairs"} for entry in matched.values())
