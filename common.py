@@ -140,19 +140,41 @@ def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_
             f"--model local-dir:{pretrained})" if os.path.isdir(str(pretrained)) else "no such file"
         raise InputError(f"--pretrained {pretrained}: {what}, and not a pretrained tag of {name!r} (its tags: "
                          f"{tags}; 'shapes' for the shipped tiny models, 'none' for a random init)")
+    offline = pretrained and not is_file and not _hub_reachable()
     try:
+        if offline:   # no network: read the Hugging Face cache only, instead of ~50 s of download retries
+            import huggingface_hub.constants
+            was_offline, huggingface_hub.constants.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE, True
         model, train_tf, val_tf = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, **model_kwargs)
     except pickle.UnpicklingError as error:   # torch's weights-only loader refuses anything but plain weights
         raise InputError(_not_weights_message(str(pretrained), error)) from None
     except RuntimeError as error:
+        reason = "huggingface.co is not reachable and the weights are not in the local cache" if offline \
+            else str(error).splitlines()[0]
         if pretrained and not is_file:
             raise InputError(f"could not load pretrained weights {pretrained!r} for {name!r}: a tag is downloaded on "
                              f"first use, so it needs the internet once (or a filled open_clip / Hugging Face cache); "
-                             f"or pass a weights file. ({str(error).splitlines()[0]})") from None
+                             f"or pass a weights file. ({reason})") from None
         raise
+    finally:
+        if offline:
+            huggingface_hub.constants.HF_HUB_OFFLINE = was_offline
     tokenizer = tokenizer_for(name, context_length=context_length)
     return model, train_tf, val_tf, tokenizer
+
+
+def _hub_reachable(timeout=3.0):
+    """Whether huggingface.co (where open_clip's pretrained tags live) answers a TCP connection within `timeout`
+    seconds. HF_ENDPOINT, if set, is what is probed."""
+    import socket
+    from urllib.parse import urlparse
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _check_exported_context(name, pretrained, text_cfg=None):

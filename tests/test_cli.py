@@ -115,8 +115,26 @@ def test_offline_pretrained_tag_is_one_message(monkeypatch):
     def offline(*args, **kwargs):
         raise RuntimeError("Failed to download weights for tag 'openai': connection refused")
     monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    monkeypatch.setattr(common, "_hub_reachable", lambda timeout=3.0: True)   # the download itself fails
     with pytest.raises(common.InputError, match="needs the internet once"):
         common.create_backbone("ViT-B-32-quickgelu", "openai")
+
+
+def test_unreachable_hub_reads_the_cache_only_instead_of_retrying(monkeypatch):
+    """Without a network open_clip's download would retry for about 50 s: when huggingface.co does not answer,
+    the load runs in Hugging Face's offline mode (cache only) and the offline mode is switched back after."""
+    import huggingface_hub.constants
+    seen = []
+
+    def cache_only(*args, **kwargs):
+        seen.append(huggingface_hub.constants.is_offline_mode())
+        raise RuntimeError("Cannot find the requested files in the local cache")
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", cache_only)
+    monkeypatch.setattr(common, "_hub_reachable", lambda timeout=3.0: False)
+    before = huggingface_hub.constants.HF_HUB_OFFLINE
+    with pytest.raises(common.InputError, match="huggingface.co is not reachable"):
+        common.create_backbone("ViT-B-32-quickgelu", "openai")
+    assert seen == [True] and huggingface_hub.constants.HF_HUB_OFFLINE == before
 
 
 def _no_model(*args, **kwargs):
