@@ -539,10 +539,12 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
     attribute_head = torch.nn.Linear(model.visual.output_dim, sum(class_counts))
     layout_counts = (len(data.COLORS), len(data.SHAPES), len(data.COLORS), len(data.SHAPES))
     layout_head = torch.nn.Linear(model.visual.output_dim, sum(layout_counts))
-    text_order_head = torch.nn.Linear(model.visual.output_dim, sum(layout_counts))   # first / second named
-    text_layout_head = torch.nn.Linear(model.visual.output_dim, sum(layout_counts))  # left / top, as said
     n_pairs = len(data.COLORS) * len(data.SHAPES)
-    pair_heads = torch.nn.ModuleList([torch.nn.Linear(model.visual.output_dim, n_pairs) for _ in range(2)])
+    with torch.random.fork_rng():   # the later options' heads leave the random stream of the older recipe alone
+        torch.manual_seed(seed + 3)
+        text_order_head = torch.nn.Linear(model.visual.output_dim, sum(layout_counts))   # first / second named
+        text_layout_head = torch.nn.Linear(model.visual.output_dim, sum(layout_counts))  # left / top, as said
+        pair_heads = torch.nn.ModuleList([torch.nn.Linear(model.visual.output_dim, n_pairs) for _ in range(2)])
     phase2_steps = max(0, steps - one_object_steps)
     per_batch = _phase2_counts(batch_size, twin_pairs)
     n_one = one_object_steps * batch_size + phase2_steps * per_batch[0]
@@ -551,7 +553,8 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
                "world": _SceneWithAttributes(data.ShapesDataset("train", size=max(1, phase2_steps * per_batch[1]),
                                                                 image_size=64, seed=seed + 1, transform=val_tf)),
                "twins": _LayoutTwins(max(2, phase2_steps * per_batch[2]), seed + 2, val_tf)}
-    optimizer = make_optimizer(torch.nn.ModuleList([model, attribute_head, layout_head, text_order_head, text_layout_head, pair_heads]), lr=lr, wd=0.1,
+    aux_heads = [attribute_head, layout_head, text_order_head, text_layout_head, pair_heads]   # thrown away after
+    optimizer = make_optimizer(torch.nn.ModuleList([model, *aux_heads]), lr=lr, wd=0.1,
                                betas=(0.9, 0.98), eps=1e-6)
     scheduler = cosine_schedule(optimizer, warmup=warmup, total=steps)
     partial = path + ".partial"
@@ -1517,7 +1520,8 @@ def _main(argv=None):
                                 batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                                 aux_weight=args.aux_weight, twin_pairs=args.twin_pairs,
                                 layout_weight=args.layout_weight, text_order_weight=args.text_order_weight,
-                                text_layout_weight=args.text_layout_weight, pair_weight=args.pair_weight, seed=args.seed,
+                                text_layout_weight=args.text_layout_weight, pair_weight=args.pair_weight,
+                                seed=args.seed,
                                 checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, command=command)
     suite = sidecar["shapes_suite"]
     print(f"{out}: {sidecar['bytes'] / 1e6:.1f} MB, {sidecar['train_seconds']:.0f} s of training; zero-shot "
