@@ -34,8 +34,9 @@ model has no bias, so it gets one new learnable bias b for the two sigmoid terms
 on the first batch (where a learned SigLIP bias would settle). SigLIP's from-scratch init (b = -10, and with
 `--concept-scale own` a separate t = 10) is one flag away (`--concept-bias-init -10`); on the shapes world it
 leaves every concept logit far below 0, so only the positives get gradient (the loss just pulls images to
-their concepts) and, at lr 1e-4 over a few hundred steps, b cannot move (see docs/results_c2lip.md). These
-scalars are training-only: saved in checkpoints, not part of the exported open_clip weights.
+their concepts) and, at fine-tuning learning rates over a few hundred steps, b cannot move (measured at lr
+1e-4: docs/results_c2lip.md). These scalars are training-only: saved in checkpoints, not part of the exported
+open_clip weights.
 
 Differences from the official code (the paper's intent is the default):
   - NPC uses the gathered image embeddings. The release uses the local ones with global concept indices,
@@ -270,7 +271,8 @@ class ConceptLogits(nn.Module):
     value). bias_init: a number, or 'calibrate': b = -t (mean positive cos + mean negative cos) / 2 over the
     first training batch, so that a softmax-trained model starts with positives above 0 and negatives below.
     Why: SigLIP's b = -10 with t = 10 (or a tiny CLIP's t ~ 15) puts every concept logit far below 0, so
-    negatives get almost no gradient and at lr 1e-4 the bias cannot move in a short fine-tuning run.
+    negatives get almost no gradient and at fine-tuning learning rates (measured at 1e-4) the bias cannot move
+    in a short fine-tuning run.
     """
 
     def __init__(self, mode="shared", scale_init=math.log(10.0), bias_init="calibrate"):

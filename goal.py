@@ -40,7 +40,7 @@ paper and a flag reproduces the release:
     we use the exact span from data.sentence_spans (no flag: the release's version is an off-by-one).
 
 Run:
-  python goal.py                                   # shapes world, shipped `shapes` base model, CPU, ~4 min
+  python goal.py                                   # shapes world, shipped base; CPU: LISM once (cached), then training
   python goal.py lism --data docci --data-root DIR --segments-file SAM.json --out lism.json   # offline LISM
   python goal.py --data docci --data-root DIR --lism lism.json      # the paper's recipe: 1 GPU, batch 16, bf16
   python goal.py --data docci --data-root DIR --lism lism.json --gpus 8 --batch-size 2       # 8 GPUs, same batch 16
