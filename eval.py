@@ -275,15 +275,12 @@ def multiple_choice_accuracy(image_emb, option_emb, answer):
     return percent(multiple_choice_correct(image_emb, option_emb, answer))
 
 
-def zero_shot_classifier(model, tokenizer, classnames, templates, device=None, batch_size=None):
+def zero_shot_classifier(model, tokenizer, classnames, templates, device=None, batch_size=256):
     """(D, C) class weights, open_clip.build_zero_shot_classifier's rule (each prompt embedding L2-normalized,
     mean over a class's templates, renormalized), with every prompt of every class encoded in batches of
-    `batch_size` prompts whatever the class boundaries. open_clip's builder encodes 10 classes = 800 ImageNet
-    prompts per batch, slower on CPU than a per-class loop (80 prompts per batch). Default batch: 64 prompts on
-    CPU (on the 2-core development machine 256-prompt batches only tied the per-class loop, 64 beat it), 256 on
-    a GPU. templates: callables or "{}"-format strings."""
-    if batch_size is None:
-        batch_size = 64 if pick_device(device).type == "cpu" else 256
+    `batch_size` prompts whatever the class boundaries (open_clip's builder encodes 10 classes = 800 ImageNet
+    prompts per batch, slower on CPU than a per-class loop; 256-prompt batches are at least as fast).
+    templates: callables or "{}"-format strings."""
     classnames, templates = list(classnames), list(templates)
     prompts = [t(c) if callable(t) else t.format(c) for c in classnames for t in templates]
     emb = encode_texts(model, tokenizer, prompts, device, batch_size)        # (C*T, D), normalized
@@ -1151,8 +1148,8 @@ def zeroshot(ctx):
             raise BenchmarkDataError(f"zeroshot {name}: cannot load {ctx.root / 'zeroshot' / folder} ({e})") from None
         loader = torch.utils.data.DataLoader(dataset, batch_size=ctx.batch_size, num_workers=ctx.workers)
         image_emb, labels = _encode_loader(ctx.model, loader, pick_device(ctx.device))
-        # --batch-size is the image batch; the prompts take zero_shot_classifier's own (device-dependent) batch
-        classifier = zero_shot_classifier(ctx.model, ctx.tokenizer, get_names(dataset), templates, ctx.device)
+        classifier = zero_shot_classifier(ctx.model, ctx.tokenizer, get_names(dataset), templates, ctx.device,
+                                          ctx.batch_size)
         scores = zero_shot_scores(image_emb, labels, classifier)
         metrics.update({f"{name}/{k}": v for k, v in scores.items()})
         summary[name] = scores[headline]
