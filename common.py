@@ -405,12 +405,12 @@ def mention_labels(caption):
     shape word, so the k-th colour word and the k-th shape word belong to the k-th object. -1 (ignored) when the
     caption names one object."""
     import data
-    words = caption.replace(".", " ").split()
-    colours = [data.COLORS.index(w) for w in words if w in data.COLORS]
-    shapes = [data.SHAPES.index(w) for w in words if w in data.SHAPES]
-    if len(colours) < 2 or len(shapes) < 2:
+    pairs = caption_pairs(caption)
+    if len(pairs) < 2:
         return (-1, -1, -1, -1)
-    return (colours[0], shapes[0], colours[1], shapes[1])
+    (colour_1, shape_1), (colour_2, shape_2) = pairs[:2]
+    return (data.COLORS.index(colour_1), data.SHAPES.index(shape_1), data.COLORS.index(colour_2),
+            data.SHAPES.index(shape_2))
 
 
 def caption_layout_labels(caption):
@@ -418,7 +418,8 @@ def caption_layout_labels(caption):
     and of the top object of the two it relates ("a red circle below a blue square": top = blue square; left
     unknown, -1). All -1 for list captions and single objects."""
     import data
-    first, second = mention_labels(caption)[:2], mention_labels(caption)[2:]
+    named = mention_labels(caption)
+    first, second = named[:2], named[2:]
     unknown = (-1, -1)
     for relation in data.RELATIONS:
         if f" {relation} " in caption and first[0] >= 0:
