@@ -287,30 +287,32 @@ def clip_loss(image_emb, text_emb, logit_scale):
 # contrastive loss never needs binding. That is the situation NegCLIP's hard negatives fix on real data, and
 # docs/base_model_notes.md checks that they do here too.
 #
-# The recipe (`build_shapes_base`, one command: `python common.py build-base --arch clip`):
+# The recipe (`build_shapes_base`, one command: `python common.py build-base --arch clip`), variant v2g of
+# docs/base_model_notes.md (v2c, its predecessor, and seven other variants are recorded there with their numbers):
 #   phase 1 (the first SHAPES_BASE_ONE_OBJECT_STEPS): one-object scenes only. Colour alone separates almost
 #           every pair of a batch of 1-4-object scenes, so on the usual mix CLIP learns the colours and hardly
 #           any shape (23% after 600 steps); on single objects the shape is what is left to tell captions apart.
-#   phase 2 (the rest): half one-object scenes, a quarter the default world of 1-4 objects (retrieval,
-#           counting) and a quarter "layout twins": pairs of 2-object scenes with the same two objects, once side
-#           by side and once one above the other (data.relayout_twin). On the web, captions that say "above" or
-#           "next to" are common and CLIP reads those words; in random batches of the shapes world the relation
-#           word never matters, and a base trained without twins ignores it completely (the cosine between "a
-#           is left of b" and "a is right of b" was 1.000, NegCLIP then could not move relation order, see
-#           docs/base_model_notes.md). The twins teach the axis of a relation, not which object is where.
-#   Throughout, one linear head shared by both towers names shape, colour and size of each one-object scene from
-#   its image embedding and from its caption embedding (cross-entropy; thrown away afterwards). It puts the shapes
-#   in the same directions of the joint space on both sides from the first steps; it never sees two objects, so
-#   it teaches nothing about which colour goes with which shape.
-#   Off by default (the shipped bases were built without it), `--layout-weight W` adds in phase 2 a second head,
-#   on the image embedding only, that names the colour and shape of the leftmost and of the topmost object of
-#   each multi-object scene (`layout_labels`). Why it exists: the shipped base's image tower does not know which
-#   object is where (a linear probe for "the colour of the left object" of 2-object scenes reads 49%, the 50% of
-#   knowing both colours and not their places), so relation-order negatives have nothing on the image side to
-#   align with. With the head (and no twins: variant v2e) the probe reads 74% and the base is still order-blind
-#   (aro_relation 54), but a NegCLIP run at the shared budget gained only 1.7 ARO points over plain; with the head
-#   and the twins (v2d) plain contrastive training learned relation order by itself (aro_relation 82). Both
-#   variants and their numbers: docs/base_model_notes.md.
+#   phase 2 (the rest): half one-object scenes, half the default world of 1-4 objects (retrieval, counting).
+#   Besides the contrastive loss, small linear heads (thrown away afterwards) give each tower what web-scale
+#   pre-training gives CLIP's towers and a random batch of 64 scenes does not:
+#   - attribute head (throughout), shared by both towers: shape, colour and size of each one-object scene from
+#     its image embedding and from its caption embedding. It puts the shapes in the same directions of the joint
+#     space on both sides; it never sees two objects, so it teaches nothing about which colour goes with which shape.
+#   - layout head (phase 2), image tower: colour and shape of the leftmost and the topmost object of each
+#     multi-object scene (`layout_labels`). Without it the image tower does not know which object is where (a
+#     linear probe for "the colour of the left object" reads 49%, with it 74%), and relation-order negatives have
+#     nothing on the image side to align with.
+#   - text-order head (phase 2), text tower: colour and shape of the first and the second object the caption names
+#     (`mention_labels`). Without it a caption and its swapped negative have cosine 0.99+ (the text tower reads a
+#     bag of words), and hard negatives have nothing on the text side to push on; with it 0.68-0.85.
+#   - pair heads (weight 0.1), one per tower: which colour-shape conjunctions a scene holds (yes / no for each of
+#     the 64). Alone they do not bind colour to shape inside a 2-object caption, but they give binding features to
+#     start from.
+#   None of them tells the model which *image* goes with which *order* of a caption, so the base stays
+#   bag-of-words on the suite (swap and ARO subsets 52-55%), and a NegCLIP run then learns the binding: that is the
+#   situation of OpenAI's CLIP on real data. Heads that told the text tower where objects are (`--text-layout-weight`)
+#   or batches of layout twins (`--twin-pairs`) made plain contrastive training learn relation order by itself
+#   (variants v2d, v2f, v2i): they are off.
 SHAPES_BASE_ARCHS = {"clip": TINY_MODEL, "siglip": SHAPES_SIGLIP_MODEL}
 SHAPES_BASE_STEPS = 2000            # steps of 64 (about 30 minutes on one core; run once, the result is shipped)
 SHAPES_BASE_ONE_OBJECT_STEPS = 400  # phase 1
@@ -318,8 +320,10 @@ SHAPES_BASE_BATCH = 64
 SHAPES_BASE_LR = 1e-3
 SHAPES_BASE_WARMUP = 100
 SHAPES_BASE_AUX_WEIGHT = 1.0        # weight of the attribute head's cross-entropy (one-object scenes only)
-SHAPES_BASE_TWIN_PAIRS = 8          # phase 2: pairs of 2-object scenes per batch whose relation changes axis
-SHAPES_BASE_LAYOUT_WEIGHT = 0.0     # phase 2: weight of the image-only layout head (off in the shipped bases)
+SHAPES_BASE_TWIN_PAIRS = 0          # phase 2: pairs of 2-object scenes per batch whose relation changes axis
+SHAPES_BASE_LAYOUT_WEIGHT = 1.0     # phase 2: weight of the image-only layout head
+SHAPES_BASE_TEXT_ORDER_WEIGHT = 1.0 # phase 2: weight of the text-only head naming the first two named objects
+SHAPES_BASE_PAIR_WEIGHT = 0.1       # weight of the two colour-shape pair heads (one per tower)
 SHAPES_BASE_SEED = 1234             # its own random stream of scenes, disjoint from the test split
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 
@@ -516,8 +520,8 @@ def _base_batch_indices(step, batch_size, one_object_steps, twin_pairs=0):
 def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_steps=SHAPES_BASE_ONE_OBJECT_STEPS,
                       batch_size=SHAPES_BASE_BATCH, lr=SHAPES_BASE_LR, warmup=SHAPES_BASE_WARMUP,
                       aux_weight=SHAPES_BASE_AUX_WEIGHT, twin_pairs=SHAPES_BASE_TWIN_PAIRS,
-                      layout_weight=SHAPES_BASE_LAYOUT_WEIGHT, text_order_weight=0.0, text_layout_weight=0.0,
-                      pair_weight=0.0,
+                      layout_weight=SHAPES_BASE_LAYOUT_WEIGHT, text_order_weight=SHAPES_BASE_TEXT_ORDER_WEIGHT,
+                      text_layout_weight=0.0, pair_weight=SHAPES_BASE_PAIR_WEIGHT,
                       seed=SHAPES_BASE_SEED, checkpoint_every=100, eval_every=0, progress=True, command=None):
     """Train a tiny CLIP (arch 'clip') or SigLIP (arch 'siglip') from scratch on the shapes world and save it
     at `path` (fp16, atomically) with a sidecar `path[:-3] + '.json'`. Returns the sidecar dict.
@@ -526,7 +530,9 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
     section comment). Loss: the model's own contrastive loss (CLIP's InfoNCE, or open_clip's SigLipLoss with the
     learned scale and bias) + aux_weight x cross-entropy of the shared attribute head on the image and on the
     caption embedding of the one-object scenes + layout_weight x cross-entropy of the layout head on the image
-    embedding of the multi-object scenes (phase 2). Captions are in natural word order (data.scene_caption).
+    embedding of the multi-object scenes (phase 2) + text_order_weight x cross-entropy of the text-order head on
+    the caption embedding (phase 2) + pair_weight x the pair heads' binary cross-entropy, summed over the 64
+    colour-shape pairs, on both embeddings. Captions are in natural word order (data.scene_caption).
     Resumable: every `checkpoint_every` steps the full state goes to `path + '.partial'`; calling again with
     the same arguments continues from it and ends with the same weights."""
     import data
@@ -540,12 +546,10 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
     attribute_head = torch.nn.Linear(model.visual.output_dim, sum(class_counts))
     layout_counts = (len(data.COLORS), len(data.SHAPES), len(data.COLORS), len(data.SHAPES))
     layout_head = torch.nn.Linear(model.visual.output_dim, sum(layout_counts))
+    text_order_head = torch.nn.Linear(model.visual.output_dim, sum(layout_counts))   # first / second named
+    text_layout_head = torch.nn.Linear(model.visual.output_dim, sum(layout_counts))  # left / top, as said
     n_pairs = len(data.COLORS) * len(data.SHAPES)
-    with torch.random.fork_rng():   # the later options' heads leave the random stream of the older recipe alone
-        torch.manual_seed(seed + 3)
-        text_order_head = torch.nn.Linear(model.visual.output_dim, sum(layout_counts))   # first / second named
-        text_layout_head = torch.nn.Linear(model.visual.output_dim, sum(layout_counts))  # left / top, as said
-        pair_heads = torch.nn.ModuleList([torch.nn.Linear(model.visual.output_dim, n_pairs) for _ in range(2)])
+    pair_heads = torch.nn.ModuleList([torch.nn.Linear(model.visual.output_dim, n_pairs) for _ in range(2)])
     phase2_steps = max(0, steps - one_object_steps)
     per_batch = _phase2_counts(batch_size, twin_pairs)
     n_one = one_object_steps * batch_size + phase2_steps * per_batch[0]
@@ -671,6 +675,12 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
         "aux_head": "shared linear head (shape, colour, size) on image and caption embeddings, one-object scenes",
         "layout_head": "linear head on the image embedding only: colour and shape of the leftmost and the topmost "
                        "object of multi-object scenes (phase 2)" if layout_weight else "none",
+        "text_order_head": "linear head on the caption embedding only: colour and shape of the first and the second "
+                           "object the caption names (phase 2)" if text_order_weight else "none",
+        "text_layout_head": "linear head on the caption embedding only: colour and shape of the left and the top "
+                            "object a relation caption says (phase 2)" if text_layout_weight else "none",
+        "pair_heads": "one linear head per tower, sigmoid yes / no for each of the 64 colour-shape pairs of the "
+                      "scene" if pair_weight else "none",
         "loss": "SigLIP sigmoid (open_clip.SigLipLoss, learned scale and bias)" if siglip_loss is not None
                 else "CLIP InfoNCE (learned scale)",
         "shapes_suite": {k: round(v, 2) for k, v in {**suite["metrics"], **suite["summary"]}.items()},
@@ -1496,15 +1506,14 @@ def _main(argv=None):
     build.add_argument("--twin-pairs", type=int, default=SHAPES_BASE_TWIN_PAIRS,
                        help="phase 2: layout-twin pairs per batch (same two objects, relation on the other axis)")
     build.add_argument("--layout-weight", type=float, default=SHAPES_BASE_LAYOUT_WEIGHT,
-                       help="phase 2: weight of the image-only layout head (0: off, as the shipped bases were built; variant "
-                       "v2e of docs/base_model_notes.md: 1 with --twin-pairs 0)")
-    build.add_argument("--text-order-weight", type=float, default=0.0,
+                       help="phase 2: weight of the image-only layout head (0: off)")
+    build.add_argument("--text-order-weight", type=float, default=SHAPES_BASE_TEXT_ORDER_WEIGHT,
                        help="weight of a text-only head naming colour and shape of the first two objects a caption "
                        "names, in order (0: off)")
     build.add_argument("--text-layout-weight", type=float, default=0.0,
                        help="weight of a text-only head naming colour and shape of the left and the top object of a "
                        "relation caption, as the caption says them (0: off)")
-    build.add_argument("--pair-weight", type=float, default=0.0,
+    build.add_argument("--pair-weight", type=float, default=SHAPES_BASE_PAIR_WEIGHT,
                        help="weight of two heads, one per tower, naming the colour-shape pairs present (0: off)")
     build.add_argument("--seed", type=int, default=SHAPES_BASE_SEED)
     build.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
