@@ -85,7 +85,7 @@ REAL_DEFAULTS = dict(
     # precision: the release used fp16 amp; the project's CUDA default is bf16 autocast (--precision auto)
 )
 
-# Shapes: the shared budget (steps 250, batch 64, lr 3e-4, ...) so that every method runs at the same cost; the
+# Shapes: the shared budget (steps 1000, batch 64, lr 3e-4, ...) so that every method runs at the same cost; the
 # method's own values are the paper's (METHOD_DEFAULTS): theta in logit units works unchanged because the tiny
 # model's logit scale is also clamped to [1, 100].
 DEFAULTS = {"shapes": {**common.SHAPES_DEFAULTS, **METHOD_DEFAULTS},

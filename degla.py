@@ -89,7 +89,7 @@ PAPER_DEFAULTS = dict(
                                  # paper's listing order. With --negatives FILE only the count K is used.
 )
 
-# The shapes budget (250 steps of 64 at lr 3e-4, common.SHAPES_DEFAULTS) is 32x shorter than the paper's ~8k
+# The shapes budget (1000 steps of 64 at lr 3e-4, common.SHAPES_DEFAULTS) is 8x shorter than the paper's ~8k
 # steps of 256, so two values follow an explicit rule instead of being copied (None = apply the rule at run time):
 PAPER_TOTAL_STEPS = 8000      # ~414k COCO captions / 256 per step x 5 epochs (spec section 3)
 PAPER_GLOBAL_BATCH = 256
@@ -98,8 +98,8 @@ PAPER_GLOBAL_BATCH = 256
 def shapes_ema_decay(total_steps):
     """EMA decay that keeps the paper's end state: after the whole COCO run the teacher still holds
     0.9996^8000 = 4% of the initial weights (time constant 2,500 steps = 31% of the run). We keep that
-    fraction: d = 0.9996^(8000 / total_steps); 250 steps -> 0.9873 (time constant 79 steps, 31% of the run).
-    Copying 0.9996 to a 250-step run would leave the teacher 90% base model: a frozen copy, not an EMA."""
+    fraction: d = 0.9996^(8000 / total_steps); 1000 steps -> 0.99680 (time constant 312 steps, 31% of the run).
+    Copying 0.9996 to a 1000-step run would leave the teacher 67% base model, close to a frozen copy."""
     return PAPER_DEFAULTS["ema_decay"] ** (PAPER_TOTAL_STEPS / total_steps)
 
 
