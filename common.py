@@ -314,7 +314,7 @@ def clip_loss(image_emb, text_emb, logit_scale):
 #   or batches of layout twins (`--twin-pairs`) made plain contrastive training learn relation order by itself
 #   (variants v2d, v2f, v2i): they are off.
 SHAPES_BASE_ARCHS = {"clip": TINY_MODEL, "siglip": SHAPES_SIGLIP_MODEL}
-SHAPES_BASE_STEPS = 2000            # steps of 64 (about 30 minutes on one core; run once, the result is shipped)
+SHAPES_BASE_STEPS = 2000            # steps of 64 (47 minutes for the CLIP base on one shared core; run once, shipped)
 SHAPES_BASE_ONE_OBJECT_STEPS = 400  # phase 1
 SHAPES_BASE_BATCH = 64
 SHAPES_BASE_LR = 1e-3
@@ -1469,7 +1469,8 @@ def export_open_clip(model, path, model_name=None, tokenizer=None, meta=None):
 
 
 # The shared budget of every method on the shapes world, so that `python <method>.py` runs compare at equal
-# cost (the side-by-side table in the README uses exactly these): about 1-4 minutes of training on 2 CPU cores.
+# cost (`eval.py compare` uses exactly these; the README's table is still the 250-step one of issue #2): about
+# 4-16 minutes of training on 2 CPU cores, 4x the 250-step budget's 1-4 (estimated from the step count).
 SHAPES_DEFAULTS = {
     "model": TINY_MODEL, "pretrained": "shapes",
     "steps": 1000,         # optimizer steps: the budget at which NegCLIP's hard negatives beat plain fine-tuning on
