@@ -2459,52 +2459,85 @@ def _run_stats(run_dir):
     return payload, config, wall, throughput
 
 
-# Each method's target metric on the shapes suite (its issue), and the plain run it is measured against.
+# Each method's target metric on the shapes suite (its issue) and the baselines its paper measures it against.
 def _mean_of(*keys):
     return lambda m: sum(m[k] for k in keys) / len(keys)
 
 
-# (method, target label, baseline, metric): one row each in the targets table; NegCLIP's two rows are the
+ARO = ("ARO: mean of relation order and attribute binding", _mean_of("aro_relation", "aro_attribute"))
+SWAP = ("SWAP: mean of swap_obj and swap_att", _mean_of("swap_obj", "swap_att"))
+DEGLA_TARGET = ("mean of replace and swap subsets",
+                _mean_of("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att"))
+C2LIP_TARGET = ("mean of swap_att, replace_att, ADD",
+                lambda m: (m["swap_att"] + m["replace_att"] + (m["add_obj"] + m["add_att"]) / 2) / 3)
+GOAL_TARGET = ("long-caption R@1, mean of both directions", _mean_of("long_i2t_r1", "long_t2i_r1"))
+# (method, baseline, (target label, metric)): one row each in the targets table. NegCLIP's two rows are the
 # testbed's own check (issue #15: hard negatives must lift ARO and SWAP over plain fine-tuning, as on COCO).
 COMPARE_TARGETS = [
-    ("negclip", "ARO: mean of relation order and attribute binding", "plain", _mean_of("aro_relation", "aro_attribute")),
-    ("negclip", "SWAP: mean of swap_obj and swap_att", "plain", _mean_of("swap_obj", "swap_att")),
-    ("degla", "mean of replace and swap subsets", "plain",
-     _mean_of("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att")),
-    ("cehn", "ARO: mean of relation order and attribute binding", "plain", _mean_of("aro_relation", "aro_attribute")),
-    ("c2lip", "mean of swap_att, replace_att, ADD", "plain",
-     lambda m: (m["swap_att"] + m["replace_att"] + (m["add_obj"] + m["add_att"]) / 2) / 3),
-    ("goal", "long-caption R@1, mean of both directions", "plain-long", _mean_of("long_i2t_r1", "long_t2i_r1")),
+    ("negclip", "plain", ARO), ("negclip", "plain", SWAP),
+    ("degla", "plain", DEGLA_TARGET), ("degla", "negclip", DEGLA_TARGET),
+    ("cehn", "plain", ARO), ("cehn", "negclip", ARO), ("cehn", "plain", SWAP), ("cehn", "negclip", SWAP),
+    ("c2lip", "plain-siglip", C2LIP_TARGET),
+    ("c2lip-clip", "plain", C2LIP_TARGET),
+    ("goal", "plain-long", GOAL_TARGET),
 ]
 ZEROSHOT_KEYS = ("zeroshot_shape", "zeroshot_color", "zeroshot_color_shape")
+RETRIEVAL_KEYS = ("retrieval_i2t_r1", "retrieval_t2i_r1")
+
+
+def _seeded_values(dirs, metric_fn, when="after"):
+    """{seed: metric} of run folders (the seed from config.json, else the folder's position)."""
+    out = {}
+    for i, d in enumerate(dirs):
+        payload = json.loads((Path(d) / "results.json").read_text())
+        config_path = Path(d) / "config.json"
+        seed = json.loads(config_path.read_text()).get("seed", i) if config_path.exists() else i
+        result = (payload.get(when) or {}).get("shapes")
+        try:
+            out[seed] = metric_fn(result["metrics"])
+        except (KeyError, TypeError):   # no shapes result, or not every subset of the target in it
+            pass
+    return out
+
+
+def beats(mine, baseline):
+    """The issues' rule: a method beats its baseline when the mean of the seed-paired differences is larger than
+    the seed spread (max - min) of either run set, and every paired difference is positive. 'yes' / 'no' /
+    'tie' (mean difference within the spread) / '1 seed' (no spread to compare with)."""
+    seeds = sorted(set(mine) & set(baseline))
+    if len(seeds) < 2:
+        return "1 seed" if seeds else "–"
+    paired = [mine[s] - baseline[s] for s in seeds]
+    spread = max(max(v[s] for s in seeds) - min(v[s] for s in seeds) for v in (mine, baseline))
+    mean = sum(paired) / len(paired)
+    if mean > spread and min(paired) > 0:
+        return "yes"
+    if -mean > spread and max(paired) < 0:
+        return "no (worse)"
+    return "no (within spread)"
 
 
 def compare_targets_table(runs):
-    """Each method's target and zero-shot (shapes suite) against its plain baseline and the base model."""
-    def values(method, metric_fn, when="after"):
-        out = []
-        for d in runs.get(method, []):
-            payload = json.loads((Path(d) / "results.json").read_text())
-            result = (payload.get(when) or {}).get("shapes")
-            try:
-                out.append(metric_fn(result["metrics"]))
-            except (KeyError, TypeError):   # no shapes result, or not every subset of the target in it
-                pass
-        return out
-
-    fmt = lambda v: _pm(*v)
-    zero_shot = _mean_of(*ZEROSHOT_KEYS)
-    lines = ["| method | target | base | plain fine-tuning | method | method - plain | zero-shot base / plain / method |",
-             "|---|---|---:|---:|---:|---:|---|"]
-    for method, label, baseline, metric_fn in COMPARE_TARGETS:
-        if method not in runs or baseline not in runs:
+    """Each method's target against each baseline of its paper (shapes suite, %), with zero-shot and retrieval."""
+    stat = lambda values: _pm(*_mean_std(list(values.values())))
+    lines = ["| method | target | baseline | base | baseline after | method after | method - baseline (paired) "
+             "| beats? | zero-shot base / baseline / method | R@1 baseline / method |",
+             "|---|---|---|---:|---:|---:|---:|---|---|---|"]
+    zero_shot, retrieval = _mean_of(*ZEROSHOT_KEYS), _mean_of(*RETRIEVAL_KEYS)
+    for method, baseline, (label, metric_fn) in COMPARE_TARGETS:
+        if not runs.get(method) or not runs.get(baseline):
             continue
-        mine, plain = values(method, metric_fn), values(baseline, metric_fn)
-        base = _mean_std(values(method, metric_fn, "before"))
-        paired = [a - b for a, b in zip(mine, plain)]
-        zs = [_mean_std(values(m, zero_shot, w)) for m, w in ((method, "before"), (baseline, "after"), (method, "after"))]
-        lines.append(f"| {method} | {label} | {_fmt(base[0])} | {fmt(_mean_std(plain))} | {fmt(_mean_std(mine))} | "
-                     f"{fmt(_mean_std(paired))} | {_fmt(zs[0][0])} / {fmt(zs[1])} / {fmt(zs[2])} |")
+        mine, theirs = _seeded_values(runs[method], metric_fn), _seeded_values(runs[baseline], metric_fn)
+        if not mine or not theirs:   # runs without the shapes suite (real data) have no target to show
+            continue
+        paired = {s: mine[s] - theirs[s] for s in set(mine) & set(theirs)}
+        base = _mean_std(list(_seeded_values(runs[method], metric_fn, "before").values()))[0]
+        zs_base = _mean_std(list(_seeded_values(runs[method], zero_shot, "before").values()))[0]
+        zs = [stat(_seeded_values(runs[m], zero_shot)) for m in (baseline, method)]
+        r1 = [stat(_seeded_values(runs[m], retrieval)) for m in (baseline, method)]
+        lines.append(f"| {method} | {label} | {baseline} | {_fmt(base)} | {stat(theirs)} | {stat(mine)} | "
+                     f"{stat(paired)} | {beats(mine, theirs)} | {_fmt(zs_base)} / {zs[0]} / {zs[1]} | "
+                     f"{r1[0]} / {r1[1]} |")
     return "\n".join(lines)
 
 
@@ -2527,37 +2560,46 @@ def _run_clock(runs):
     return (busy if intervals else None), total
 
 
-def compare_table(runs, title=None):
-    """Markdown table from {method: [run_dir, ...]} (one run per seed)."""
+def _starting_point(config):
+    """What a run's 'before' column is: its model name and, if it changed it (GOAL), its text context."""
+    model = config.get("model") or "?"
+    return f"{model}, context {config['context_length']}" if config.get("context_length") else model
+
+
+def compare_table(runs, summary_only=False):
+    """Markdown tables from {method: [run_dir, ...]} (one run per seed): one table per starting point (model and
+    context length), so that each 'before' column is the model its runs started from; methods keep their order.
+    summary_only keeps the bold summary rows (REPLACE, SWAP, ...) and drops the per-subset ones."""
     stats = {m: [_run_stats(d) for d in dirs] for m, dirs in runs.items() if dirs}
     if not stats:
         raise SystemExit("eval.py compare: no finished runs (no results.json) to tabulate")
-    methods = list(stats)
-    first = next(iter(stats.values()))[0][0]
-    lines = [title] if title else []
-    header = "| benchmark | metric | before | " + " | ".join(methods) + " |"
-    lines += [header, "|---|---|---:|" + "---:|" * len(methods)]
-    for bench, result in first["before"].items():
-        keys = [(k, True) for k in result.get("summary", {})] + [(k, False) for k in result.get("metrics", {})
-                                                                  if k not in result.get("summary", {})]
-        for key, is_summary in keys:
-            field = "summary" if is_summary else "metrics"
-            before, _ = _mean_std([p["before"][bench][field].get(key) for m in methods for p, *_ in stats[m]
-                                   if bench in p["before"]])
-            cells = []
-            for m in methods:
-                mean, std = _mean_std([(p["after"] or {}).get(bench, {}).get(field, {}).get(key) for p, *_ in stats[m]])
-                cells.append(_pm(mean, std))
-            label = f"**{key}**" if is_summary else key
-            lines.append(f"| {bench} | {label} | {_fmt(before)} | " + " | ".join(cells) + " |")
-    for label, index in (("wall time per run (s)", 2), ("training samples/s", 3)):
-        cells = []
-        for m in methods:
-            mean, std = _mean_std([s[index] for s in stats[m]])
-            cells.append(_pm(mean, std, digits=0))
-        lines.append(f"| run | {label} | | " + " | ".join(cells) + " |")
+    groups = OrderedDict()
+    for m, method_stats in stats.items():
+        groups.setdefault(_starting_point(method_stats[0][1]), []).append(m)
+    lines = []
+    for start, methods in groups.items():
+        if len(groups) > 1:
+            lines += [f"Starting from **{start}**:", ""]
+        first = stats[methods[0]][0][0]
+        lines += ["| benchmark | metric | before | " + " | ".join(methods) + " |",
+                  "|---|---|---:|" + "---:|" * len(methods)]
+        for bench, result in first["before"].items():
+            keys = [(k, True) for k in result.get("summary", {})]
+            if not summary_only:
+                keys += [(k, False) for k in result.get("metrics", {}) if k not in result.get("summary", {})]
+            for key, is_summary in keys:
+                field = "summary" if is_summary else "metrics"
+                before, _ = _mean_std([p["before"][bench][field].get(key) for m in methods for p, *_ in stats[m]
+                                       if bench in p["before"]])
+                cells = [_pm(*_mean_std([(p["after"] or {}).get(bench, {}).get(field, {}).get(key)
+                                         for p, *_ in stats[m]])) for m in methods]
+                label = f"**{key}**" if is_summary else key
+                lines.append(f"| {bench} | {label} | {_fmt(before)} | " + " | ".join(cells) + " |")
+        for label, index in (("wall time per run (s)", 2), ("training samples/s", 3)):
+            cells = [_pm(*_mean_std([s[index] for s in stats[m]]), digits=0) for m in methods]
+            lines.append(f"| run | {label} | | " + " | ".join(cells) + " |")
+        lines.append("")
     seeds = {m: len(v) for m, v in stats.items()}
-    lines.append("")
     lines.append(f"Cells: mean ± standard deviation over seeds (runs per method: "
                  f"{', '.join(f'{m} {n}' for m, n in seeds.items())}); 'before' is the starting model.")
     return "\n".join(lines)
@@ -2649,16 +2691,21 @@ def compare_main(argv):
         if failures:
             raise SystemExit("eval.py compare: " + "; ".join(failures) + "; rerun the same command to continue "
                              "(finished runs are reused, interrupted ones resume from their checkpoint)")
-    table = compare_table(runs)
     targets = compare_targets_table(runs)
+    intro = ""
     if targets.count("\n") > 1:
-        table += ("\n\n**Each method's target metric** (shapes suite, %; mean ± standard deviation over seeds; "
-                  "'method - plain' pairs the runs of equal seed):\n\n" + targets)
+        intro = ("**Each method's target metric against its paper's baselines** (shapes suite, %; mean ± standard "
+                 "deviation over seeds; the difference pairs the runs of equal seed; 'beats?' asks for a mean "
+                 "difference above both run sets' seed spread, max - min, and a positive difference in every "
+                 "seed):\n\n" + targets + "\n\n**Every metric**:\n\n")
+    table = intro + compare_table(runs)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     _atomic_write(Path(args.out) / "compare.md", table + "\n")
     print(table)
-    if args.readme:
-        _replace_readme_section(args.readme, table, "python eval.py compare " + " ".join(argv), runs)
+    if args.readme:   # the README keeps the summary rows; compare.md in the output folder has every subset
+        short = intro.replace("**Every metric**", "**Summary metrics** (every subset: compare.md in the output "
+                              "folder)") + compare_table(runs, summary_only=True)
+        _replace_readme_section(args.readme, short, "python eval.py compare " + " ".join(argv), runs)
     return table
 
 

@@ -776,7 +776,9 @@ def test_compare_tabulates_finished_runs(tmp_path, capsys):
     assert "| run | wall time per run (s) | | 31 ± 1 | 30 |" in table
     assert "| run | training samples/s | | 101 ± 1 | 100 |" in table
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("outro\n") and "\nold\n" not in text and table in text
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "\nold\n" not in text
+    assert "| shapes | **SWAP** | 50.00 | 61.0 ± 1.4 | 60.0 |" in text   # the README keeps the summary rows,
+    assert "| shapes | swap_att |" in table and "| shapes | swap_att |" not in text   # compare.md has them all
     assert (tmp_path / "cmp" / "compare.md").read_text().strip() == table.strip()
 
 
@@ -803,3 +805,45 @@ def test_compare_clock_counts_only_time_when_a_run_was_going(tmp_path):
         runs[name] = [run_dir]
     busy, total = evaluation._run_clock(runs)
     assert busy == pytest.approx(250.0) and total == pytest.approx(300.0)
+
+
+def _fake_shapes_run(folder, method, seed, model, after, before=50.0, zero_shot=90.0, **config):
+    """A finished shapes run whose every suite metric is `after` (and `before`), zero-shot `zero_shot`."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"method": method, "seed": seed, "model": model, **config}))
+    keys = ["replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att",
+            "aro_relation", "aro_attribute", "retrieval_i2t_r1", "retrieval_t2i_r1", "long_i2t_r1", "long_t2i_r1"]
+    result = lambda v, zs: {"shapes": {"metrics": {**{k: v for k in keys}, **{k: zs for k in ev.ZEROSHOT_KEYS}},
+                                       "summary": {"SWAP": v}, "n": 10, "missing": 0}}
+    (folder / "results.json").write_text(json.dumps({"before": result(before, 100.0),
+                                                     "after": result(after, zero_shot)}))
+
+
+def test_compare_targets_pair_seeds_and_apply_the_spread_rule(tmp_path):
+    """NegCLIP 60/61/62 against plain 50/52/51: paired +10, +9, +11, spreads 2 and 2 -> beats. CE-CLIP 52/50/54
+    against plain: paired +2, -2, +3 -> within the spread. C2LIP runs on another base: its own table."""
+    runs = {}
+    for method, values, model in (("plain", (50, 52, 51), "shapes-tiny-vit"), ("negclip", (60, 61, 62), "shapes-tiny-vit"),
+                                  ("cehn", (52, 50, 54), "shapes-tiny-vit"),
+                                  ("plain-siglip", (55, 56, 57), "shapes-tiny-siglip"),
+                                  ("c2lip", (58, 59, 61), "shapes-tiny-siglip")):
+        runs[method] = []
+        for seed, value in enumerate(values):
+            run_dir = tmp_path / f"{method}-seed{seed}"
+            _fake_shapes_run(run_dir, method, seed, model, value, before=40.0 if "siglip" in model else 50.0)
+            runs[method].append(run_dir)
+    targets = ev.compare_targets_table(runs)
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line for line in targets.splitlines()[2:]}
+    aro = "ARO: mean of relation order and attribute binding"
+    assert "| 51.0 ± 1.0 | 61.0 ± 1.0 | 10.0 ± 1.0 | yes |" in rows[("negclip", aro, "plain")]
+    assert "| 52.0 ± 2.0 | 1.0 ± 2.6 | no (within spread) |" in rows[("cehn", aro, "plain")]
+    assert "| 40.00 | 56.0 ± 1.0 | 59.3 ± 1.5 | 3.3 ± 0.6 | yes |" in rows[("c2lip", "mean of swap_att, replace_att, ADD",
+                                                                         "plain-siglip")]
+    assert ("degla", "mean of replace and swap subsets", "plain") not in rows   # no DeGLA runs: no row
+    assert ev.beats({0: 60.0}, {0: 50.0}) == "1 seed"
+    assert ev.beats({0: 40.0, 1: 41.0}, {0: 50.0, 1: 52.0}) == "no (worse)"
+    table = ev.compare_table(runs)
+    assert "Starting from **shapes-tiny-vit**:" in table and "Starting from **shapes-tiny-siglip**:" in table
+    siglip_part = table[table.index("Starting from **shapes-tiny-siglip**:"):]
+    assert "| benchmark | metric | before | plain-siglip | c2lip |" in siglip_part
+    assert "| shapes | **SWAP** | 40.00 | 56.0 ± 1.0 | 59.3 ± 1.5 |" in siglip_part   # its own 'before'
