@@ -2619,13 +2619,14 @@ def _replace_readme_section(readme, table, command, runs):
     _atomic_write(readme, text[:start] + body + text[end:])
 
 
-def _compare_run(method, seed, run_dir, args, here, env):
-    """Train and evaluate one (method, seed) as an ordinary subprocess; returns an error string or None."""
+def _compare_run(method, seed, run_dir, steps, args, here, env):
+    """Train and evaluate one (method, seed) as an ordinary subprocess (`steps` None: the script's default);
+    returns an error string or None."""
     script, flags = COMPARE_METHODS[method]
     command = [sys.executable, str(here / script), "--seed", str(seed), "--out", str(run_dir), "--no-progress",
                *flags, *args.extra.split()]
-    if args.steps:
-        command += ["--steps", str(args.steps)]
+    if steps:
+        command += ["--steps", str(steps)]
     if (run_dir / "checkpoint.pt").exists():
         command += ["--resume", str(run_dir)]
     print(f"[compare] {method} seed {seed}: {' '.join(command[1:])}", flush=True)
@@ -2638,6 +2639,27 @@ def _compare_run(method, seed, run_dir, args, here, env):
     _atomic_write(run_dir / "compare_time.json", json.dumps({"wall_seconds": time.time() - t0}))
     print(f"[compare] {method} seed {seed}: done in {time.time() - t0:.0f} s", flush=True)
     return None
+
+
+def _parse_methods(text, prog):
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in COMPARE_METHODS]
+    if unknown:
+        raise SystemExit(f"eval.py {prog}: unknown method(s) {unknown}; known: {list(COMPARE_METHODS)}")
+    return methods
+
+
+def _train_missing(jobs, args):
+    """Run the (method, seed, run_dir, steps) jobs, `args.jobs` at a time, each on its share of the CPU threads:
+    on small models two one-thread processes get more done than one process using two threads."""
+    here = Path(__file__).resolve().parent
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        failures = [f for f in pool.map(lambda job: _compare_run(*job, args, here, env), jobs) if f]
+    if failures:
+        raise SystemExit("eval.py: " + "; ".join(failures) + "; rerun the same command to continue "
+                         "(finished runs are reused, interrupted ones resume from their checkpoint)")
 
 
 def compare_main(argv):
@@ -2666,31 +2688,18 @@ def compare_main(argv):
             method = json.loads(config_path.read_text()).get("method", Path(d).name) if config_path.exists() else Path(d).name
             runs.setdefault(method, []).append(d)
     else:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = [m for m in methods if m not in COMPARE_METHODS]
-        if unknown:
-            raise SystemExit(f"eval.py compare: unknown method(s) {unknown}; known: {list(COMPARE_METHODS)}")
+        methods = _parse_methods(args.methods, "compare")
         seeds = [int(s) for s in args.seeds.split(",")]
-        here = Path(__file__).resolve().parent
         runs = OrderedDict((m, []) for m in methods)
         jobs = []
         for seed in seeds:
             for m in methods:
                 run_dir = Path(args.out) / f"{m}-seed{seed}"
-                if (run_dir / "results.json").exists():
+                if (run_dir / "results.json").exists() or not args.no_train:
                     runs[m].append(run_dir)
-                elif not args.no_train:
-                    runs[m].append(run_dir)
-                    jobs.append((m, seed, run_dir))
-        # `--jobs` runs at a time, each on `threads` CPU threads: on small models two one-thread processes get
-        # more done than one process using two threads.
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            failures = [f for f in pool.map(lambda job: _compare_run(*job, args, here, env), jobs) if f]
-        if failures:
-            raise SystemExit("eval.py compare: " + "; ".join(failures) + "; rerun the same command to continue "
-                             "(finished runs are reused, interrupted ones resume from their checkpoint)")
+                if not (run_dir / "results.json").exists() and not args.no_train:
+                    jobs.append((m, seed, run_dir, args.steps))
+        _train_missing(jobs, args)
     targets = compare_targets_table(runs)
     intro = ""
     if targets.count("\n") > 1:
@@ -2709,12 +2718,88 @@ def compare_main(argv):
     return table
 
 
+# ===== Budget curve: `python eval.py budget` =====
+# One seed of each method and its baselines at several step counts (by default a quarter, a half and all of the
+# shared shapes budget), and one table of each target: does a method's gap over its baseline close, open or flip
+# with more training? Runs live in <out>/steps-<N>/<method>-seed<seed>; finished `eval.py compare` runs of the same
+# step count and seed are reused instead of trained again.
+def budget_table(runs_by_steps):
+    """Markdown table from {steps: {method: [run_dir]}}: per target, the baseline's and the method's value and their
+    difference at each step count (one seed, so no spread)."""
+    budgets = sorted(runs_by_steps)
+    lines = ["| method | target | baseline | " + " | ".join(f"{n} steps: baseline / method (diff)" for n in budgets) + " |",
+             "|---|---|---|" + "---|" * len(budgets)]
+    for method, baseline, (label, metric_fn) in COMPARE_TARGETS:
+        cells = []
+        for n in budgets:
+            runs = runs_by_steps[n]
+            mine = _seeded_values(runs.get(method, []), metric_fn)
+            theirs = _seeded_values(runs.get(baseline, []), metric_fn)
+            seeds = sorted(set(mine) & set(theirs))
+            if seeds:
+                a, b = theirs[seeds[0]], mine[seeds[0]]
+                cells.append(f"{a:.1f} / {b:.1f} ({b - a:+.1f})")
+            else:
+                cells.append("–")
+        if any(c != "–" for c in cells):
+            lines.append(f"| {method} | {label} | {baseline} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def budget_main(argv):
+    import common
+    full = common.SHAPES_DEFAULTS["steps"]
+    p = argparse.ArgumentParser(prog="eval.py budget", description="Each method's target and its baselines' at "
+                                "several training budgets, one seed (shapes world).")
+    p.add_argument("--steps", default=f"{full // 4},{full // 2},{full}",
+                   help="comma-separated step counts (default: a quarter, a half and all of the shapes budget)")
+    p.add_argument("--seed", type=int, default=0, help="training seed of every run")
+    p.add_argument("--methods", default=",".join(COMPARE_DEFAULT_METHODS),
+                   help=f"comma-separated subset of {list(COMPARE_METHODS)} (default: all but c2lip-clip)")
+    p.add_argument("--out", default="runs/budget", help="folder of the runs (steps-<N>/<method>-seed<seed>) and of "
+                   "budget.md")
+    p.add_argument("--reuse", default="runs/compare", help="folder of `eval.py compare` runs: a finished run there "
+                   "with the same method, seed and step count is used instead of training it again")
+    p.add_argument("--extra", default="", help="extra flags passed to every run")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU threads are split between them)")
+    p.add_argument("--no-train", action="store_true", help="train nothing: tabulate the finished runs")
+    args = p.parse_args(argv)
+    methods = _parse_methods(args.methods, "budget")
+    try:
+        budgets = sorted({int(n) for n in args.steps.split(",")})
+    except ValueError:
+        raise SystemExit(f"eval.py budget: --steps {args.steps!r}: expected comma-separated step counts") from None
+    runs_by_steps, jobs = OrderedDict(), []
+    for n in budgets:
+        runs_by_steps[n] = OrderedDict()
+        for m in methods:
+            run_dir = Path(args.out) / f"steps-{n}" / f"{m}-seed{args.seed}"
+            reused = Path(args.reuse) / f"{m}-seed{args.seed}"
+            if not (run_dir / "results.json").exists() and (reused / "results.json").exists() and \
+                    json.loads((reused / "config.json").read_text()).get("steps") == n:
+                run_dir = reused
+            if (run_dir / "results.json").exists() or not args.no_train:
+                runs_by_steps[n][m] = [run_dir]
+            if not (run_dir / "results.json").exists() and not args.no_train:
+                jobs.append((m, args.seed, run_dir, n))
+    # cheapest budgets first: a stopped session leaves whole rows, not one long run half done
+    _train_missing(sorted(jobs, key=lambda job: job[3]), args)
+    table = (f"Each method's target and its baselines' (shapes suite, %, seed {args.seed}) after {', '.join(map(str, budgets))} "
+             f"steps:\n\n" + budget_table(runs_by_steps))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    _atomic_write(Path(args.out) / "budget.md", table + "\n")
+    print(table)
+    return table
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "compare":
         return compare_main(argv[1:])
     if argv and argv[0] == "figure":
         return figure_main(argv[1:])
+    if argv and argv[0] == "budget":
+        return budget_main(argv[1:])
     args = parse_args(argv)
     unknown = [b for b in args.bench.split(",") if b.strip() not in BENCHMARKS and b.strip() not in GROUPS]
     if unknown:

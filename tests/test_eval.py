@@ -847,3 +847,28 @@ def test_compare_targets_pair_seeds_and_apply_the_spread_rule(tmp_path):
     siglip_part = table[table.index("Starting from **shapes-tiny-siglip**:"):]
     assert "| benchmark | metric | before | plain-siglip | c2lip |" in siglip_part
     assert "| shapes | **SWAP** | 40.00 | 56.0 ± 1.0 | 59.3 ± 1.5 |" in siglip_part   # its own 'before'
+
+
+def test_budget_reuses_compare_runs_and_trains_the_rest_cheapest_first(tmp_path, monkeypatch):
+    """`eval.py budget`: the 1000-step runs of `compare` are reused, the missing runs are trained shortest budget
+    first, and the table gives baseline / method (difference) per step count."""
+    compare_dir, out = tmp_path / "compare", tmp_path / "budget"
+    _fake_shapes_run(compare_dir / "plain-seed0", "degla", 0, "shapes-tiny-vit", 53.0, steps=1000)
+    _fake_shapes_run(compare_dir / "negclip-seed0", "degla", 0, "shapes-tiny-vit", 61.0, steps=1000)
+    _fake_shapes_run(compare_dir / "plain-seed1", "degla", 1, "shapes-tiny-vit", 50.0, steps=1000)   # other seed
+    started = []
+
+    def fake_run(method, seed, run_dir, steps, *rest):
+        started.append((method, steps))
+        _fake_shapes_run(run_dir, "degla", seed, "shapes-tiny-vit", {"plain": 52.0, "negclip": 54.5}[method],
+                         steps=steps)
+
+    monkeypatch.setattr(ev, "_compare_run", fake_run)
+    table = ev.main(["budget", "--methods", "plain,negclip", "--steps", "500,250,1000", "--out", str(out),
+                     "--reuse", str(compare_dir), "--jobs", "1"])
+    assert started == [("plain", 250), ("negclip", 250), ("plain", 500), ("negclip", 500)]
+    aro_row = next(line for line in table.splitlines() if line.startswith("| negclip | ARO"))
+    assert aro_row.endswith("| 52.0 / 54.5 (+2.5) | 52.0 / 54.5 (+2.5) | 53.0 / 61.0 (+8.0) |")
+    assert (out / "budget.md").read_text().strip() == table.strip()
+    with pytest.raises(SystemExit, match="expected comma-separated step counts"):
+        ev.main(["budget", "--steps", "a lot", "--out", str(out)])
