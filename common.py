@@ -1357,7 +1357,12 @@ def save_checkpoint(run, step, model, optimizer, scheduler, ema=None, extra=None
     """Write `<out>/checkpoint.pt` atomically: everything needed to continue exactly. Call it on every rank:
     the ranks' RNG states are gathered to it, then rank 0 alone writes.
 
-    extra: method state (e.g. CE-CLIP's adaptive thresholds) as a dict of tensors/numbers."""
+    extra: method state (e.g. CE-CLIP's adaptive thresholds) as a dict of tensors/numbers.
+    A second call for the step just saved (the final save after a periodic one at the last step) writes nothing:
+    nothing has changed in between. Every rank takes the same branch, so the gather below stays collective."""
+    if getattr(run, "saved_step", None) == step:
+        return
+    run.saved_step = step
     rng_states = gather_rng_states()
     if not run.is_main:
         return

@@ -239,6 +239,7 @@ def _tiny_training(out, steps=6, resume=None, interrupt_after=None, save_every=2
             common.save_checkpoint(run, step + 1, model, optimizer, scheduler, ema, extra={"seen": step + 1})
         if interrupt_after is not None and step + 1 == interrupt_after:
             raise _Interrupt
+    common.save_checkpoint(run, steps, model, optimizer, scheduler, ema, extra={"seen": steps})   # as train() does
     run.close()
     return model, ema
 
@@ -252,6 +253,16 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         assert torch.equal(p, q), name
     for p, q in zip(reference_ema.module.parameters(), resumed_ema.module.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("save_every, steps_written", [(2, [2, 4, 6]), (4, [4, 6])])
+def test_final_checkpoint_is_written_once(tmp_path, monkeypatch, save_every, steps_written):
+    """The final save after a periodic save at the last step does not write the same checkpoint again."""
+    written, save = [], common._atomic_torch_save
+    monkeypatch.setattr(common, "_atomic_torch_save", lambda state, path: (written.append(state["step"]),
+                                                                          save(state, path)))
+    _tiny_training(tmp_path / "a", save_every=save_every)
+    assert written == steps_written
 
 
 def test_resume_refuses_another_methods_folder(tmp_path):
