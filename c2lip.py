@@ -62,6 +62,7 @@ Run:
     python c2lip.py --resume runs/c2lip-shapes-<time>                  # continue an interrupted run (its folder)
     python eval.py --model local-dir:runs/c2lip-... --bench sugarcrepe,zeroshot --root DIR   # the exported model
 """
+import argparse
 import math
 import os
 import zlib
@@ -562,8 +563,9 @@ def parse_args(argv=None):
     g.add_argument("--w-xac", type=float, default=None, help="weight of L_xac (0 turns it off)")
     g.add_argument("--xac-temperature", type=float, default=None, help="tau of the concept->patch softmax")
     g.add_argument("--xac-chunk", type=int, default=None, help="concepts per XAC einsum chunk (memory bound)")
-    g.add_argument("--xac-recompute", action="store_true", default=None,
-                   help="recompute each XAC chunk in backward (bounds autograd memory at large batch)")
+    g.add_argument("--xac-recompute", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each XAC chunk in backward (bounds autograd memory at large batch); "
+                        "--no-xac-recompute turns it off in a resumed run that had it on")
     g.add_argument("--mask-duplicates", type=int, choices=[0, 1, 2], default=None,
                    help="drop false-negative (image, concept) pairs: 1 = the concept repeats one of the image's "
                         "own, 2 = also when its words are a subset of one of them; paper: 0")

@@ -57,6 +57,7 @@ the batch are dropped (exact under the causal mask); weight decay skips norms/bi
 (common.make_optimizer; the release decays everything). AdamW betas and eps on real data are the release's
 (torch's defaults 0.9, 0.999, 1e-8); the shapes world keeps the project's 0.9, 0.98, 1e-6.
 """
+import argparse
 import json
 import math
 import os
@@ -92,6 +93,7 @@ PAPER_DEFAULTS = dict(
     tsl_weight=1.0,              # lambda_TSL
     scorer_model="ViT-L-14-336-quickgelu",  # LISM's frozen scorer (goal.md LISM step 4: CLIP ViT-L/14-336)
     scorer_pretrained="openai",
+    released_box_mapping=False,  # the paper's box -> patch mapping (--released-box-mapping: the release's)
 )
 # Tiny model: context 32. We keep Long-CLIP's ratios: K = round(20/77 * 32) = 8 kept positions and the same
 # factor 4, so the new length is 8 + 4 * (32 - 8) = 104 (Long-CLIP: 20 + 4 * (77 - 20) = 248). Shapes long
@@ -100,7 +102,8 @@ PAPER_DEFAULTS = dict(
 # so that the four shapes results differ by their losses only.
 SHAPES_GOAL_DEFAULTS = dict(context_length=104, keep_positions=8, local_weight=0.5, tsl_weight=1.0,
                             betas=(0.9, 0.98), eps=1e-6,
-                            scorer_model="same", scorer_pretrained="same")   # no larger shapes model exists
+                            scorer_model="same", scorer_pretrained="same",   # no larger shapes model exists
+                            released_box_mapping=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -636,9 +639,10 @@ def parse_args(argv=None):
     g.add_argument("--tsl-weight", type=float, default=None, help="lambda_TSL on the token-similarity loss")
     g.add_argument("--context-length", type=int, default=None, help="text context after the Long-CLIP stretch")
     g.add_argument("--keep-positions", type=int, default=None, help="positions copied unchanged by the stretch")
-    g.add_argument("--released-box-mapping", action="store_true", default=None,
+    g.add_argument("--released-box-mapping", action=argparse.BooleanOptionalAction, default=None,
                    help="map boxes to patches as the release does (divides by the crop size; 16-px cells); "
-                        "approximate: no rounding, boxes in model-input pixels (see the module docstring)")
+                        "approximate: no rounding, boxes in model-input pixels (see the module docstring); "
+                        "--no-released-box-mapping turns it off in a resumed run that had it on")
     g.add_argument("--lism", default=None, help="LISM output (segments file with pairs); shapes: computed if absent")
     g.add_argument("--segments-file", default=None, help="lism: candidate boxes (SAM/detector) per image")
     g.add_argument("--scorer-model", default=None,

@@ -36,6 +36,16 @@ def test_resumed_run_keeps_its_flags_and_given_flags_win(tmp_path):
 def test_resumed_c2lip_keeps_its_switch(tmp_path):
     assert c2lip.parse_args([]).xac_recompute is False
     assert c2lip.parse_args(["--resume", _run_folder(tmp_path, xac_recompute=True)]).xac_recompute is True
+    # the off-form wins over the resumed run's saved switch
+    assert c2lip.parse_args(["--resume", str(tmp_path / "run"), "--no-xac-recompute"]).xac_recompute is False
+
+
+def test_resumed_goal_switch_has_an_off_form(tmp_path):
+    import goal
+    folder = _run_folder(tmp_path, released_box_mapping=True)
+    assert goal.parse_args(["--resume", folder]).released_box_mapping is True
+    assert goal.parse_args(["--resume", folder, "--no-released-box-mapping"]).released_box_mapping is False
+    assert goal.parse_args([]).released_box_mapping is False
 
 
 def _draws():
