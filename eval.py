@@ -2528,13 +2528,17 @@ def compare_targets_table(runs):
         if not runs.get(method) or not runs.get(baseline):
             continue
         mine, theirs = _seeded_values(runs[method], metric_fn), _seeded_values(runs[baseline], metric_fn)
-        if not mine or not theirs:   # runs without the shapes suite (real data) have no target to show
+        common_seeds = set(mine) & set(theirs)   # both columns over the same seeds, so that they pair
+        mine = {k: v for k, v in mine.items() if k in common_seeds}
+        theirs = {k: v for k, v in theirs.items() if k in common_seeds}
+        if not mine:   # runs without the shapes suite (real data), or no seed in common: no target to show
             continue
         paired = {s: mine[s] - theirs[s] for s in set(mine) & set(theirs)}
         base = _mean_std(list(_seeded_values(runs[method], metric_fn, "before").values()))[0]
         zs_base = _mean_std(list(_seeded_values(runs[method], zero_shot, "before").values()))[0]
-        zs = [stat(_seeded_values(runs[m], zero_shot)) for m in (baseline, method)]
-        r1 = [stat(_seeded_values(runs[m], retrieval)) for m in (baseline, method)]
+        same_seeds = lambda values: {k: v for k, v in values.items() if k in common_seeds}  # noqa: E731
+        zs = [stat(same_seeds(_seeded_values(runs[m], zero_shot))) for m in (baseline, method)]
+        r1 = [stat(same_seeds(_seeded_values(runs[m], retrieval))) for m in (baseline, method)]
         lines.append(f"| {method} | {label} | {baseline} | {_fmt(base)} | {stat(theirs)} | {stat(mine)} | "
                      f"{stat(paired)} | {beats(mine, theirs)} | {_fmt(zs_base)} / {zs[0]} / {zs[1]} | "
                      f"{r1[0]} / {r1[1]} |")
