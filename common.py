@@ -1474,8 +1474,8 @@ def export_open_clip(model, path, model_name=None, tokenizer=None, meta=None):
 
 
 # The shared budget of every method on the shapes world, so that `python <method>.py` runs compare at equal
-# cost (`eval.py compare` uses exactly these; the README's table is still the 250-step one of issue #2): about
-# 4-16 minutes of training on 2 CPU cores, 4x the 250-step budget's 1-4 (estimated from the step count).
+# cost (`eval.py compare` uses exactly these): 18-57 minutes per run on one CPU core with another run beside it
+# (measured for plain, NegCLIP, DeGLA, CE-CLIP, plain SigLIP and C2LIP at seed 0).
 SHAPES_DEFAULTS = {
     "model": TINY_MODEL, "pretrained": "shapes",
     "steps": 1000,         # optimizer steps: the budget at which NegCLIP's hard negatives beat plain fine-tuning on

@@ -2672,8 +2672,8 @@ def compare_main(argv):
     p.add_argument("--methods", default=",".join(COMPARE_DEFAULT_METHODS),
                    help=f"comma-separated subset of {list(COMPARE_METHODS)} (default: all but c2lip-clip)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (the issues ask for three: about "
-                   "15 hours on 2 CPU cores at the 1000-step shapes budget; --seeds 0 or --steps 250 for a quicker "
-                   "look)")
+                   "14 hours of run time, 7 of wall-clock on 2 CPU cores, at the 1000-step shapes budget; "
+                   "--seeds 0 or --steps 250 for a quicker look)")
     p.add_argument("--steps", type=int, default=None, help="training steps of every run (default: the shapes default)")
     p.add_argument("--out", default="runs/compare", help="folder of the runs and of compare.md")
     p.add_argument("--runs", nargs="+", default=None, help="tabulate these finished run folders instead of training "
