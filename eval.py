@@ -2502,8 +2502,8 @@ def _seeded_values(dirs, metric_fn, when="after"):
 
 def beats(mine, baseline):
     """The issues' rule: a method beats its baseline when the mean of the seed-paired differences is larger than
-    the seed spread (max - min) of either run set, and every paired difference is positive. 'yes' / 'no' /
-    'tie' (mean difference within the spread) / '1 seed' (no spread to compare with)."""
+    the seed spread (max - min) of either run set, and every paired difference is positive. Returns 'yes',
+    'no (worse)' (the same rule the other way), 'no (within spread)', or '1 seed' (no spread to compare with)."""
     seeds = sorted(set(mine) & set(baseline))
     if len(seeds) < 2:
         return "1 seed" if seeds else "–"
@@ -2533,7 +2533,7 @@ def compare_targets_table(runs):
         theirs = {k: v for k, v in theirs.items() if k in common_seeds}
         if not mine:   # runs without the shapes suite (real data), or no seed in common: no target to show
             continue
-        paired = {s: mine[s] - theirs[s] for s in set(mine) & set(theirs)}
+        paired = {s: mine[s] - theirs[s] for s in mine}
         base = _mean_std(list(_seeded_values(runs[method], metric_fn, "before").values()))[0]
         zs_base = _mean_std(list(_seeded_values(runs[method], zero_shot, "before").values()))[0]
         same_seeds = lambda values: {k: v for k, v in values.items() if k in common_seeds}  # noqa: E731
