@@ -2528,15 +2528,14 @@ def compare_targets_table(runs):
         if not runs.get(method) or not runs.get(baseline):
             continue
         mine, theirs = _seeded_values(runs[method], metric_fn), _seeded_values(runs[baseline], metric_fn)
-        common_seeds = set(mine) & set(theirs)   # both columns over the same seeds, so that they pair
-        mine = {k: v for k, v in mine.items() if k in common_seeds}
-        theirs = {k: v for k, v in theirs.items() if k in common_seeds}
+        common_seeds = set(mine) & set(theirs)   # every column over the same seeds, so that they pair
+        same_seeds = lambda values: {k: v for k, v in values.items() if k in common_seeds}  # noqa: E731
+        mine, theirs = same_seeds(mine), same_seeds(theirs)
         if not mine:   # runs without the shapes suite (real data), or no seed in common: no target to show
             continue
         paired = {s: mine[s] - theirs[s] for s in mine}
         base = _mean_std(list(_seeded_values(runs[method], metric_fn, "before").values()))[0]
         zs_base = _mean_std(list(_seeded_values(runs[method], zero_shot, "before").values()))[0]
-        same_seeds = lambda values: {k: v for k, v in values.items() if k in common_seeds}  # noqa: E731
         zs = [stat(same_seeds(_seeded_values(runs[m], zero_shot))) for m in (baseline, method)]
         r1 = [stat(same_seeds(_seeded_values(runs[m], retrieval))) for m in (baseline, method)]
         lines.append(f"| {method} | {label} | {baseline} | {_fmt(base)} | {stat(theirs)} | {stat(mine)} | "
