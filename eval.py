@@ -2644,6 +2644,23 @@ def _compare_run(method, seed, run_dir, steps, args, here, env):
     return None
 
 
+def compare_name(config):
+    """The COMPARE_METHODS name of a run from its config.json: the script alone does not tell, since the baselines
+    are the methods' own scripts with flags (plain and NegCLIP are degla.py, plain SigLIP is c2lip.py, ...)."""
+    method = config.get("method", "?")
+    off = lambda *keys: all(config.get(k) in (0, 0.0) for k in keys)  # noqa: E731
+    if method == "degla" and config.get("baseline") in ("plain", "negclip"):
+        return config["baseline"]
+    if method == "c2lip":
+        siglip = "siglip" in str(config.get("model", ""))
+        if off("w_npc", "w_xac"):
+            return "plain-siglip" if siglip else "plain-c2lip-clip"
+        return "c2lip" if siglip else "c2lip-clip"
+    if method == "goal" and off("local_weight", "tsl_weight"):
+        return "plain-long"
+    return method
+
+
 def _parse_methods(text, prog):
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in COMPARE_METHODS]
@@ -2676,7 +2693,8 @@ def compare_main(argv):
     p.add_argument("--steps", type=int, default=None, help="training steps of every run (default: the shapes default)")
     p.add_argument("--out", default="runs/compare", help="folder of the runs and of compare.md")
     p.add_argument("--runs", nargs="+", default=None, help="tabulate these finished run folders instead of training "
-                   "(e.g. real COCO/DOCCI runs); grouped by the method in their config.json")
+                   "(e.g. real COCO/DOCCI runs); grouped by what their config.json says they are (plain, negclip, degla, "
+                   "plain-siglip, ...)")
     p.add_argument("--readme", default=None, help="also write the table into this README's compare section")
     p.add_argument("--extra", default="", help="extra flags passed to every run, e.g. '--train-size 5000'")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU threads are split between them)")
@@ -2688,8 +2706,8 @@ def compare_main(argv):
         runs = OrderedDict()
         for d in args.runs:
             config_path = Path(d) / "config.json"
-            method = json.loads(config_path.read_text()).get("method", Path(d).name) if config_path.exists() else Path(d).name
-            runs.setdefault(method, []).append(d)
+            name = compare_name(json.loads(config_path.read_text())) if config_path.exists() else Path(d).name
+            runs.setdefault(name, []).append(d)
     else:
         methods = _parse_methods(args.methods, "compare")
         seeds = [int(s) for s in args.seeds.split(",")]

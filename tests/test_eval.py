@@ -782,6 +782,25 @@ def test_compare_tabulates_finished_runs(tmp_path, capsys):
     assert (tmp_path / "cmp" / "compare.md").read_text().strip() == table.strip()
 
 
+def test_compare_runs_are_named_by_what_their_config_says(tmp_path):
+    """--runs: plain and NegCLIP are degla.py runs and plain SigLIP is a c2lip.py run; each gets its own column."""
+    configs = {"plain": {"method": "degla", "baseline": "plain"}, "negclip": {"method": "degla", "baseline": "negclip"},
+               "degla": {"method": "degla", "baseline": None},
+               "plain-siglip": {"method": "c2lip", "model": "shapes-tiny-siglip", "w_npc": 0.0, "w_xac": 0.0},
+               "c2lip": {"method": "c2lip", "model": "shapes-tiny-siglip", "w_npc": 1.0, "w_xac": 0.5},
+               "c2lip-clip": {"method": "c2lip", "model": "shapes-tiny-vit", "w_npc": 1.0, "w_xac": 0.5},
+               "plain-long": {"method": "goal", "local_weight": 0.0, "tsl_weight": 0.0},
+               "goal": {"method": "goal", "local_weight": 1.0, "tsl_weight": 1.0}, "cehn": {"method": "cehn"}}
+    for name, config in configs.items():
+        assert ev.compare_name(config) == name
+    for i, name in enumerate(("plain", "negclip")):
+        _fake_run(tmp_path / name, name, i)
+        (tmp_path / name / "config.json").write_text(json.dumps(configs[name]))
+    table = ev.main(["compare", "--runs", str(tmp_path / "plain"), str(tmp_path / "negclip"), "--out",
+                     str(tmp_path / "cmp")])
+    assert "| benchmark | metric | before | plain | negclip |" in table
+
+
 def test_compare_no_train_tabulates_only_finished_runs(tmp_path, monkeypatch):
     """--no-train: requested runs without results.json are left out, and nothing is started."""
     _fake_run(tmp_path / "plain-seed0", "plain", 0)
