@@ -2673,7 +2673,7 @@ def _train_missing(jobs, args):
     """Run the (method, seed, run_dir, steps) jobs, `args.jobs` at a time, each on its share of the CPU threads:
     on small models two one-thread processes get more done than one process using two threads."""
     here = Path(__file__).resolve().parent
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         failures = [f for f in pool.map(lambda job: _compare_run(*job, args, here, env), jobs) if f]
@@ -2698,6 +2698,8 @@ def compare_main(argv):
     p.add_argument("--readme", default=None, help="also write the table into this README's compare section")
     p.add_argument("--extra", default="", help="extra flags passed to every run, e.g. '--train-size 5000'")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU threads are split between them)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: the cores / --jobs; "
+                   "set it when another run already uses some of the cores)")
     p.add_argument("--no-train", action="store_true",
                    help="train nothing: tabulate the finished runs among those requested (others are left out)")
     args = p.parse_args(argv)
@@ -2783,6 +2785,8 @@ def budget_main(argv):
                    "with the same method, seed and step count is used instead of training it again")
     p.add_argument("--extra", default="", help="extra flags passed to every run")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU threads are split between them)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: the cores / --jobs; "
+                   "set it when another run already uses some of the cores)")
     p.add_argument("--no-train", action="store_true", help="train nothing: tabulate the finished runs")
     args = p.parse_args(argv)
     methods = _parse_methods(args.methods, "budget")
