@@ -2552,8 +2552,8 @@ def _run_clock(runs):
         for d in dirs:
             path = Path(d) / "compare_time.json"
             if path.exists():
-                seconds = json.loads(path.read_text())["wall_seconds"]
-                end = path.stat().st_mtime
+                record = json.loads(path.read_text())
+                seconds, end = record["wall_seconds"], record.get("ended_at", path.stat().st_mtime)
                 intervals.append((end - seconds, end))
                 total += seconds
     busy, covered_until = 0.0, float("-inf")
@@ -2639,7 +2639,9 @@ def _compare_run(method, seed, run_dir, steps, args, here, env):
         done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         return f"{method} seed {seed} failed (exit {done.returncode}, see {run_dir / 'stdout.txt'})"
-    _atomic_write(run_dir / "compare_time.json", json.dumps({"wall_seconds": time.time() - t0}))
+    # the end time is written down, not read from the file's mtime: run records are committed, and a clone's files
+    # all carry the checkout's time
+    _atomic_write(run_dir / "compare_time.json", json.dumps({"wall_seconds": time.time() - t0, "ended_at": time.time()}))
     print(f"[compare] {method} seed {seed}: done in {time.time() - t0:.0f} s", flush=True)
     return None
 

@@ -824,6 +824,12 @@ def test_compare_clock_counts_only_time_when_a_run_was_going(tmp_path):
         runs[name] = [run_dir]
     busy, total = evaluation._run_clock(runs)
     assert busy == pytest.approx(250.0) and total == pytest.approx(300.0)
+    # committed records in a fresh clone: every file carries the checkout's mtime; the written end time counts
+    for name, end in (("a", 1000.0), ("b", 1050.0), ("c", 4700.0)):
+        path = tmp_path / name / "compare_time.json"
+        path.write_text(json.dumps({"wall_seconds": 100.0, "ended_at": end}))
+        os.utime(path, (9999.0, 9999.0))
+    assert evaluation._run_clock(runs) == (pytest.approx(250.0), pytest.approx(300.0))
 
 
 def _fake_shapes_run(folder, method, seed, model, after, before=50.0, zero_shot=90.0, **config):
