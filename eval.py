@@ -2641,8 +2641,9 @@ def _compare_run(method, seed, run_dir, steps, args, here, env):
         return f"{method} seed {seed} failed (exit {done.returncode}, see {run_dir / 'stdout.txt'})"
     # the end time is written down, not read from the file's mtime: run records are committed, and a clone's files
     # all carry the checkout's time
-    _atomic_write(run_dir / "compare_time.json", json.dumps({"wall_seconds": time.time() - t0, "ended_at": time.time()}))
-    print(f"[compare] {method} seed {seed}: done in {time.time() - t0:.0f} s", flush=True)
+    ended = time.time()
+    _atomic_write(run_dir / "compare_time.json", json.dumps({"wall_seconds": ended - t0, "ended_at": ended}))
+    print(f"[compare] {method} seed {seed}: done in {ended - t0:.0f} s", flush=True)
     return None
 
 
