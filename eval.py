@@ -2672,6 +2672,13 @@ def _parse_methods(text, prog):
     return methods
 
 
+def _add_parallel_flags(p):
+    """--jobs and --threads, which `_train_missing` reads (compare and budget)."""
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU threads are split between them)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: the cores / --jobs; "
+                   "set it when another run already uses some of the cores)")
+
+
 def _train_missing(jobs, args):
     """Run the (method, seed, run_dir, steps) jobs, `args.jobs` at a time, each on its share of the CPU threads:
     on small models two one-thread processes get more done than one process using two threads."""
@@ -2700,9 +2707,7 @@ def compare_main(argv):
                    "plain-siglip, ...)")
     p.add_argument("--readme", default=None, help="also write the table into this README's compare section")
     p.add_argument("--extra", default="", help="extra flags passed to every run, e.g. '--train-size 5000'")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU threads are split between them)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: the cores / --jobs; "
-                   "set it when another run already uses some of the cores)")
+    _add_parallel_flags(p)
     p.add_argument("--no-train", action="store_true",
                    help="train nothing: tabulate the finished runs among those requested (others are left out)")
     args = p.parse_args(argv)
@@ -2787,9 +2792,7 @@ def budget_main(argv):
     p.add_argument("--reuse", default="runs/compare", help="folder of `eval.py compare` runs: a finished run there "
                    "with the same method, seed and step count is used instead of training it again")
     p.add_argument("--extra", default="", help="extra flags passed to every run")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU threads are split between them)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: the cores / --jobs; "
-                   "set it when another run already uses some of the cores)")
+    _add_parallel_flags(p)
     p.add_argument("--no-train", action="store_true", help="train nothing: tabulate the finished runs")
     args = p.parse_args(argv)
     methods = _parse_methods(args.methods, "budget")
