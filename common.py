@@ -1224,7 +1224,10 @@ class SeededSamples(torch.utils.data.Dataset):
     Without it the augmentation of a sample depends on which data-loader worker loads it and on how many samples
     that worker loaded before (or, with no workers, on the training process's RNG stream), so a run resumed in
     the middle of an epoch would see other crops than the uninterrupted run. The process's RNG states (torch CPU,
-    Python, NumPy) are put back after each sample, so the training loop's random numbers are not touched."""
+    Python, NumPy) are put back after each sample, so the training loop's random numbers are not touched.
+    Only the CPU generator is seeded (augmentations run on the CPU): `torch.manual_seed` would also reseed every
+    CUDA device, which fork_rng(devices=[]) does not put back, and costs a captured stack trace per sample (per
+    accelerator backend) before CUDA is initialized."""
 
     def __init__(self, dataset, seed, epoch):
         self.dataset, self.seed, self.epoch = dataset, seed, epoch
@@ -1237,7 +1240,7 @@ class SeededSamples(torch.utils.data.Dataset):
         python_state, numpy_state = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed)
+                torch.default_generator.manual_seed(sample_seed)
                 random.seed(sample_seed)
                 np.random.seed(sample_seed % 2 ** 32)
                 return self.dataset[index]

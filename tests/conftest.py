@@ -3,7 +3,21 @@
 # tests/bench.py is a script that prints performance ratios; it is run by hand, never collected as a test.
 collect_ignore = ["bench.py"]
 
+import os
+
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (pytest.ini: `-n auto`, one worker per core up to 4) each worker gets its share of the
+    cores, in this process and in the subprocesses it starts: the tiny models scale poorly past one thread, and two
+    workers running two threads each on 2 cores would oversubscribe them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        import torch
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 @pytest.fixture(scope="session")

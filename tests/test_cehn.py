@@ -238,7 +238,6 @@ def test_short_run_moves_target(shapes_base, tmp_path):
     2026-11-25 this run measured ARO 47.1 -> 48.9 and SWAP 52.5 -> 53.6 (target 49.8 -> 51.3): ARO now rises
     and SWAP less, so the check moved from SWAP alone to the issue's full target."""
     import common
-    torch.set_num_threads(2)
     model, _, val_tf, tokenizer = common.create_backbone(common.TINY_MODEL, shapes_base)
     aro_before, swap_before, _ = _target_metric(model, tokenizer, val_tf)
     args = cehn.parse_args(["--pretrained", shapes_base, "--steps", "60", "--batch-size", "32", "--train-size", "1920",
