@@ -173,6 +173,28 @@ def test_encode_texts_dedup():
     assert len(tok.texts) == 2
 
 
+def test_encode_texts_trims_causal_padding_to_the_same_embeddings():
+    """On open_clip's causal CLIP text tower the harness drops the padding after each batch's longest text (batches
+    sorted by length): the embeddings equal model.encode_text on the full context. A bidirectional tower (the same
+    model without its causal mask) sees every column, so it is encoded in full."""
+    import common
+    torch.manual_seed(0)
+    model, _, _, tok = common.create_backbone(common.TINY_MODEL, "")
+    model.eval()
+    texts = ["a red circle", "x", "a big blue square left of a small green triangle above a tiny red star"] * 2 + \
+        [f"{i} " + "very " * (i % 9) + "small shapes" for i in range(40)]
+    ends = ev._text_end(model, tok(texts))
+    assert ends is not None and int(ends.min()) == 2 and int(ends.max()) < tok(texts).shape[1] - 1   # "x": SOT x EOT
+    with torch.no_grad():
+        full = nn.functional.normalize(model.encode_text(tok(texts)), dim=-1)
+    assert torch.allclose(ev.encode_texts(model, tok, texts, device="cpu", batch_size=8), full, atol=1e-6)
+    model.attn_mask = None   # now every token attends to the padding too: no trimming
+    assert ev._text_end(model, tok(texts)) is None
+    with torch.no_grad():
+        full = nn.functional.normalize(model.encode_text(tok(texts)), dim=-1)
+    assert torch.allclose(ev.encode_texts(model, tok, texts, device="cpu", batch_size=8), full, atol=1e-6)
+
+
 # ---------- SugarCrepe ----------
 
 def write_sugarcrepe(root, n_images=4, missing=()):
