@@ -220,10 +220,15 @@ def bench_eval_vg_relation(args):
 def bench_eval_zeroshot_classifier(args):
     """eval.zero_shot_classifier (all prompts in batches of 256) vs a per-class loop (one batch of a class's
     templates) and vs open_clip.build_zero_shot_classifier (10 classes per batch), ImageNet's class names and 80
-    templates, best of two each; the class weights must agree."""
+    templates, best of two each; the class weights must agree. --zeroshot-model names an open_clip architecture
+    (random weights) to time a full-size text tower instead of the tiny one, e.g. ViT-B-32 (77 columns)."""
     import open_clip
     import eval as ev
-    model, _, tokenizer = tiny_model()
+    if args.zeroshot_model:
+        model = open_clip.create_model(args.zeroshot_model).eval()
+        tokenizer = open_clip.get_tokenizer(args.zeroshot_model)
+    else:
+        model, _, tokenizer = tiny_model()
     classnames, templates = list(open_clip.IMAGENET_CLASSNAMES)[:args.zeroshot_classes], open_clip.OPENAI_IMAGENET_TEMPLATES
 
     def per_class_loop():
@@ -246,7 +251,7 @@ def bench_eval_zeroshot_classifier(args):
     if not (torch.allclose(fast, loop, atol=1e-5) and torch.allclose(fast, builder.float(), atol=1e-5)):
         raise SystemExit("eval_zeroshot_classifier: the class weights differ")
     detail = (f"{len(classnames)} ImageNet classes x {len(templates)} templates = {len(classnames) * len(templates)} "
-              f"prompts, tiny text tower: batched {t_fast:.2f}s, per-class loop {t_loop:.2f}s, open_clip builder "
+              f"prompts, {args.zeroshot_model or 'tiny'} text tower: batched {t_fast:.2f}s, per-class loop {t_loop:.2f}s, open_clip builder "
               f"(10 classes per batch) {t_builder:.2f}s ({t_builder / t_fast:.1f}x); weights agree (atol 1e-5)")
     return t_loop / t_fast, detail
 
@@ -588,6 +593,8 @@ def main():
     p.add_argument("--images", type=int, default=300, help="eval_sugarcrepe: number of shared images")
     p.add_argument("--vgr-items", type=int, default=3000, help="eval_vg_relation: number of items")
     p.add_argument("--zeroshot-classes", type=int, default=200, help="eval_zeroshot_classifier: ImageNet classes")
+    p.add_argument("--zeroshot-model", default=None, help="eval_zeroshot_classifier: an open_clip architecture "
+                   "(random weights) instead of the tiny text tower, e.g. ViT-B-32")
     p.add_argument("--xac-shape", type=int, nargs=4, default=(32, 196, 768, 96), metavar=("B", "P", "D", "N"),
                    help="c2lip_xac: images, patches, width, concepts (SigLIP B/16 tokens, a 32-image batch)")
     p.add_argument("--captions", type=int, default=5000, help="negatives: number of captions")
