@@ -216,6 +216,115 @@ def bench_eval_vg_relation(args):
     return t_slow / t_fast, detail
 
 
+def write_retrieval_fixture(root, n_images=1000, seed=0):
+    """Karpathy's dataset_coco.json (test split, 5 `raw` sentences per image) over noise jpgs in <root>/coco/val2014:
+    the layout `coco_retrieval` reads first."""
+    rng = random.Random(seed)
+    words = ["a", "man", "woman", "dog", "red", "small", "table", "riding", "on", "the", "next", "to", "with", "two",
+             "people", "sitting", "street", "plate", "of", "food", "white", "cat", "bus", "large", "green", "field"]
+    (root / "coco/val2014").mkdir(parents=True)
+    (root / "karpathy").mkdir()
+    images = []
+    for i in range(n_images):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        Image.frombytes("RGB", (64, 64), rng.randbytes(64 * 64 * 3)).save(root / "coco/val2014" / name)
+        images.append({"filepath": "val2014", "filename": name, "split": "test",
+                       "sentences": [{"raw": " ".join(rng.choices(words, k=rng.randrange(6, 16)))} for _ in range(5)]})
+    (root / "karpathy/dataset_coco.json").write_text(json.dumps({"images": images}))
+    return images
+
+
+def naive_retrieval(model, transform, tokenizer, root, images, batch_size=64):
+    """The shape of CLIP_benchmark's retrieval evaluator: batches of images, each with its five captions; every
+    batch encodes its images and tokenizes and encodes its captions at the full context; then the caption x image
+    scores, and R@1 both ways (an image counts if any of its captions is its top text)."""
+    image_chunks, text_chunks, owner = [], [], []
+    with torch.inference_mode():
+        for s in range(0, len(images), batch_size):
+            batch = images[s:s + batch_size]
+            pixels = []
+            for im in batch:
+                with Image.open(root / "coco" / im["filepath"] / im["filename"]) as f:
+                    pixels.append(transform(f.convert("RGB")))
+            image_chunks.append(model.encode_image(torch.stack(pixels), normalize=True))
+            texts = [c["raw"] for im in batch for c in im["sentences"]]
+            owner += [s + j for j, im in enumerate(batch) for _ in im["sentences"]]
+            text_chunks.append(model.encode_text(tokenizer(texts), normalize=True))
+    scores = torch.cat(text_chunks) @ torch.cat(image_chunks).T            # (texts, images)
+    owner = torch.tensor(owner)
+    t2i = 100.0 * (scores.argmax(dim=1) == owner).float().mean().item()
+    i2t = 100.0 * (owner[scores.argmax(dim=0)] == torch.arange(len(images))).float().mean().item()
+    return i2t, t2i
+
+
+@row("eval_retrieval")
+def bench_eval_retrieval(args):
+    """eval.evaluate(['coco_retrieval']) vs CLIP_benchmark's shape of evaluator (batches of images with their
+    captions, full-context text encoding), best of two each, same model and files; R@1 both ways must agree."""
+    import eval as ev
+    model, transform, tokenizer = tiny_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = __import__("pathlib").Path(tmp)
+        images = write_retrieval_fixture(root, args.retrieval_images)
+        (fast, t_fast), (slow, t_slow) = _best_of_two(
+            lambda: ev.evaluate(model, tokenizer, transform, ["coco_retrieval"], root=root, device="cpu", workers=2),
+            lambda: naive_retrieval(model, transform, tokenizer, root, images))
+    metrics = fast["coco_retrieval"]["metrics"]
+    if abs(metrics["i2t_R@1"] - slow[0]) > 1e-6 or abs(metrics["t2i_R@1"] - slow[1]) > 1e-6:
+        raise SystemExit(f"eval_retrieval: R@1 differs: harness {metrics['i2t_R@1']}/{metrics['t2i_R@1']}, "
+                         f"reference {slow}")
+    detail = (f"{len(images)} images x 5 captions (Karpathy layout): harness {t_fast:.2f}s, batched reference "
+              f"{t_slow:.2f}s; R@1 identical (i2t {slow[0]:.2f}, t2i {slow[1]:.2f})")
+    return t_slow / t_fast, detail
+
+
+_REFERENCE_PROCESS = """
+import sys, pathlib
+sys.path[:0] = [{repo!r}, {tests!r}]
+import common, bench
+model, _, transform, tokenizer = common.create_backbone(common.TINY_MODEL, "shapes")
+root = pathlib.Path({root!r})
+images = __import__("json").loads((root / "karpathy/dataset_coco.json").read_text())["images"]
+print(*bench.naive_retrieval(model.eval(), transform, tokenizer, root, images))
+"""
+
+
+@row("eval_process")
+def bench_eval_process(args):
+    """Whole processes on the retrieval fixture with the shipped CLIP base: `python eval.py --bench coco_retrieval`
+    against a script that loads the same model and runs the CLIP_benchmark-shaped reference (best of two each);
+    also `python -c "import open_clip"` alone, the floor of any open_clip evaluator, and eval.py's in-process
+    time, so that the detail shows where a process's seconds go."""
+    import subprocess
+    import eval as ev
+    import common
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+
+    def process(*command):
+        return lambda: subprocess.run([sys.executable, *command], check=True, capture_output=True, text=True, env=env)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = __import__("pathlib").Path(tmp)
+        write_retrieval_fixture(root, args.retrieval_images)
+        model, _, transform, tokenizer = common.create_backbone(common.TINY_MODEL, "shapes")
+        reference = _REFERENCE_PROCESS.format(repo=repo, tests=os.path.join(repo, "tests"), root=str(root))
+        (_, t_floor), (ours, t_ours), (ref, t_ref), (_, t_inside) = _best_of_two(
+            process("-c", "import open_clip"),
+            process(os.path.join(repo, "eval.py"), "--model", common.TINY_MODEL, "--pretrained", "shapes", "--bench",
+                    "coco_retrieval", "--root", str(root), "--device", "cpu"),
+            process("-c", reference),
+            lambda: ev.evaluate(model.eval(), tokenizer, transform, ["coco_retrieval"], root=root, device="cpu",
+                                workers=2))
+    i2t, t2i = (float(v) for v in ref.stdout.split())
+    if f"| coco_retrieval | **i2t_R@1** | {i2t:.2f} |" not in ours.stdout:
+        raise SystemExit(f"eval_process: eval.py's i2t R@1 is not the reference's {i2t:.2f}:\n{ours.stdout[-800:]}")
+    detail = (f"retrieval, {args.retrieval_images} images x 5 captions, shipped CLIP base: eval.py process "
+              f"{t_ours:.2f}s (evaluation in-process {t_inside:.2f}s, so {t_ours - t_inside:.2f}s of start-up, of "
+              f"which `import open_clip` alone {t_floor:.2f}s), reference script {t_ref:.2f}s; R@1 identical "
+              f"(i2t {i2t:.2f}, t2i {t2i:.2f})")
+    return t_ref / t_ours, detail
+
+
 @row("eval_zeroshot_classifier")
 def bench_eval_zeroshot_classifier(args):
     """eval.zero_shot_classifier (all prompts in batches of 256) vs a per-class loop (one batch of a class's
@@ -592,6 +701,7 @@ def main():
     p.add_argument("--items", type=int, default=5600, help="eval_sugarcrepe: number of items (>= 5000)")
     p.add_argument("--images", type=int, default=300, help="eval_sugarcrepe: number of shared images")
     p.add_argument("--vgr-items", type=int, default=3000, help="eval_vg_relation: number of items")
+    p.add_argument("--retrieval-images", type=int, default=1000, help="eval_retrieval: test images (5 captions each)")
     p.add_argument("--zeroshot-classes", type=int, default=200, help="eval_zeroshot_classifier: ImageNet classes")
     p.add_argument("--zeroshot-model", default=None, help="eval_zeroshot_classifier: an open_clip architecture "
                    "(random weights) instead of the tiny text tower, e.g. ViT-B-32")
