@@ -2742,6 +2742,10 @@ def compare_main(argv):
     args = p.parse_args(argv)
     start = time.time()
     if args.runs:
+        unfinished = [d for d in args.runs if not (Path(d) / "results.json").exists()]
+        if unfinished:
+            raise SystemExit(f"eval.py compare: no results.json in {', '.join(unfinished)}: --runs takes finished run "
+                             "folders (a run writes results.json when it ends)")
         runs = OrderedDict()
         for d in args.runs:
             config_path = Path(d) / "config.json"

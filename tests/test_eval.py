@@ -804,6 +804,13 @@ def test_compare_tabulates_finished_runs(tmp_path, capsys):
     assert (tmp_path / "cmp" / "compare.md").read_text().strip() == table.strip()
 
 
+def test_compare_runs_refuses_an_unfinished_run_folder(tmp_path):
+    (tmp_path / "running").mkdir()
+    (tmp_path / "running" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no results.json in .*running: --runs takes finished run folders"):
+        ev.main(["compare", "--runs", str(tmp_path / "running"), "--out", str(tmp_path / "out")])
+
+
 def test_compare_runs_are_named_by_what_their_config_says(tmp_path):
     """--runs: plain and NegCLIP are degla.py runs and plain SigLIP is a c2lip.py run; each gets its own column."""
     configs = {"plain": {"method": "degla", "baseline": "plain"}, "negclip": {"method": "degla", "baseline": "negclip"},
