@@ -1833,5 +1833,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         sample = {"image": self.transform(image) if self.transform else image, "caption": self.captions[index],
                   "index": index, "image_id": f"shapes-{self.split}-{index}"}
         if self.long:
-            sample["segments"] = [o.box(self.image_size) for o in self.scenes[index]]
+            sample["segments"] = self.candidate_boxes(index)
         return sample
+
+    def candidate_boxes(self, index):
+        """GOAL's candidate crops of a scene (its "segments"): each object's tight box, in pixels."""
+        return [o.box(self.image_size) for o in self.scenes[index]]

@@ -58,6 +58,7 @@ the batch are dropped (exact under the causal mask); weight decay skips norms/bi
 (torch's defaults 0.9, 0.999, 1e-8); the shapes world keeps the project's 0.9, 0.98, 1e-6.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -487,14 +488,19 @@ def _lism_pairs(args, model, tokenizer, val_tf, long_tokenizer, device):
     if args.lism:
         return data.load_segments(args.lism, need_pairs=True)
     weights = common.shapes_base_path(args.model) if args.pretrained == "shapes" else str(args.pretrained)
+    world = data.ShapesDataset("train", size=args.train_size, image_size=model.visual.image_size[0],
+                               seed=args.seed, transform=val_tf, long=True)   # scenes and captions only: no pixels yet
     path = None
-    if os.path.isfile(weights):   # cache only a matching made by fixed weights (not a random init), keyed by content
+    if os.path.isfile(weights):   # cache only a matching made by fixed weights (not a random init), keyed by content:
+        # the scorer's weights and what it scores (every caption and candidate box), so that a change to the world's
+        # generator or to the context length can never hand back a stale matching
+        scored = json.dumps([world.captions, [world.candidate_boxes(i) for i in range(len(world))],
+                             args.context_length])
         path = os.path.join(common.cache_dir(), f"goal-lism-shapes-seed{args.seed}-n{args.train_size}-"
-                                                f"ctx{args.context_length}-{common._sha256(weights)[:16]}.json")
+                                                f"{common._sha256(weights)[:16]}-"
+                                                f"{hashlib.sha256(scored.encode()).hexdigest()[:16]}.json")
         if os.path.exists(path):
             return data.load_segments(path)
-    world = data.ShapesDataset("train", size=args.train_size, image_size=model.visual.image_size[0],
-                               seed=args.seed, transform=val_tf, long=True)
     matched = run_lism(model, tokenizer, world, long_tokenizer, device)
     if path and common.is_main():
         common._atomic_write_text(path, json.dumps(matched))

@@ -1,6 +1,6 @@
 """GOAL on the shapes world with scale-preserving candidate boxes (a diagnostic script, not a test).
 
-    COMPCLIP_CACHE=/tmp/lism-fixed-boxes python tests/diag_goal_scale_preserving_boxes.py --seed 0 --out DIR
+    python tests/diag_goal_scale_preserving_boxes.py --seed 0 --out DIR
 
 The shapes world's candidate boxes (`ShapesDataset`'s "segments") are each object's tight box, and GOAL resizes a
 crop to the full image. So a small object (radius 0.11 of the image side) and a large one (0.18) fill their
@@ -8,7 +8,7 @@ crops alike, while the local sentence still says "small" or "large". Here every 
 side instead (SIDE = 0.40 of the image: a large object's box plus a margin), centred on its object and shifted
 inside the image, so every crop is enlarged by the same factor and a small object stays smaller than a large one.
 That is the only change: the boxes LISM chooses from, and so the local pairs' crops and TSL's patches. Every
-other flag is goal.py's. Set COMPCLIP_CACHE to a fresh folder: the LISM cache key does not include the boxes.
+other flag is goal.py's. The LISM cache key includes the candidate boxes, so this run makes its own matching.
 Result (seed 0, 1000 steps): docs/results_goal.md, section 2026-12-02.
 """
 import os
@@ -18,23 +18,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 
 SIDE = 0.40
-_getitem = data.ShapesDataset.__getitem__
 
 
-def _scale_preserving_getitem(self, index):
-    sample = _getitem(self, index)
-    if "segments" in sample:
-        n, half = self.image_size, SIDE * self.image_size / 2
-        boxes = []
-        for o in self.scenes[index]:
-            cx, cy = min(max(o.cx * n, half), n - half), min(max(o.cy * n, half), n - half)
-            boxes.append([cx - half, cy - half, cx + half, cy + half])
-        sample["segments"] = boxes
-    return sample
+def _scale_preserving_boxes(self, index):
+    n, half = self.image_size, SIDE * self.image_size / 2
+    boxes = []
+    for o in self.scenes[index]:
+        cx, cy = min(max(o.cx * n, half), n - half), min(max(o.cy * n, half), n - half)
+        boxes.append([cx - half, cy - half, cx + half, cy + half])
+    return boxes
 
 
 if __name__ == "__main__":
-    data.ShapesDataset.__getitem__ = _scale_preserving_getitem
+    data.ShapesDataset.candidate_boxes = _scale_preserving_boxes
     import goal
     sys.argv = ["goal.py", *sys.argv[1:]]
     goal.main()

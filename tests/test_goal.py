@@ -377,3 +377,28 @@ def test_lism_scores_with_its_own_frozen_scorer(tmp_path, capsys):
     import json
     matched = json.loads(out.read_text())
     assert len(matched) == 6 and all(set(entry) == {"boxes", "pairs"} for entry in matched.values())
+
+
+def test_lism_cache_is_keyed_by_the_candidate_boxes(tmp_path, monkeypatch):
+    """The shapes world's matching is cached, and read back only for the same scorer, captions and candidate boxes:
+    a run with other boxes (tests/diag_goal_scale_preserving_boxes.py) must not get the tight boxes' matching."""
+    import common
+    import data
+    monkeypatch.setenv("COMPCLIP_CACHE", str(tmp_path / "cache"))
+    args = goal.parse_args(["--train-size", "4", "--out", str(tmp_path / "run")])
+    model, _, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained)
+    calls = []
+    run_lism = goal.run_lism
+    monkeypatch.setattr(goal, "run_lism", lambda *a, **k: calls.append(1) or run_lism(*a, **k))
+
+    def matching():
+        return goal._lism_pairs(args, model, tokenizer, val_tf, tokenizer, "cpu")
+
+    first = matching()
+    assert len(calls) == 1 and len(os.listdir(tmp_path / "cache")) == 1
+    assert matching() == first and len(calls) == 1   # same world, same scorer: read from the cache
+    monkeypatch.setattr(data.ShapesDataset, "candidate_boxes", lambda self, i: [[0.0, 0.0, 32.0, 32.0]])
+    other = matching()
+    assert len(calls) == 2 and len(os.listdir(tmp_path / "cache")) == 2
+    assert all(entry["boxes"] == [[0.0, 0.0, 32.0, 32.0]] for entry in other.values())
+    assert all(entry["boxes"] != [[0.0, 0.0, 32.0, 32.0]] for entry in first.values())
