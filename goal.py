@@ -58,7 +58,6 @@ the batch are dropped (exact under the causal mask); weight decay skips norms/bi
 (torch's defaults 0.9, 0.999, 1e-8); the shapes world keeps the project's 0.9, 0.98, 1e-6.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -494,11 +493,9 @@ def _lism_pairs(args, model, tokenizer, val_tf, long_tokenizer, device):
     if os.path.isfile(weights):   # cache only a matching made by fixed weights (not a random init), keyed by content:
         # the scorer's weights and what it scores (every caption and candidate box), so that a change to the world's
         # generator or to the context length can never hand back a stale matching
-        scored = json.dumps([world.captions, [world.candidate_boxes(i) for i in range(len(world))],
-                             args.context_length])
-        path = os.path.join(common.cache_dir(), f"goal-lism-shapes-seed{args.seed}-n{args.train_size}-"
-                                                f"{common._sha256(weights)[:16]}-"
-                                                f"{hashlib.sha256(scored.encode()).hexdigest()[:16]}.json")
+        scored = [common._sha256(weights), world.captions, [world.candidate_boxes(i) for i in range(len(world))],
+                  args.context_length]
+        path = data._cache_path(common.cache_dir(), f"goal-lism-shapes-seed{args.seed}-n{args.train_size}", scored)
         if os.path.exists(path):
             return data.load_segments(path)
     matched = run_lism(model, tokenizer, world, long_tokenizer, device)
