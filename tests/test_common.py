@@ -132,45 +132,6 @@ def test_trimmed_text_padding_gives_the_same_features():
     torch.testing.assert_close(tokens, full_tokens[:, :14])
 
 
-def test_base_build_labels_attributes_of_single_objects_and_layout_of_the_others():
-    """The build's attribute head sees (shape, colour, size) of one-object scenes, -1 (ignored) otherwise; its
-    layout head sees (colour, shape) of the leftmost and of the topmost object of multi-object scenes, -1 for one
-    object. The layout labels are checked against the scene's coordinates directly."""
-    world = data.ShapesDataset("train", size=40, seed=5)
-    labelled = common._SceneWithAttributes(world)
-    for index in range(40):
-        _, caption, labels = labelled[index]
-        scene = world.scenes[index]
-        assert caption == world.captions[index]
-        attributes, layout = labels.tolist()[:3], labels.tolist()[3:7]
-        assert labels.tolist()[3:] == list(common.probe_labels(scene, caption))
-        if len(scene) == 1:
-            assert attributes == [data.SHAPES.index(scene[0].shape), data.COLORS.index(scene[0].color),
-                                  data.SIZES.index(scene[0].size)]
-            assert layout == [-1, -1, -1, -1]
-        else:
-            assert attributes == [-1, -1, -1]
-            left = [o for o in scene if all(o.cx <= other.cx for other in scene)][0]
-            top = [o for o in scene if all(o.cy <= other.cy for other in scene)][0]
-            assert layout == [data.COLORS.index(left.color), data.SHAPES.index(left.shape),
-                              data.COLORS.index(top.color), data.SHAPES.index(top.shape)]
-    assert any(len(s) == 1 for s in world.scenes) and any(len(s) > 1 for s in world.scenes)
-
-
-def test_text_side_labels_read_the_caption_in_order():
-    """The optional text heads' targets: the first two named objects, what a relation caption says is left / on
-    top, and the colour-shape pairs it names (classes colour x 8 + shape)."""
-    c, s = data.COLORS.index, data.SHAPES.index
-    caption = "a small yellow square below a blue diamond"
-    assert common.mention_labels(caption) == (c("yellow"), s("square"), c("blue"), s("diamond"))
-    assert common.caption_layout_labels(caption) == (-1, -1, c("blue"), s("diamond"))
-    assert common.caption_layout_labels("a green ring to the right of a red star") == (c("red"), s("star"), -1, -1)
-    assert common.caption_layout_labels("the red circle and the blue square") == (-1, -1, -1, -1)
-    assert common.pair_labels(common.caption_pairs(caption)) == tuple(sorted(
-        (c("yellow") * len(data.SHAPES) + s("square"), c("blue") * len(data.SHAPES) + s("diamond")))) + (-1, -1)
-    assert common.mention_labels("a small blue star") == (-1, -1, -1, -1)
-
-
 def test_tiny_model_is_an_open_clip_name():
     common.register_tiny_model()
     assert common.TINY_MODEL in open_clip.list_models()
@@ -341,63 +302,3 @@ def test_corrupt_shipped_base_names_the_file_and_the_rebuild_command(tmp_path, m
         common.shapes_base_path()
     with pytest.raises(common.InputError, match="exists only for"):
         common.shapes_base_path("ViT-B-32")
-
-
-def test_base_batches_are_a_pure_function_of_the_step():
-    first = common._base_batch_indices(0, 8, one_object_steps=2)
-    assert first == [("one", i) for i in range(8)]
-    mixed = common._base_batch_indices(3, 8, one_object_steps=2, twin_pairs=1)   # phase 2, second step
-    assert [s for s, _ in mixed] == ["one"] * 4 + ["world"] * 2 + ["twins"] * 2
-    assert [i for s, i in mixed if s == "one"] == list(range(2 * 8 + 4, 2 * 8 + 8))
-    assert [i for s, i in mixed if s == "world"] == [2, 3]
-    assert [i for s, i in mixed if s == "twins"] == [2, 3]                    # one whole pair
-
-
-def test_layout_twin_keeps_the_objects_and_changes_the_axis():
-    import random
-    rng = random.Random(0)
-    horizontal = ("to the left of", "to the right of")
-    for _ in range(50):
-        scene = data.sample_scene(rng, n_objects=2)
-        twin = data.relayout_twin(scene, rng)
-        assert [(o.shape, o.color, o.size) for o in twin] == [(o.shape, o.color, o.size) for o in scene]
-        assert (data.relation_between(*scene) in horizontal) != (data.relation_between(*twin) in horizontal)
-
-
-@pytest.mark.parametrize("arch", ["clip", "siglip"])
-def test_base_recipe_learns_and_resumes(arch, tmp_path, monkeypatch):
-    """A short version of `python common.py build-base`: colour recognition rises from chance (direction, not
-    the shipped numbers); interrupted right after its step-20 checkpoint and called again, it continues from
-    its .partial state. The closing suite runs on 300 scenes and 200 single objects to keep the test short."""
-    import functools
-    import eval as evaluation
-    monkeypatch.setattr(evaluation, "shapes_suite", functools.partial(evaluation.shapes_suite, n_scenes=300,
-                                                                      n_singles=200))
-    torch.manual_seed(0)
-    path = str(tmp_path / "base.pt")
-    kwargs = dict(arch=arch, steps=40, one_object_steps=20, batch_size=32, twin_pairs=4, warmup=5,
-                  checkpoint_every=20, progress=False)
-    real_save = common._atomic_torch_save
-    calls = []
-
-    def stop_after_first_checkpoint(obj, where):
-        real_save(obj, where)
-        calls.append(where)
-        if where.endswith(".partial") and len(calls) == 1:
-            raise KeyboardInterrupt   # as if the session died right after the step-20 checkpoint
-
-    common._atomic_torch_save = stop_after_first_checkpoint
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            common.build_shapes_base(path, **kwargs)
-        assert os.path.exists(path + ".partial") and not os.path.exists(path)
-        sidecar = common.build_shapes_base(path, **kwargs)   # resumes from step 20
-    finally:
-        common._atomic_torch_save = real_save
-    assert not os.path.exists(path + ".partial")
-    suite = sidecar["shapes_suite"]
-    assert sidecar["sha256"] == common._sha256(path)
-    assert suite["zeroshot_color"] > 2 * 100 / len(data.COLORS), suite   # chance is 12.5%
-    assert sidecar["history"] == [] and sidecar["steps"] == 40
-    model = open_clip.create_model(common.SHAPES_BASE_ARCHS[arch], pretrained=path)
-    assert all(p.dtype == torch.float32 for p in model.parameters())

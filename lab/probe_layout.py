@@ -1,7 +1,7 @@
 """What a base model's image tower knows about where things are (a diagnostic script, not a test).
 
-    python tests/probe_layout.py                       # the shipped CLIP base
-    python tests/probe_layout.py runs/<run>/final.pt   # any shapes-tiny-vit weights
+    python -m lab.probe_layout                       # the shipped CLIP base
+    python -m lab.probe_layout runs/<run>/final.pt   # any shapes-tiny-vit weights
 
 Linear probes (logistic regression) on frozen, normalized image embeddings of 2-object validation scenes with two
 different colours and two different shapes (80% to fit, 20% to score). A tower that knows which colours and
@@ -15,9 +15,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-import data  # noqa: E402
+import common
+import data
+import eval as evaluation
 
 
 def fit_probe(features, labels, classes, train, steps=500):
@@ -104,7 +104,6 @@ def pair_probe(features, scenes, train, steps=800):
 
 def caption_negative_cosines(model, tokenizer, n_scenes=400):
     """Mean cosine between the text embeddings of each shapes-suite item's caption and its negative."""
-    import eval as evaluation
     _, items = evaluation.shapes_suite_items(n_scenes=n_scenes)
     cosines = {}
     for subset in ("aro_relation", "aro_attribute", "swap_att", "swap_obj"):

@@ -1,6 +1,6 @@
 """CE-CLIP with swapped adjectives in place of its replaced-adjective negatives (a diagnostic script, not a test).
 
-    python tests/diag_cehn_attribute_swap.py --seed 0 --out DIR      (any other cehn.py flag too)
+    python -m lab.diag_cehn_attribute_swap --seed 0 --out DIR      (any other cehn.py flag too)
 
 CE-CLIP's four negative types (`data.CEHN_TYPES`: relation, attribute, object, action) include no attribute swap:
 its "attribute" negative replaces an adjective by another ("a red circle" -> "a blue circle"), which a model can
@@ -11,14 +11,12 @@ threshold theta of that slot, the loss, every flag; one process only: spawned wo
 If the missing swap is why CE-CLIP trails NegCLIP on attribute binding, swap_att and aro_attribute should rise.
 Result (seed 0): docs/results_cehn.md, 2026-12-02.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+import cehn
+import data
 
 if __name__ == "__main__":
     data.CEHN_TYPES = ("relation", "swap_adjs", "object", "action")
-    import cehn
     sys.argv = ["cehn.py", *sys.argv[1:]]
     cehn.main()

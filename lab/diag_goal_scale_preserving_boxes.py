@@ -1,6 +1,6 @@
 """GOAL on the shapes world with scale-preserving candidate boxes (a diagnostic script, not a test).
 
-    python tests/diag_goal_scale_preserving_boxes.py --seed 0 --out DIR
+    python -m lab.diag_goal_scale_preserving_boxes --seed 0 --out DIR
 
 The shapes world's candidate boxes (`ShapesDataset`'s "segments") are each object's tight box, and GOAL resizes a
 crop to the full image. So a small object (radius 0.11 of the image side) and a large one (0.18) fill their
@@ -11,11 +11,10 @@ That is the only change: the boxes LISM chooses from, and so the local pairs' cr
 other flag is goal.py's. The LISM cache key includes the candidate boxes, so this run makes its own matching.
 Result (seed 0, 1000 steps): docs/results_goal.md, section 2026-12-02.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+import data
+import goal
 
 SIDE = 0.40
 
@@ -31,6 +30,5 @@ def _scale_preserving_boxes(self, index):
 
 if __name__ == "__main__":
     data.ShapesDataset.candidate_boxes = _scale_preserving_boxes
-    import goal
     sys.argv = ["goal.py", *sys.argv[1:]]
     goal.main()

@@ -1,7 +1,7 @@
 """How many rule-made hard negatives of the shapes world are true of their scene (a diagnostic script, not a test).
 
-    python tests/probe_false_negatives.py            # 2,000 training captions, DeGLA's and CE-CLIP's types
-    python tests/probe_false_negatives.py 5000 reshuffle,swap_nouns
+    python -m lab.probe_false_negatives            # 2,000 training captions, DeGLA's and CE-CLIP's types
+    python -m lab.probe_false_negatives 5000 reshuffle,swap_nouns
 
 Each negative `data.make_negatives` writes for a training caption is read back into a `data.Description` (the
 shapes world's grammar: objects "a/an/the [size] colour shape", an optional relation between the first two) and
@@ -19,8 +19,7 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
+import data
 
 OBJECT = r"(?:a|an|the) (?:(small|large) )?(\w+) (\w+)"
 RELATION = "|".join(data.RELATIONS)
