@@ -107,6 +107,7 @@ C2LIP_DEFAULTS = dict(
 
 
 C2LIP_SHAPES = dict(
+    model=common.SHAPES_SIGLIP_MODEL,  # the shipped SigLIP base: the paper fine-tunes SigLIP (--model shapes-tiny-vit: CLIP)
     mask_duplicates=1,  # the shapes world repeats every phrase many times per batch: drop those false negatives
 )
 

@@ -33,9 +33,7 @@ Library use (what the method scripts do before and after training):
 Command line:
 
     python eval.py --model ViT-B-32-quickgelu --pretrained openai --bench sugarcrepe,aro,zeroshot --root ~/data/bench
-    python eval.py compare ...            (train and tabulate plain fine-tuning and the four methods side by side)
-    python eval.py figure ...             (picture of one compositionality failure of a model)
-    python eval.py figure --kind negatives|c2lip|goal --after RUN_FOLDER   (one picture per mechanism, before/after)
+    python eval.py --model local-dir:runs/degla-shapes-RUN --bench shapes      (a finished run folder)
 
 Expected layout under --root (each benchmark's section says where the files come from):
 
@@ -65,6 +63,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from collections import OrderedDict, defaultdict
@@ -1645,25 +1644,42 @@ def create_backbone(name, pretrained, device, **model_kwargs):
     return model, val_tf, tokenizer
 
 
+def _bench_help():
+    """The --bench choices: single benchmarks, then each group with its members."""
+    groups = "; ".join(f"{g} = {' + '.join(members)}" for g, members in GROUPS.items())
+    singles = [name for name in BENCHMARKS if not any(name in m for m in GROUPS.values())]
+    return (f"comma-separated benchmark names. Single benchmarks: {', '.join(singles)}. Groups (each runs the "
+            f"members whose files are under --root and says which it skipped; a member can also be named alone): "
+            f"{groups}")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate an open_clip model on compositionality and transfer benchmarks. "
-                                "Subcommands: `eval.py compare --help` (plain fine-tuning and the four methods side by "
-                                "side), `eval.py figure --help` (one picture per mechanism: a failure, hard "
-                                "negatives, C2LIP's concept attention, GOAL's local matching).")
-    p.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32-quickgelu (OpenAI weights), "
-                   "or local-dir:RUN_FOLDER (a finished run: its own config and weights, no --pretrained)")
+    p = argparse.ArgumentParser(
+        prog="eval.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=textwrap.fill("Evaluate an open_clip model on compositionality and transfer benchmarks (the file layout under "
+        "--root is in this file's docstring). eval.py has no subcommands; the experiment tooling runs as modules: "
+        "`python -m lab.compare` (plain fine-tuning and the four methods side by side), `python -m lab.budget` "
+        "(targets at several training budgets), `python -m lab.figures` (one picture per mechanism).", 100),
+        epilog="examples:\n  python eval.py --model shapes-tiny-vit --pretrained shapes\n"
+        "  python eval.py --model ViT-B-32-quickgelu --pretrained openai --bench sugarcrepe,aro --root ~/bench\n"
+        "  python eval.py --model local-dir:runs/degla-shapes-RUN --bench shapes")
+    p.formatter_class = type("Formatter", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
+    p.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32-quickgelu (OpenAI weights) or "
+                   "shapes-tiny-vit, or local-dir:RUN_FOLDER (a finished run: its own config and weights, no "
+                   "--pretrained)")
     p.add_argument("--pretrained", default="", help="pretrained tag (openai, shapes, ...) or weights file (a run's "
-                   "final.pt; its checkpoint.pt is for --resume)")
-    p.add_argument("--bench", default="shapes", help=f"comma-separated: {', '.join(known_benchmarks())}")
-    p.add_argument("--root", default=None, help="benchmark data root (layout in eval.py's docstring)")
-    p.add_argument("--out", default=None, help="folder for results.json / results.md")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=256)
+                   "final.pt; its checkpoint.pt is for --resume); empty: random initialisation")
+    p.add_argument("--bench", default="shapes", help=_bench_help())
+    p.add_argument("--root", default=None, help="benchmark data root (layout in eval.py's docstring); not needed "
+                   "for shapes")
+    p.add_argument("--out", default=None, help="folder for results.json / results.md (none: print only)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (none: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for image decoding")
     p.add_argument("--order-seed", type=int, default=ORDER_SEED,
-                   help="seed of the COCO-/Flickr30k-Order perturbations (main_aro.py's --seed; default 1)")
+                   help="seed of the COCO-/Flickr30k-Order perturbations (main_aro.py's --seed)")
     p.add_argument("--model-kwargs", default=None, help="JSON of open_clip.create_model keyword arguments, e.g. "
-                   "'{\"text_cfg\": {...}}' for a model whose config was changed (docs/real_data.md section 7)")
+                   "'{\"text_cfg\": {...}}' for a model whose config was changed (docs/real_data.md)")
     return p.parse_args(argv)
 
 

@@ -35,6 +35,7 @@ import eval as evaluation
 # - "plain-long": GOAL's script with its two local losses at 0, on the same long captions and stretched context.
 # "c2lip-clip" (C2LIP on the CLIP base, the adaptation readers ask about) is not in the default list: name it in
 # --methods to run it.
+COMPARE_TRAIN_SIZE = 20000   # scenes in the training split of every comparison run: 1000 steps of 64 see each ~3 times
 COMPARE_STEPS = 1000   # the comparison budget: the steps at which NegCLIP's hard negatives beat plain fine-tuning on
                        # ARO by more than 5 points on the shipped base (250 and 500 were not enough: docs/testbed.md)
 SIGLIP_FLAGS = ["--model", common.SHAPES_SIGLIP_MODEL]
@@ -47,7 +48,7 @@ COMPARE_METHODS = OrderedDict([
     ("c2lip", ("c2lip.py", SIGLIP_FLAGS)),
     ("plain-long", ("goal.py", ["--local-weight", "0", "--tsl-weight", "0"])),
     ("goal", ("goal.py", [])),
-    ("c2lip-clip", ("c2lip.py", [])),
+    ("c2lip-clip", ("c2lip.py", ["--model", common.TINY_MODEL])),
 ])
 COMPARE_DEFAULT_METHODS = [m for m in COMPARE_METHODS if m != "c2lip-clip"]
 COMPARE_BEGIN, COMPARE_END = "<!-- compare:begin -->", "<!-- compare:end -->"
@@ -251,11 +252,11 @@ def _replace_readme_section(readme, table, command, runs):
 
 
 def _compare_run(method, seed, run_dir, steps, args, here, env):
-    """Train and evaluate one (method, seed) as an ordinary subprocess (`steps` None: the script's default);
-    returns an error string or None."""
+    """Train and evaluate one (method, seed) as an ordinary subprocess (`steps` None: the script's default) on
+    args.train_size scenes; returns an error string or None."""
     script, flags = COMPARE_METHODS[method]
     command = [sys.executable, str(here / script), "--seed", str(seed), "--out", str(run_dir), "--no-progress",
-               *flags, *args.extra.split()]
+               "--train-size", str(args.train_size), *flags, *args.extra.split()]
     if steps:
         command += ["--steps", str(steps)]
     if (run_dir / "checkpoint.pt").exists():
@@ -301,7 +302,9 @@ def _parse_methods(text, prog):
 
 
 def _add_parallel_flags(p):
-    """--jobs and --threads, which `_train_missing` reads (compare and budget)."""
+    """--train-size, --jobs and --threads, which `_train_missing` reads (compare and budget)."""
+    p.add_argument("--train-size", type=int, default=COMPARE_TRAIN_SIZE, help="shapes scenes in every run's training "
+                   "split (the scripts' own demo default is smaller)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (CPU threads are split between them)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: the cores / --jobs; "
                    "set it when another run already uses some of the cores)")
@@ -310,7 +313,7 @@ def _add_parallel_flags(p):
 def _train_missing(jobs, args):
     """Run the (method, seed, run_dir, steps) jobs, `args.jobs` at a time, each on its share of the CPU threads:
     on small models two one-thread processes get more done than one process using two threads."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent   # the repository: the method scripts live there
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
