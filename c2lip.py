@@ -2,7 +2,9 @@
 
 Paper: H. X. Pham, D. T. Hoffmann, R. Guerrero, B. Martinez, "No Hard Negatives Required: Concept Centric
 Learning Leads to Compositionality without Degrading Zero-shot Capabilities of Contrastive Models",
-CVPR 2026, arXiv 2603.25722. Official code: github.com/SamsungLabs/concept_centric_clip (not copied here).
+CVPR 2026, arXiv 2603.25722. Official code: https://github.com/SamsungLabs/concept_centric_clip, not copied here
+(the losses in src/open_clip/loss.py, class `C2LIP_Loss`; the per-token image embeddings in src/open_clip/model.py,
+`att_pool_forward_wrapper`; the recipe in scripts/train_full_model_{wds,pkl}_data.sh).
 
 The idea in five lines:
   1. Every caption is split into concepts: its noun phrases ("a small red circle"), found with spaCy.
@@ -13,24 +15,29 @@ The idea in five lines:
      concept-specific image vector v^_i(c_k) that must match c_k, with the same labels.
   5. Nothing is added at inference: the model is the plain CLIP/SigLIP it started from.
 
-Total loss (t = logit scale, b = logit bias, l_ik = +1 if concept k comes from image i's caption, else -1):
+Total loss (t = logit scale, b = logit bias, l_ik = +1 if concept k comes from image i's caption, else -1), written
+as the official loss.py (`C2LIP_Loss`) computes it; the paper's equation numbers are not given here:
 
-    L = L_con + w_npc * L_npc + w_xac * L_xac,     w_npc = 1.0, w_xac = 0.01 (official scripts)
+    L = L_con + w_npc * L_npc + w_xac * L_xac,     w_npc = 1.0, w_xac = 0.01 (official scripts: --npc-loss-scale 1.
+                                                   --xac-loss-scale 0.01)
     L_con = SigLIP loss  -(1/B) sum_ij log sigmoid(l_ij (t <v_i, y_j> + b))     for SigLIP models,
             CLIP InfoNCE (softmax over both directions)                          for CLIP models
     L_npc = -(1/N) sum_i sum_k log sigmoid(l_ik (t <v_i, c_k> + b))
     L_xac = -(1/N) sum_i sum_k log sigmoid(l_ik (t <v^_i(c_k), c_k> + b))
-    v^_i(c_k) = normalize(sum_j a_ikj u_ij),  a_ikj = softmax_j(<c_k, u_ij> / tau),  tau = 1
+    v^_i(c_k) = normalize(sum_j a_ikj u_ij),  a_ikj = softmax_j(<c_k, u_ij> / tau),  tau = 1 (loss.py
+                `func_attention(..., smooth=1.)`)
 
 B images and N concepts are counted over the whole (gathered) batch; u_ij are the L2-normalized patch
 embeddings of image i in the joint space:
   - CLIP towers: ln_post and the visual projection applied to every patch token (common.encode_image_tokens).
   - open_clip SigLIP towers (timm MAP head): the head's value path, output projection and residual MLP applied
-    to every token, with the latent query/key attention skipped (MaskCLIP-style identity attention).
+    to every token, with the latent query/key attention skipped (MaskCLIP-style identity attention), as the
+    official model.py does.
 
 Scale and bias. SigLIP models use their own logit_scale and logit_bias for all three losses (paper). A CLIP
 model has no bias, so it gets one new learnable bias b for the two sigmoid terms and shares its logit_scale
-(the paper's single scale; spec section 6.4, option 1). b starts "calibrated": at the value minimizing L_npc
+(the paper's single scale). This CLIP adaptation is inferred: the paper reports SigLIP only, and the official
+params.py refuses the concept losses without --siglip. b starts "calibrated": at the value minimizing L_npc
 on the first batch (where a learned SigLIP bias would settle). SigLIP's from-scratch init (b = -10, and with
 `--concept-scale own` a separate t = 10) is one flag away (`--concept-bias-init -10`); on the shapes world it
 leaves every concept logit far below 0, so only the positives get gradient (the loss just pulls images to
@@ -42,19 +49,23 @@ Differences from the official code (the paper's intent is the default):
   - NPC uses the gathered image embeddings. The release uses the local ones with global concept indices,
     which indexes out of bounds on more than one GPU (no flag: it would only reproduce a crash).
   - XAC is one batched einsum over chunks of concepts (memory bounded by --xac-chunk); the release loops over
-    concepts with one bmm each. Same numbers (tests/test_c2lip.py), ratio in tests/bench.py.
+    concepts with one bmm each. Same numbers (tests/test_c2lip.py); `python -m lab.bench --only c2lip_xac`
+    measures the speed ratio.
   - Concepts are spaCy noun chunks (data.extract_concepts); the paper's extractor is proprietary and the
     repo substitutes an LLM prompt. A caption without concepts falls back to the whole caption (as the repo).
-  - Patch embeddings of CLIP towers: normalize(ln_post(x_j) @ proj) for every patch token x_j of the last block,
-    the spec's option (A) (section 6.2: CLIP's own pooling head applied per token, no new parameters). The spec's
-    option (B), MaskCLIP-style identity attention in the last block, is not implemented; the paper trains
-    SigLIP, where the MAP head's value path is the method as published (above).
+  - Patch embeddings of CLIP towers (inferred, the paper covers SigLIP only): normalize(ln_post(x_j) @ proj) for
+    every patch token x_j of the last block, i.e. CLIP's own pooling head applied per token, no new parameters.
+    The closer analogue of the SigLIP trick, MaskCLIP-style identity attention in the last residual block, is not
+    implemented; the paper trains SigLIP, where the MAP head's value path is the method as published (above).
   - Precision: bf16 autocast with fp32 master weights (project-wide). The release casts the whole model to
-    bf16 weights (`--precision bf16` in open_clip), where many lr 1e-5 updates round away (spec 4.2).
+    bf16 weights (`--precision bf16` in its scripts; open_clip's src/open_clip/factory.py does the cast), and AdamW
+    then updates bf16 weights directly: an lr 1e-5 step is below half a bf16 ulp of any weight above ~3e-3, so many
+    updates round away (our inference; the paper does not discuss it).
 
 Run:
-    python c2lip.py                                          # shapes world, shipped tiny base model, CPU ok
-    python c2lip.py --w-npc 0 --w-xac 0                      # the baseline: plain fine-tuning, same data
+    python c2lip.py                                          # shapes world, shipped SigLIP base, CPU ok
+    python c2lip.py --w-npc 0 --w-xac 0                      # the baseline: plain SigLIP fine-tuning, same data
+    python c2lip.py --model shapes-tiny-vit                  # the CLIP adaptation, on the shipped CLIP base
     python c2lip.py --data coco --data-root DIR --gpus 8     # paper settings (SigLIP ViT-B/16 webli)
     python c2lip.py --data coco --data-root DIR --gpus 8 --model ViT-B-32-quickgelu --pretrained openai
     torchrun --nproc_per_node 8 c2lip.py --data coco --data-root DIR          # same, launched by torchrun
@@ -77,8 +88,10 @@ import data
 import eval as evaluation
 
 # ----------------------------------------------------------------------------------------------------------
-# Defaults. Real data: the paper's recipe (spec section 4.1, official scripts/train_full_model_*.sh).
-# Shapes: the project-wide shapes budget (common.SHAPES_DEFAULTS) so every method runs at the same cost.
+# Defaults. Real data: the paper's recipe (https://github.com/SamsungLabs/concept_centric_clip:
+# scripts/train_full_model_{wds,pkl}_data.sh, src/main.py, src/training/params.py).
+# Shapes: the project-wide shapes budget (common.SHAPES_DEFAULTS) so every method runs at the same cost, on the
+# shipped SigLIP base (C2LIP_SHAPES).
 # ----------------------------------------------------------------------------------------------------------
 PAPER_DEFAULTS = dict(
     model="ViT-B-16-SigLIP",  # open_clip CustomTextCLIP, timm vit_base_patch16_siglip_224 + MAP head (paper)
@@ -96,7 +109,7 @@ C2LIP_DEFAULTS = dict(
     w_npc=1.0,  # weight of L_npc (official --npc-loss-scale)
     w_xac=0.01,  # weight of L_xac (official --xac-loss-scale)
     xac_temperature=1.0,  # tau of the concept->patch softmax (official smooth=1, no extra scaling)
-    xac_chunk=64,  # concepts per einsum chunk: bounds XAC memory to chunk x B x max(P, D) (spec 3.6)
+    xac_chunk=64,  # concepts per einsum chunk: bounds XAC memory to chunk x B x max(P, D) (the release loops)
     concept_scale="shared",  # CLIP models: the model's logit_scale (one scale for all losses, as the paper) or 'own'
     concept_bias_init="calibrate",  # CLIP models: the L_npc-minimizing bias on the first batch, or a number
     #                                (-10 = SigLIP's from-scratch init; measured: negatives get no gradient)
@@ -107,7 +120,8 @@ C2LIP_DEFAULTS = dict(
 
 
 C2LIP_SHAPES = dict(
-    model=common.SHAPES_SIGLIP_MODEL,  # the shipped SigLIP base: the paper fine-tunes SigLIP (--model shapes-tiny-vit: CLIP)
+    model=common.SHAPES_SIGLIP_MODEL,  # the shipped SigLIP base, as the paper fine-tunes SigLIP
+    #                                    (--model shapes-tiny-vit: the CLIP adaptation on the shipped CLIP base)
     mask_duplicates=1,  # the shapes world repeats every phrase many times per batch: drop those false negatives
 )
 
@@ -147,7 +161,8 @@ def duplicate_concept_mask(concept_owner, concept_words, num_images, subsets=Fal
 
 
 def siglip_loss(image_emb, text_emb, logit_scale, logit_bias):
-    """SigLIP's sigmoid loss on image-caption pairs (paper L_con for SigLIP models).
+    """SigLIP's sigmoid loss on image-caption pairs (paper L_con for SigLIP models; computed on the gathered B x B
+    matrix as the official loss.py `C2LIP_Loss`, the same formula as open_clip's src/open_clip/loss.py `SigLipLoss`).
 
     L_con = -(1/B) sum_i sum_j log sigmoid(l_ij (t <v_i, y_j> + b)),  l_ij = +1 if i == j else -1.
     image_emb: (B, D) L2-normalized v_i; text_emb: (B, D) L2-normalized y_j (row i is image i's caption);
@@ -160,7 +175,8 @@ def siglip_loss(image_emb, text_emb, logit_scale, logit_bias):
 
 
 def npc_loss(image_emb, concept_emb, concept_owner, logit_scale, logit_bias, pair_mask=None):
-    """Noun-phrase concept loss: multi-positive sigmoid loss, global image embedding vs every concept.
+    """Noun-phrase concept loss: multi-positive sigmoid loss, global image embedding vs every concept (the
+    official loss.py `C2LIP_Loss`, on the gathered image embeddings: the release indexes its local ones).
 
     L_npc = -(1/N) sum_{i=1..B} sum_{k=1..N} log sigmoid(l_ik (t <v_i, c_k> + b)).
     image_emb: (B, D) L2-normalized v_i; concept_emb: (N, D) L2-normalized c_k; concept_owner: (N,) long in
@@ -183,14 +199,15 @@ def xac_attention(patch_emb, concept_emb, temperature=1.0):
 
     a_ikj = softmax_j(<c_k, u_ij> / tau)
     patch_emb: (B, P, D) L2-normalized u_ij; concept_emb: (K, D) L2-normalized c_k; temperature: tau.
-    Returns (K, B, P), each row summing to 1 over the P patches (`python eval.py figure --kind c2lip` draws it).
+    Returns (K, B, P), each row summing to 1 over the P patches (`python -m lab.figures --kind c2lip` draws it).
     """
     sim = torch.einsum("kd,bpd->kbp", concept_emb, patch_emb)  # (K, B, P)
     return torch.softmax(sim / temperature, dim=-1)
 
 
 def xac_similarity(patch_emb, concept_emb, temperature=1.0, chunk_size=64, recompute=False):
-    """Parameter-free cross-modal attention pooling, scored against the query concept.
+    """Parameter-free cross-modal attention pooling, scored against the query concept (the official loss.py
+    `func_attention(..., raw_feature_norm="no_norm", smooth=1.)`, vectorised).
 
     s_ikj = <c_k, u_ij>;  a_ikj = softmax_j(s_ikj / tau);  p_ik = sum_j a_ikj u_ij;  v^_i(c_k) = p_ik / |p_ik|
     returns cos_ik = <v^_i(c_k), c_k> as a (B, N) tensor.
@@ -218,7 +235,8 @@ def xac_similarity(patch_emb, concept_emb, temperature=1.0, chunk_size=64, recom
 
 def xac_loss(patch_emb, concept_emb, concept_owner, logit_scale, logit_bias, temperature=1.0, chunk_size=64,
              recompute=False, pair_mask=None):
-    """Cross-attention concept loss: the concept-pooled image vector against its query concept.
+    """Cross-attention concept loss: the concept-pooled image vector against its query concept (the official
+    loss.py `C2LIP_Loss`).
 
     L_xac = -(1/N) sum_{i=1..B} sum_{k=1..N} log sigmoid(l_ik (t <v^_i(c_k), c_k> + b))   (v^ from xac_similarity).
     patch_emb: (B, P, D) L2-normalized; concept_emb: (N, D) L2-normalized; concept_owner: (N,) long in [0, B);
@@ -270,8 +288,12 @@ class ConceptLogits(nn.Module):
 
     mode 'shared': t is the CLIP model's logit_scale and one new learnable bias b is added (the paper uses one
     scale for all three losses). mode 'own': also a new learnable log-scale (init ln 10, SigLIP's from-scratch
-    value). bias_init: a number, or 'calibrate': b = -t (mean positive cos + mean negative cos) / 2 over the
-    first training batch, so that a softmax-trained model starts with positives above 0 and negatives below.
+    value). bias_init: a number, or 'calibrate': before the first step `calibrate_` sets b to the value that
+    minimizes L_npc on the first (gathered) training batch, every other weight fixed (20 Newton steps from b = 0
+    on a convex function of one variable; pairs dropped by pair_mask do not count). That is where a learned SigLIP bias
+    would settle, not the midpoint of the positive and negative logits: with about B negatives per positive
+    it lies well below the midpoint (b = -12.4 on the first batch of the shipped CLIP base in the comparison run,
+    lab/results/compare/c2lip-clip-seed0/stdout.txt).
     Why: SigLIP's b = -10 with t = 10 (or a tiny CLIP's t ~ 15) puts every concept logit far below 0, so
     negatives get almost no gradient and at fine-tuning learning rates (measured at 1e-4) the bias cannot move
     in a short fine-tuning run.
@@ -322,7 +344,8 @@ def is_siglip_tower(model):
 def encode_image_siglip_tokens(model, images):
     """Pooled embedding and per-token embeddings of an open_clip timm tower with a MAP head (SigLIP).
 
-    Normal output: o = proj(MHA(latent, W_k x, W_v x)); v = o + MLP(LN(o)). Per-token (spec section 2.1):
+    Normal output: o = proj(MHA(latent, W_k x, W_v x)); v = o + MLP(LN(o)). Per-token (the official
+    src/open_clip/model.py, `att_pool_forward_wrapper`):
     u_j = proj(W_v x_j + b_v); u_j <- u_j + MLP(LN(u_j)), i.e. the same head with the latent query-key
     attention replaced by identity. x_j are the trunk tokens after its final norm (the MAP head's input).
     Returns (pooled (B, D), tokens (B, P, D)), joint space, not normalized.

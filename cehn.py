@@ -2,7 +2,9 @@
 
 Paper: Le Zhang, Rabiul Awal, Aishwarya Agrawal, "Contrasting Intra-Modal and Ranking Cross-Modal Hard Negatives
 to Enhance Visio-Linguistic Compositional Understanding", CVPR 2024, https://arxiv.org/abs/2306.08832
-(official code: github.com/lezhang7/Enhance-FineGrained). Spec: ../shared/methods/cehn.md.
+Official code: https://github.com/lezhang7/Enhance-FineGrained, a fork of open_clip (the losses in
+src/open_clip/loss.py, class `Clip_DALoss`; the training loop in src/training/train.py; the final recipe in
+scripts/run_multiple_nodes.sh; the hard negatives in data/dataset.py).
 
 The idea in five lines:
   * every caption T_i gets K = 4 rule-made hard negatives U_i^k, one per type k in the fixed order
@@ -12,7 +14,10 @@ The idea in five lines:
     and theta_k follows the previous batch's mean positive-negative logit gap, clipped to [0, 10] (a curriculum);
   * IMC: the caption is contrasted against its hard-negative texts in the text space (positive = image-caption logit).
 
-Total loss (S(a, b) = s <a, b>, s = exp(logit_scale), all features L2-normalised):
+Total loss (S(a, b) = s <a, b>, s = exp(logit_scale), all features L2-normalised). The terms follow the official
+loss.py with this file's defaults (invalid negatives masked everywhere, IMC over a caption's own negatives: see
+below). IMC is the paper's Eq. (3) (inferred: lezhang7/Enhance-FineGrained issue #15 discusses Eq. (3) as the IMC
+loss); the paper's numbers of the other equations are not given here:
 
     L = L_itc(hn) + lambda_cmr * L_cmr + lambda_imc * L_imc,        lambda_cmr = 0.2, lambda_imc = 0.3
 
@@ -22,12 +27,13 @@ Total loss (S(a, b) = s <a, b>, s = exp(logit_scale), all features L2-normalised
     L_imc     = -1/G sum_i log e^{S(v_i,t_i)} / (e^{S(v_i,t_i)} + sum_k m_i^k e^{S(t_i,u_i^k)})
     theta_k  <- clip( mean_i S(v_i,t_i) - mean_{i: m_i^k=1} S(v_i,u_i^k), 0, 10 )   (after each step, no grad)
 
-Where the official code differs from the paper's intent (spec section 1.3 and section 5), the intent is the default
+Where the official code (loss.py `Clip_DALoss`, train.py) differs from the paper's intent, the intent is the default
 and a flag reproduces the release:
-  * IMC: the released HEAD form is CE(s T U^T, target 0), which pulls every caption toward the first hard negative of
-    the batch (issue #15). Default: the 7f4433a form above restricted to the caption's own valid negatives
-    (`--imc-variant own`); `--imc-variant all` uses every negative of the batch (the 7f4433a form exactly);
-    `--imc-variant release` is the HEAD form.
+  * IMC: the released HEAD form (since Enhance-FineGrained commit 47cef4e) is CE(s T U^T, target 0), which pulls every
+    caption toward the first hard negative of the batch (lezhang7/Enhance-FineGrained issue #15). Default: the form
+    of its commit 7f4433a ("fix bugs") above, restricted to the caption's own valid negatives (`--imc-variant own`);
+    `--imc-variant all` uses every negative of the batch (the 7f4433a form exactly); `--imc-variant release` is the
+    HEAD form.
   * Invalid negatives: the release masks them only in CMR; ITC and IMC use the placeholder "###" as a negative.
     Default: masked everywhere (`--mask-invalid all`); `--mask-invalid cmr` reproduces the release, including
     feeding the text "###" for invalid slots.
@@ -36,7 +42,7 @@ and a flag reproduces the release:
     `--theta-reset-per-epoch` reproduces the release.
 
 Run:
-    python cehn.py                                   # shapes world, shipped `shapes` base model, CPU ok, <10 min
+    python cehn.py                                   # shapes world, shipped `shapes` base model, CPU ok
     python cehn.py --w-cmr 0 --w-imc 0 --itc-hn 0    # the baseline: plain CLIP fine-tuning on the same data
     python cehn.py --data coco --data-root DIR --gpus 8 --eval aro,sugarcrepe,valse
     torchrun --nnodes 2 --nproc-per-node 8 ... cehn.py --data coco --data-root DIR
@@ -52,7 +58,8 @@ import data
 import eval as evaluation  # `eval` would shadow the builtin
 
 # ----------------------------------------------------------------------------------------------------------------
-# Defaults. Real data: the final release script (scripts/run_multiple_nodes.sh) and params.py, spec section 3.
+# Defaults. Real data: the final release script and its parameters (https://github.com/lezhang7/Enhance-FineGrained:
+# scripts/run_multiple_nodes.sh, src/training/params.py, src/main.py).
 # Shapes: the shared shapes budget (common.SHAPES_DEFAULTS) plus the method's own values.
 # ----------------------------------------------------------------------------------------------------------------
 NEG_TYPES = ("relation", "attribute", "object", "action")  # fixed order of the K = 4 types (== data.CEHN_TYPES)
@@ -72,7 +79,7 @@ METHOD_DEFAULTS = dict(
 
 REAL_DEFAULTS = dict(
     model="ViT-B-32-quickgelu", pretrained="openai",  # open_clip ViT-B-32 with OpenAI weights (QuickGELU)
-    # data: --data coco = COCO 2014 train captions, every caption a sample (spec section 2); AdamW betas
+    # data: --data coco = COCO 2014 train captions, every caption a sample (data/dataset.py); AdamW betas
     # (0.9, 0.98) and eps 1e-6 are common.make_optimizer's defaults (run_multiple_nodes.sh).
     lr=5e-6, wd=0.1,         # run_multiple_nodes.sh; no decay on biases, norms, logit scale (open_clip default)
     warmup=50,               # steps, then cosine (open_clip cosine_lr)
@@ -85,9 +92,9 @@ REAL_DEFAULTS = dict(
     # precision: the release used fp16 amp; the project's CUDA default is bf16 autocast (--precision auto)
 )
 
-# Shapes: the shared budget (steps 1000, batch 64, lr 3e-4, ...) so that every method runs at the same cost; the
-# method's own values are the paper's (METHOD_DEFAULTS): theta in logit units works unchanged because the tiny
-# model's logit scale is also clamped to [1, 100].
+# Shapes: the shared budget (common.SHAPES_DEFAULTS: batch 64, lr 3e-4, ...) so that every method runs at the same
+# cost; the method's own values are the paper's (METHOD_DEFAULTS): theta in logit units works unchanged because the
+# tiny model's logit scale is also clamped to [1, 100].
 DEFAULTS = {"shapes": {**common.SHAPES_DEFAULTS, **METHOD_DEFAULTS},
             "real": {**REAL_DEFAULTS, **METHOD_DEFAULTS}}
 
@@ -96,7 +103,8 @@ DEFAULTS = {"shapes": {**common.SHAPES_DEFAULTS, **METHOD_DEFAULTS},
 # Losses: pure functions of (already gathered, L2-normalised) features.
 # ----------------------------------------------------------------------------------------------------------------
 def itc_hard_negative_loss(image_emb, text_emb, neg_text_emb, neg_valid, logit_scale, mask_invalid=True):
-    """ITC with hard negatives (spec 1.1), NegCLIP-style with K negatives per caption.
+    """ITC with hard negatives, NegCLIP-style with K negatives per caption (the official loss.py
+    `Clip_DALoss.forward`, flag `--hardnegative`; the release does not mask invalid negatives here).
 
     L_i2t = -1/G sum_i log e^{S(v_i,t_i)} / (sum_j e^{S(v_i,t_j)} + sum_{j,k} m_j^k e^{S(v_i,u_j^k)})
     L_t2i = -1/G sum_i log e^{S(t_i,v_i)} / sum_j e^{S(t_i,v_j)}          (hard negatives are never queries)
@@ -124,7 +132,7 @@ def itc_hard_negative_loss(image_emb, text_emb, neg_text_emb, neg_valid, logit_s
 
 
 def cmr_loss(image_emb, text_emb, neg_text_emb, neg_valid, logit_scale, theta_per_type):
-    """Cross-modal rank loss with per-type thresholds (spec 1.2).
+    """Cross-modal rank loss with per-type thresholds (the official loss.py `get_cmr_loss`, flag `--cmr-loss`).
 
     p_i = S(v_i, t_i), n_i^k = S(v_i, u_i^k) (the image's own negatives only),
     L_cmr = 1/(G K) sum_{i,k} m_i^k max(0, theta_k + n_i^k - p_i)
@@ -145,7 +153,8 @@ def cmr_loss(image_emb, text_emb, neg_text_emb, neg_valid, logit_scale, theta_pe
 
 def update_thresholds(pos_logit, neg_logit, neg_valid, theta_per_type, mode="mean", fixed_value=2.0,
                       upper_bound=10.0):
-    """The adaptive CMR margins for the next step (spec 1.2, "Threshold update"); no gradient.
+    """The adaptive CMR margins for the next step; no gradient (the official loss.py and train.py:
+    `--threshold-type mean`, the clip to [0, `--upper-bound 10`] in the training loop; paper Fig. 5(b) plots them).
 
     mean:  theta_k = mean_i p_i - mean_{i: m_i^k = 1} n_i^k            (mean positive-negative logit gap)
     max:   theta_k = max_{i: m_i^k = 1} (p_i - n_i^k) / 5
@@ -175,14 +184,15 @@ def update_thresholds(pos_logit, neg_logit, neg_valid, theta_per_type, mode="mea
 
 
 def imc_loss(image_emb, text_emb, neg_text_emb, neg_valid, logit_scale, variant="own", mask_invalid=True):
-    """Intra-modal contrast of a caption against hard-negative captions (spec 1.3).
+    """Intra-modal contrast of a caption against hard-negative captions: the paper's Eq. (3) (inferred:
+    lezhang7/Enhance-FineGrained issue #15 discusses Eq. (3) as this loss and finds the code does not match it).
 
     own (default; the 7f4433a form restricted to the caption's own negatives):
         L = -1/G sum_i log e^{S(v_i,t_i)} / (e^{S(v_i,t_i)} + sum_k m_i^k e^{S(t_i,u_i^k)})
     all (the 7f4433a form, every negative of the batch):
         L = -1/G sum_i log e^{S(v_i,t_i)} / (e^{S(v_i,t_i)} + sum_{j,k} m_j^k e^{S(t_i,u_j^k)})
-    release (HEAD 47cef4e, a bug kept for reproduction: the "target" is column 0 = the first negative of sample 0;
-    the mask is never used):
+    release (the official HEAD since commit 47cef4e, a bug kept for reproduction: the "target" is column 0 = the
+    first negative of sample 0; the mask is never used):
         L = -1/G sum_i log e^{S(t_i,u_1^1)} / sum_{j,k} e^{S(t_i,u_j^k)}
 
     image_emb, text_emb: (G, D) L2-normalised; neg_text_emb: (G, K, D) L2-normalised; neg_valid: (G, K) bool;

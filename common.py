@@ -11,22 +11,39 @@ Sections
   5. Training utilities: arguments, optimizer, schedule, precision, seeding, logging, the data stream.
   6. Checkpoints: atomic save, resume, export as an open_clip model folder (`local-dir:RUN_FOLDER`).
 
-The skeleton every method's `train(args)` follows (see degla.py for the real thing):
+The skeleton every method's `train(args)` follows (`eval` is imported as `evaluation`; see degla.py for the real
+thing, and `main(argv)` is `common.launch(train, parse_args(argv))`):
 
+    evaluation.check_benchmarks(args.eval, args.eval_root)       # bad input stops before anything is built
     run = common.Run(args, method="degla")                       # device, rank, out dir, logger, seeds
     model, train_tf, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=run.device)
     dataset = data.build_train_set(args, train_tf, tokenizer)    # shapes world or COCO, same sample dicts
+    before = evaluation.evaluate(model, tokenizer, val_tf, args.eval, root=args.eval_root, device=run.device)
+    total = common.steps_for(args, len(dataset), run.world_size)
+    ema = common.EMA(model, args.ema_decay)                      # DeGLA's teacher; the others pass no EMA
     optimizer = common.make_optimizer(model, args.lr, args.wd, args.betas, args.eps)
-    scheduler = common.cosine_schedule(optimizer, args.warmup, total_steps)
-    state = common.resume_or_start(args, run, model, optimizer, scheduler, scaler, ema=..., extra=...)
-    before = eval.evaluate(model, tokenizer, val_tf, args.eval, ...)
-    for step, batch in common.batch_stream(dataset, collate, args, run, start_step=state.step):
+    scheduler = common.cosine_schedule(optimizer, args.warmup, total)
+    start, extra = common.resume(run, model, optimizer, scheduler, ema)   # (0, {}) without --resume
+    run.progress(total, initial=start)
+    for step, epoch, batch in common.batch_stream(dataset, collate, args.batch_size, args.seed, start, total,
+                                                  args.workers):
         with run.autocast():
-            ... features = forward(...)                           # forward passes under autocast
-        loss, parts = method_loss(gather(features.float()), ...)  # loss math in fp32, outside autocast
+            features = forward(batch)                             # forward passes under autocast
+        loss, parts = method_loss(common.gather_features(features.float()), ...)   # loss math in fp32
         common.check_finite(loss, parts, step)
-        common.backward_and_step(run, loss, optimizer, [model.logit_scale])   # why the scalars: see there
-        ...scheduler step, clamp logit scale, EMA update, log, periodic checkpoint
+        optimizer.zero_grad(set_to_none=True)
+        common.backward_and_step(run, loss, optimizer, loss_scalars=[model.logit_scale])   # why the scalars: there
+        scheduler.step()
+        common.clamp_logit_scale(model)                           # not GOAL, which never clamps
+        ema.update(model)
+        run.log(step, args.batch_size * run.world_size, **parts)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            common.save_checkpoint(run, step + 1, model, optimizer, scheduler, ema=ema, extra={...})
+    common.save_checkpoint(run, total, model, optimizer, scheduler, ema=ema)
+    run.close()
+    after = evaluation.evaluate(model, tokenizer, val_tf, args.eval, root=args.eval_root, device=run.device)
+    common.export_open_clip(model, os.path.join(run.out, "final.pt"), args.model, tokenizer)
+    evaluation.write_results(run.out, before, after)
 """
 import argparse
 import contextlib
@@ -222,8 +239,9 @@ def _not_weights_message(path, error):
 def encode_image_tokens(model, images):
     """Global image embedding and per-patch embeddings in the joint space (neither normalized).
 
-    open_clip's VisionTransformer returns patch tokens after ln_post but before the projection (benchmarks.md
-    B2), so we switch `output_tokens` on around our own call and project the tokens with `visual.proj`.
+    open_clip's VisionTransformer returns patch tokens after ln_post but before the projection (open_clip
+    src/open_clip/transformer.py, `VisionTransformer.forward` and `_pool` with output_tokens), so we switch
+    `output_tokens` on around our own call and project the tokens with `visual.proj`.
     Returns pooled (B, D) and patch_emb (B, P, D) with P = grid cells (no class token)."""
     visual = model.visual
     previous = visual.output_tokens
@@ -272,7 +290,8 @@ def trim_padding(texts):
 
 
 def clip_loss(image_emb, text_emb, logit_scale):
-    """CLIP's symmetric InfoNCE: L = (CE(s I T^T, y) + CE(s T I^T, y)) / 2 with y_i = i.
+    """CLIP's symmetric InfoNCE: L = (CE(s I T^T, y) + CE(s T I^T, y)) / 2 with y_i = i (open_clip
+    src/open_clip/loss.py, `ClipLoss` without local_loss: the full gathered N x N matrix).
 
     image_emb, text_emb: (N, D) L2-normalized, already gathered over ranks; logit_scale: scalar s (exp'ed)."""
     logits = logit_scale * image_emb @ text_emb.t()
@@ -1099,8 +1118,8 @@ def export_open_clip(model, path, model_name=None, tokenizer=None, meta=None):
 
 
 # The shared budget of every method on the shapes world, so that `python <method>.py` runs compare at equal
-# cost (`eval.py compare` uses exactly these): 18-57 minutes per run on one CPU core with another run beside it
-# (measured for plain, NegCLIP, DeGLA, CE-CLIP, plain SigLIP and C2LIP at seed 0).
+# cost. `python -m lab.compare` and `python -m lab.budget` train on these values except for the step count and
+# the training-set size (lab/compare.py: COMPARE_STEPS, COMPARE_TRAIN_SIZE).
 SHAPES_DEFAULTS = {
     # The demo budget: `python degla.py` (and the other three) trains and evaluates in a few minutes on a 2-core
     # laptop (docs/performance.md). The comparisons in docs/results.md train 1000 steps on 20,000 scenes, set by

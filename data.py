@@ -1150,7 +1150,7 @@ def _dci_box(bounds, path):
 class DciDataset(ImageCaptionDataset):
     """DCI (Densely Captioned Images, Meta): one long caption per image.
 
-    Our reading of the layout (field names not verified against the release, see benchmarks.md A7): the
+    Our reading of the layout (field names not verified against the release, facebookresearch/DCI): the
     long caption is `short_caption` followed by `extra_caption`. If `mask_data` entries carry `bounds` (original
     pixels; the release's {"topLeft": {"x", "y"}, "bottomRight": {"x", "y"}}, or [[x0, y0], [x1, y1]]) they become
     the image's segments (unless a segments file is given). `splits.json`, when present, selects the annotation files of `split`; otherwise all are used.
@@ -1748,7 +1748,7 @@ def scene_caption(scene, rng):
     Why lists: most real captions name objects without saying where they are, and the suite's attribute-binding
     items (ARO's VG-Attribution form: "the red circle and the blue square") are lists. Without them that form
     never occurred in training: on the first natural-order base NegCLIP lifted swap_att by 12 points in a short
-    run while aro_attribute, the same colour swap phrased as a list, did not move (docs/base_model_notes.md)."""
+    run while aro_attribute, the same colour swap phrased as a list, did not move (docs/testbed.md)."""
     description = scene_description(scene, rng)
     if description.relation is not None and rng.random() < LIST_CAPTION_SHARE:
         description = dataclasses.replace(description, relation=None)

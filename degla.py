@@ -1,7 +1,9 @@
 """DeGLA: Decoupled Global-Local Alignment for compositional CLIP fine-tuning.
 
 Paper: Hu et al., "Decoupled Global-Local Alignment for Improving Compositional Understanding", ACM MM 2025,
-https://arxiv.org/abs/2504.16801 (spec with the code facts: ../shared/methods/degla.md).
+https://arxiv.org/abs/2504.16801. Official code: https://github.com/xiaoxing2001/DeGLA (the losses in
+src/open_clip/loss.py, class `CLIPloss_DeGLA`; the training loop in src/training/train.py; the recipe in
+scripts/train_DeGLA.sh).
 
 The idea in five lines:
 1. Fine-tune CLIP on captions plus K hard-negative captions per caption (swapped / replaced words, reordered
@@ -13,7 +15,9 @@ The idea in five lines:
    of the same caption than to the student embeddings of its own K negatives (pure text, no image).
 
 Total loss (v = image, t = positive caption, n_{i,k} = k-th negative of caption i; * = EMA teacher;
-s = learned CLIP logit scale; N = global batch; K = negatives per caption):
+s = learned CLIP logit scale; N = global batch; K = negatives per caption). The terms are written as the official
+code computes them (loss.py `CLIPloss_DeGLA.forward`); the paper's framework figure shows the same four terms
+(the paper's equation numbers are not given here):
 
     L = L_global + lambda_d * L_distill + lambda_IGC * L_IGC + lambda_TGC * L_TGC,   (0.005, 0.1, 0.1)
 
@@ -23,13 +27,15 @@ s = learned CLIP logit scale; N = global batch; K = negatives per caption):
     L_IGC     = -1/N sum_i log  e^{s v_i.t_i} / (e^{s v_i.t_i} + sum_k e^{s v_i.n_{i,k}})
     L_TGC     = -1/N sum_i log  e^{t_i.t*_i/tau} / (e^{t_i.t*_i/tau} + sum_k e^{t_i.n_{i,k}/tau}),  tau = 0.1
 
-Teacher update after every optimizer step: theta* <- alpha theta* + (1 - alpha) theta (alpha = 0.9996 on COCO).
+Teacher update after every optimizer step: theta* <- alpha theta* + (1 - alpha) theta (alpha = 0.9996 on COCO:
+`--ema_alpha 0.9996` in scripts/train_DeGLA.sh, `update_teacher_ema` in src/training/train.py).
 
 Where the released code differs from the paper's intent (default = intent, flag = released behaviour):
 - TGC negatives: the release builds the TGC mask by *tiling* (`repeat`) instead of interleaving, so caption i
   is contrasted with flattened negatives {i, N+i, 2N+i, 3N+i}, i.e. mostly *other* captions' negatives (the
-  authors' own comment on that line asks whether it is correct). Default: caption i vs its own K negatives
-  (the paper figure); `--tgc-mask tile_as_released` reproduces the release.
+  authors' own comment on that line of loss.py, in the repository's first commit, asks whether it is correct).
+  Default: caption i vs its own K negatives (the paper's framework figure); `--tgc-mask tile_as_released`
+  reproduces the release.
 - Invalid negatives (a rule that did not apply to a caption: data.py marks them in `neg_valid`) are masked
   out of every loss. The released LLM negatives are all valid, so this changes nothing there.
 
@@ -42,7 +48,7 @@ Run:
     python degla.py --baseline plain                  # plain CLIP fine-tuning, same data and budget
     python degla.py --data coco --data-root /data/coco --negatives DeGLA.json --gpus 8      # the paper's run
     torchrun --nproc_per_node 8 degla.py --data coco --data-root /data/coco                # same, via torchrun
-    torchrun --nnodes 2 --nproc_per_node 4 --rdzv-endpoint HOST:29500 degla.py --data coco --data-root ...
+    torchrun --nnodes 2 --nproc_per_node 4 --rdzv-endpoint HOST:29500 degla.py --data coco --data-root /data/coco
     python degla.py --resume runs/degla-...           # continue an interrupted run (teacher included)
     python eval.py --model local-dir:runs/degla-... --bench aro,sugarcrepe --root ~/bench   # the exported model
 
@@ -60,11 +66,11 @@ import data
 import eval as evaluation
 
 # ---------------------------------------------------------------------------------------------------------
-# Defaults. Real data: the paper's values (spec ../shared/methods/degla.md section 3, official script
-# scripts/train_DeGLA.sh). Shapes: the shared budget common.SHAPES_DEFAULTS plus the DeGLA values below.
+# Defaults. Real data: the official recipe (https://github.com/xiaoxing2001/DeGLA: scripts/train_DeGLA.sh,
+# src/training/params.py, src/main.py). Shapes: the shared budget common.SHAPES_DEFAULTS plus the DeGLA values below.
 # ---------------------------------------------------------------------------------------------------------
 PAPER_DEFAULTS = dict(
-    model="ViT-B-32-quickgelu",  # OpenAI ViT-B/32 uses QuickGELU (spec 4; sugar-crepe issue #7)
+    model="ViT-B-32-quickgelu",  # OpenAI ViT-B/32 uses QuickGELU (RAIVNLab/sugar-crepe issue #7)
     pretrained="openai",         # student and teacher both start from it (main.py --teacher ViT-B-32)
     lr=1e-6,                     # train_DeGLA.sh
     betas=(0.9, 0.98),           # train_DeGLA.sh
@@ -76,7 +82,7 @@ PAPER_DEFAULTS = dict(
     workers=8,                   # DataLoader workers per process (the script uses 10)
     save_every=1000,             # the release saves every epoch (~1.6k steps)
     eval="aro,sugarcrepe,valse,zeroshot",  # the paper's tables 2-5
-    ema_decay=0.9996,            # --ema_alpha 0.9996: time constant 1/(1-a) = 2,500 of ~8k steps
+    ema_decay=0.9996,            # --ema_alpha 0.9996: time constant 1/(1-a) = 2,500 of ~8k steps (inferred count)
     distill_weight=0.005,        # --distill_weight 0.005 (squared L2, sum reduction)
     igc_weight=0.1,              # loss.py CLIPloss_DeGLA
     tgc_weight=0.1,              # loss.py CLIPloss_DeGLA
@@ -85,21 +91,26 @@ PAPER_DEFAULTS = dict(
     tgc_mask="own",              # the paper's TGC (a caption's own K negatives); the release tiles a mask
     seed=42,                     # official seed (+ rank)
     neg_types="reshuffle,swap_nouns,swap_adjs,replace_adjs",  # K = 4 (DeGLA_dataset stacks enhanced[0..3]);
-                                 # which 4 of the 5 types is undocumented: we take the first four in the
-                                 # paper's listing order. With --negatives FILE only the count K is used.
+                                 # which 4 of the 5 types is not stated in the paper or the code: we take the
+                                 # first four in the paper's listing order. With --negatives FILE only the count
+                                 # K is used.
 )
 
-# The shapes budget (1000 steps of 64 at lr 3e-4, common.SHAPES_DEFAULTS) is 8x shorter than the paper's ~8k
-# steps of 256, so two values follow an explicit rule instead of being copied (None = apply the rule at run time):
-PAPER_TOTAL_STEPS = 8000      # ~414k COCO captions / 256 per step x 5 epochs (spec section 3)
+# The shapes budgets (the demo default: 200 steps of 64 at lr 3e-4, common.SHAPES_DEFAULTS; the comparison,
+# `python -m lab.compare`: 1000 steps) are far shorter than the paper's ~8k steps of 256, so two values follow an
+# explicit rule instead of being copied (None = apply the rule at run time):
+PAPER_TOTAL_STEPS = 8000      # inferred, not stated in the paper or the code: ~414k COCO-2014 train captions (one
+                              # record per caption) / 256 per step x 5 epochs (scripts/train_DeGLA.sh: 5 epochs, 8 x 32)
 PAPER_GLOBAL_BATCH = 256
 
 
 def shapes_ema_decay(total_steps):
     """EMA decay that keeps the paper's end state: after the whole COCO run the teacher still holds
-    0.9996^8000 = 4% of the initial weights (time constant 2,500 steps = 31% of the run). We keep that
-    fraction: d = 0.9996^(8000 / total_steps); 1000 steps -> 0.99680 (time constant 312 steps, 31% of the run).
-    Copying 0.9996 to a 1000-step run would leave the teacher 67% base model, close to a frozen copy."""
+    0.9996^8000 = 4% of the initial weights (time constant 2,500 steps = 31% of the run; 8000 steps is an
+    inferred count, see PAPER_TOTAL_STEPS). We keep that fraction: d = 0.9996^(8000 / total_steps). The demo
+    budget (200 steps) -> 0.98412 (time constant 63 steps); the comparison's 1000 steps -> 0.99680 (313 steps);
+    both 31% of the run. Copying 0.9996 would leave the teacher 92% base model after 200 steps (67% after 1000),
+    close to a frozen copy."""
     return PAPER_DEFAULTS["ema_decay"] ** (PAPER_TOTAL_STEPS / total_steps)
 
 
@@ -137,7 +148,7 @@ def _mask_invalid(logits, valid):
 
 
 def global_contrastive_loss(image_emb, pos_text_emb, neg_text_emb, logit_scale, neg_valid=None):
-    """NegCLIP global loss L_global (spec 1.2).
+    """NegCLIP global loss L_global, as the official loss.py computes it (`CLIPloss_DeGLA.forward`).
 
         L_i2t = -1/N sum_i log [ e^{s v_i.t_i} / (sum_j e^{s v_i.t_j} + sum_{j,k} e^{s v_i.n_{j,k}}) ]
         L_t2i = -1/N sum_i log [ e^{s t_i.v_i} / sum_j e^{s t_i.v_j} ]
@@ -168,7 +179,8 @@ def global_contrastive_loss(image_emb, pos_text_emb, neg_text_emb, logit_scale, 
 
 def distill_loss(image_emb, pos_text_emb, neg_text_emb, teacher_image_emb, teacher_pos_text_emb,
                  teacher_neg_text_emb, neg_valid=None):
-    """Self-distillation to the EMA teacher L_distill (spec 1.3): squared L2, *summed* over batch and dims.
+    """Self-distillation to the EMA teacher L_distill: squared L2, *summed* over batch and dims (the official
+    loss.py `CLIPloss_DeGLA` with `--distill_mse`, weight `--distill_weight 0.005` in scripts/train_DeGLA.sh).
 
         L_distill = sum_i ||v_i - v*_i||^2 + sum_i ||t_i - t*_i||^2 + sum_{i,k} ||n_{i,k} - n*_{i,k}||^2
 
@@ -191,7 +203,8 @@ def distill_loss(image_emb, pos_text_emb, neg_text_emb, teacher_image_emb, teach
 
 
 def igc_loss(image_emb, pos_text_emb, neg_text_emb, logit_scale, neg_valid=None):
-    """Image-Grounded Contrast L_IGC (spec 1.4): per image a (1 + K)-way softmax over its own captions.
+    """Image-Grounded Contrast L_IGC: per image a (1 + K)-way softmax over its own captions (the official
+    loss.py `CLIPloss_DeGLA`; the other captions of the batch are masked out there with -inf).
 
         L_IGC = -1/N sum_i log [ e^{s v_i.t_i} / (e^{s v_i.t_i} + sum_k e^{s v_i.n_{i,k}}) ]
 
@@ -218,7 +231,8 @@ def released_tgc_columns(n, k, device=None):
 
 
 def tgc_loss(pos_text_emb, teacher_pos_text_emb, neg_text_emb, scale=10.0, neg_valid=None, mask="own"):
-    """Text-Grounded Contrast L_TGC (spec 1.5): anchor t_i, positive t*_i (teacher), negatives n_{i,k}.
+    """Text-Grounded Contrast L_TGC: anchor t_i, positive t*_i (teacher), negatives n_{i,k} (the paper's
+    framework figure; the official loss.py `get_text_local_loss`, with its hard-coded logit_scale = 10.0).
 
         L_TGC = -1/N sum_i log [ e^{t_i.t*_i / tau} / (e^{t_i.t*_i / tau} + sum_k e^{t_i.n_{i,k} / tau}) ]
 

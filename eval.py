@@ -1,6 +1,7 @@
 """eval.py: one benchmark harness for every method in this repository.
 
-What it measures (formats, filters and scoring rules: `methods/benchmarks.md` parts A and C):
+What it measures (file formats, filters and scoring rules follow each benchmark's official code, named in the
+table and in each benchmark's section below):
 
 | name                 | benchmark (official source)                                   | headline (as its paper reports it)        |
 |----------------------|---------------------------------------------------------------|-------------------------------------------|
@@ -18,7 +19,7 @@ Group names (aro, retrieval, longtext) can also be given member by member (e.g. 
 How it is fast and still exact: every benchmark first collects its unique images (many items share one
 image) and unique texts, encodes each once in batches (a DataLoader with workers decodes the images),
 then scores all items with tensor operations. The numbers equal those of the official per-example
-evaluators (`tests/bench.py` checks this and measures the speed-up).
+evaluators (`python -m lab.bench` checks this and measures the speed-up).
 
 Missing images (policy): a missing or unreadable image is reported once per benchmark with its path and
 the count, and every item that needs it is **counted as wrong** (it stays in the denominator), except in
@@ -1315,7 +1316,7 @@ def dci(ctx):
 
     Variant used: the test split from splits.json (all annotations if absent); caption = short_caption +
     " " + extra_caption (concatenation); image = photos/<image>. These field names were not verified against
-    the release (benchmarks.md A7): a file without them gives a clear error.
+    the release (facebookresearch/DCI): a file without them gives a clear error.
     """
     base = "dci/densely_captioned_images"
     _require(ctx, "dci", [f"{base}/annotations", f"{base}/photos"], "github.com/facebookresearch/DCI (dci.tar.gz + SA-1B sa_000138)")

@@ -1,5 +1,9 @@
 """GOAL: Global-local Object Alignment Learning (Choi, Jang, Eom, CVPR 2025, arXiv 2503.17782).
 
+Official code: https://github.com/PerceptualAI-Lab/GOAL (the trainer goal_loss_finetuning.py; LISM in
+LISM/make_pseudo_local_pair_for_trainset.py and LISM/make_bbox.py; the position stretch in utils/func.py, a port of
+Long-CLIP's, https://github.com/beichenzbc/Long-CLIP, model/longclip.py).
+
 CLIP reads at most 77 tokens and matches a whole image to a whole caption. GOAL fine-tunes CLIP on long,
 multi-sentence captions and teaches it which sentence describes which part of the image:
   1. Long text: Long-CLIP's "knowledge-preserved" position stretch (keep the first K positions, linearly
@@ -14,7 +18,8 @@ multi-sentence captions and teaches it which sentence describes which part of th
      averaged, must embed like the crop itself; the long caption's tokens over the sentence's span,
      averaged, must embed like the sentence on its own.
 
-Total loss (lambda_local = 0.5, lambda_TSL = 1, as in the paper and the official trainer):
+Total loss (lambda_local = 0.5, lambda_TSL = 1, as in the paper and the official trainer; the TSL term is the
+paper's Eq. (14), the paper's numbers of the other terms are not given here):
 
     L = L_global(I_g, T_g) + 0.5 * L_local(I_l, T_l)
         + mean_b (1 - cos(P_l^b, v_l^b))^2 + mean_b (1 - cos(S_l^b, t_l^b))^2
@@ -27,10 +32,11 @@ All embeddings L2-normalised; no stop-gradient anywhere. With --local-weight 0 -
 is plain CLIP fine-tuning on (image, long caption) with the same stretched text positions (the paper's
 "global fine-tuning" baseline).
 
-Where the release differs from the paper (see ../shared/methods/goal.md section 6), the default follows the
-paper and a flag reproduces the release:
-  --released-box-mapping: the release divides the box by the *crop's* width/height instead of the image's
-    (so every region runs to the bottom-right corner) and uses 16-px cells whatever the model's patch size.
+Where the release (goal_loss_finetuning.py) differs from the paper, the default follows the paper and a flag
+reproduces the release:
+  --released-box-mapping: the release (`get_patch_tokens_from_bbox`) divides the box by the *crop's* width/height
+    instead of the image's (so every region runs to the bottom-right corner) and uses 16-px cells whatever the
+    model's patch size.
     Default: the box (pixels of the transformed image) is mapped onto the model's own patch grid.
     Not an exact reproduction: the release applies that formula to boxes in the original image's pixels and
     rounds the scaled coordinates to integers before it cuts the 16-px cells; we apply it, unrounded, to boxes
@@ -73,7 +79,7 @@ import data
 import eval as evaluation
 
 # ----------------------------------------------------------------------------------------------------------
-# Defaults. Real data: the official trainer `goal_loss_finetuning.py` (goal.md sections 3-4).
+# Defaults. Real data: the official trainer (https://github.com/PerceptualAI-Lab/GOAL, goal_loss_finetuning.py).
 # Shapes: the shared small budget (common.SHAPES_DEFAULTS) plus the stretch scaled to the tiny model.
 # ----------------------------------------------------------------------------------------------------------
 PAPER_DEFAULTS = dict(
@@ -92,7 +98,8 @@ PAPER_DEFAULTS = dict(
     keep_positions=20,           # Long-CLIP keeps the first 20 positions as they are
     local_weight=0.5,            # lambda_local (paper notes, FAST-GOAL, official trainer)
     tsl_weight=1.0,              # lambda_TSL
-    scorer_model="ViT-L-14-336-quickgelu",  # LISM's frozen scorer (goal.md LISM step 4: CLIP ViT-L/14-336)
+    scorer_model="ViT-L-14-336-quickgelu",  # LISM's frozen scorer: openai/clip-vit-large-patch14-336
+                                            # (LISM/make_pseudo_local_pair_for_trainset.py)
     scorer_pretrained="openai",
     released_box_mapping=False,  # the paper's box -> patch mapping (--released-box-mapping: the release's)
 )
@@ -111,7 +118,7 @@ SHAPES_GOAL_DEFAULTS = dict(context_length=104, keep_positions=8, local_weight=0
 # Losses: pure functions of (already gathered) tensors.
 # ----------------------------------------------------------------------------------------------------------
 def contrastive_loss(image_emb, text_emb, logit_scale):
-    """Symmetric InfoNCE (CLIP), paper's L_global / L_local.
+    """Symmetric InfoNCE (CLIP), paper's L_global / L_local, as goal_loss_finetuning.py computes them.
 
     L = 1/2 [ CE(s * I T^T, diag) + CE(s * T I^T, diag) ],  s = exp(logit_scale) (never clamped in GOAL).
     image_emb: (N, D) L2-normalised; text_emb: (N, D) L2-normalised, row i is image i's positive;
@@ -123,7 +130,8 @@ def contrastive_loss(image_emb, text_emb, logit_scale):
 
 
 def tsl_loss(region_emb, crop_emb, span_emb, sentence_emb):
-    """Token Similarity-based Learning, paper Eq. (14), diagonal-only as in the release.
+    """Token Similarity-based Learning, paper Eq. (14), diagonal-only as in the release (goal_loss_finetuning.py
+    takes torch.diag of the similarity matrix before the MSE, so off-diagonal pairs are not pushed to 0).
 
     L_TSL = mean_b (1 - cos(P_l^b, v_l^b))^2 + mean_b (1 - cos(S_l^b, t_l^b))^2
     region_emb (P_l): (N, D) region-pooled patch tokens of the full image, after ln_post + proj, L2-normalised.
@@ -176,7 +184,8 @@ def _text_tower(model):
 
 
 def stretch_positions(pos, new_length, keep):
-    """Long-CLIP's knowledge-preserved stretch of a (L, W) positional table to (new_length, W).
+    """Long-CLIP's knowledge-preserved stretch of a (L, W) positional table to (new_length, W) (Long-CLIP's
+    model/longclip.py; GOAL's utils/func.py `longclip_pos_embeddings`).
 
     Rows p < keep are copied. Row p >= keep reads the old table at s = keep + (p - keep) / f, with
     f = (new_length - keep) / (L - keep), linearly interpolated between rows floor(s) and floor(s)+1, and
@@ -322,6 +331,8 @@ def lism_best_pair(scores):
 
     Each sentence j picks argmax_i scores[i, j] (no one-to-one constraint); sentences that pick the full image
     are dropped ("del_org"); of the rest, the single best-scoring (crop, sentence) pair is kept ("only_max_pair").
+    The argmax is LISM/make_pseudo_local_pair_for_trainset.py's; the last two steps are inferred from the
+    training files' names and goal_loss_finetuning.py's loader (the official repository does not include that script).
     Returns (crop_index in 0..C-1, sentence_index, score) or None when every sentence prefers the full image.
     """
     best_score, best_candidate = scores.max(dim=0)          # (S,), (S,)
@@ -342,7 +353,8 @@ def _crop_tensor(image, box):
 
 
 def keep_by_area(boxes, image_size, areas=None, min_ratio=0.01, max_ratio=0.8):
-    """GOAL's segment filter: keep a candidate whose area is 1%-80% of the image area (goal.md, LISM step 3).
+    """GOAL's segment filter: keep a candidate whose area is 1%-80% of the image area
+    (LISM/make_pseudo_local_pair_for_trainset.py: min_area_ratio=0.01, max_area_ratio=0.8).
 
     boxes: [[x0, y0, x1, y1], ...] in the pixels of image_size = (width, height). areas: the masks' pixel
     counts if the segments file has them ("areas"), which is what the release filters on; without them the

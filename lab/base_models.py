@@ -1,6 +1,6 @@
 """The recipe of the shipped shapes base models (models/shapes-tiny-{vit,siglip}-shapes-base.pt).
 
-    python -m lab.base_models --arch clip      # shapes-tiny-vit, InfoNCE (about 47 minutes on one CPU core)
+    python -m lab.base_models --arch clip      # shapes-tiny-vit, InfoNCE
     python -m lab.base_models --arch siglip    # shapes-tiny-siglip, sigmoid loss
     python -m lab.base_models --arch clip --out /tmp/base.pt --steps 200    # a quick variant, not shipped
 
@@ -10,10 +10,10 @@ sidecar JSON (how each was made, its sha256 and its shapes-suite metrics). Like 
 single objects well and bind attributes poorly, not because word order was destroyed but because a random
 batch of 64 scenes almost never holds the swapped twin of a scene (data.py, "difficulty check"), so the
 contrastive loss never needs binding. That is the situation NegCLIP's hard negatives fix on real data, and
-docs/base_model_notes.md checks that they do here too.
+docs/testbed.md checks that they do here too.
 
 The recipe (`build_shapes_base`, one command: `python -m lab.base_models --arch clip`), variant v2g of
-docs/base_model_notes.md (v2c, its predecessor, and seven other variants are recorded there with their numbers):
+docs/testbed.md (v2c, its predecessor, and seven other variants are recorded there with their numbers):
   phase 1 (the first SHAPES_BASE_ONE_OBJECT_STEPS): one-object scenes only. Colour alone separates almost
           every pair of a batch of 1-4-object scenes, so on the usual mix CLIP learns the colours and hardly
           any shape (23% after 600 steps); on single objects the shape is what is left to tell captions apart.
@@ -401,7 +401,7 @@ def _git_commit():
 
 
 def main(argv=None):
-    """`python -m lab.base_models --arch clip|siglip`: the recipe of the shipped base models."""
+    """`python -m lab.base_models --arch clip` (or `--arch siglip`): the recipe of the shipped base models."""
     build = argparse.ArgumentParser(prog="python -m lab.base_models", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                     description="Train a shapes base model from scratch (the shipped files' recipe).")
     parser = build

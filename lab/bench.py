@@ -296,8 +296,9 @@ print(*bench.naive_retrieval(model.eval(), transform, tokenizer, root, images))
 
 @row("eval_process")
 def bench_eval_process(args):
-    """Whole processes on the retrieval fixture with the shipped CLIP base: `python eval.py --bench coco_retrieval`
-    against a script that loads the same model and runs the CLIP_benchmark-shaped reference (best of two each);
+    """Whole processes on the retrieval fixture with the shipped CLIP base: `python eval.py --model shapes-tiny-vit
+    --pretrained shapes --bench coco_retrieval --root FIXTURE --device cpu` against a script that loads the same
+    model and runs the CLIP_benchmark-shaped reference (best of two each);
     also `python -c "import open_clip"` alone, the floor of any open_clip evaluator, and eval.py's in-process
     time, so that the detail shows where a process's seconds go."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,9 +17,9 @@ from lab.compare import (COMPARE_DEFAULT_METHODS, COMPARE_METHODS, COMPARE_STEPS
 
 # ===== Budget curve: `python -m lab.budget` =====
 # One seed of each method and its baselines at several step counts (by default a quarter, a half and all of the
-# shared shapes budget), and one table of each target: does a method's gap over its baseline close, open or flip
-# with more training? Runs live in <out>/steps-<N>/<method>-seed<seed>; finished `lab.compare` runs of the same
-# step count and seed are reused instead of trained again.
+# comparison's 1000 steps, lab.compare's COMPARE_STEPS), and one table of each target: does a method's gap over
+# its baseline close, open or flip with more training? Runs live in <out>/steps-<N>/<method>-seed<seed>; finished
+# `lab.compare` runs of the same step count and seed are reused instead of trained again.
 def budget_table(runs_by_steps):
     """Markdown table from {steps: {method: [run_dir]}}: per target, the baseline's and the method's value and their
     difference at each step count (one seed, so no spread)."""
@@ -78,7 +78,7 @@ def budget_main(argv):
                 runs_by_steps[n][m] = [run_dir]
             if not (run_dir / "results.json").exists() and not args.no_train:
                 jobs.append((m, args.seed, run_dir, n))
-    # cheapest budgets first: a stopped session leaves whole rows, not one long run half done
+    # cheapest budgets first: an interrupted `lab.budget` leaves whole rows, not one long run half done
     _train_missing(sorted(jobs, key=lambda job: job[3]), args)
     table = (f"Each method's target and its baselines' (shapes suite, %, seed {args.seed}) after {', '.join(map(str, budgets))} "
              f"steps:\n\n" + budget_table(runs_by_steps))

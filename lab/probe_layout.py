@@ -8,7 +8,7 @@ different colours and two different shapes (80% to fit, 20% to score). A tower t
 shapes are present but not where they are scores 50% on "the colour of the left object": it can only guess which
 of the two present colours it is. The same for the shape, and for the two colour-shape binding probes. Then the
 text side: how close the text tower puts a suite caption and its order- or binding-swapped negative. The shipped
-base reads about 49 / 43 / 60 / 71 and cosines of 0.99+; see docs/base_model_notes.md (variants v2d-v2h).
+base reads about 49 / 43 / 60 / 71 and cosines of 0.99+; see docs/testbed.md (variants v2d-v2h).
 """
 import os
 import sys
