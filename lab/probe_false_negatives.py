@@ -14,10 +14,9 @@ Measured on 2,000 training captions (seed 0; docs/results_degla.md): reshuffle 4
 121 of 1,071 relation captions), swap_nouns 4.6%, swap_adjs 1.4%, CE-CLIP's relation 4.3%, the replacements and
 CE-CLIP's action flip 0%.
 """
+import argparse
 import collections
-import os
 import re
-import sys
 
 import data
 
@@ -45,9 +44,13 @@ def parse_description(text):
     return data.Description(tuple((size or None, colour, shape) for size, colour, shape in objects), relation)
 
 
-def main(argv):
-    size = int(argv[0]) if argv else 2000
-    types = argv[1].split(",") if len(argv) > 1 else list(data.DEGLA_TYPES[:4]) + list(data.CEHN_TYPES)
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lab.probe_false_negatives", description=__doc__.splitlines()[0])
+    p.add_argument("size", nargs="?", type=int, default=2000, help="training captions to check")
+    p.add_argument("types", nargs="?", default=",".join(list(data.DEGLA_TYPES[:4]) + list(data.CEHN_TYPES)),
+                   help="comma-separated negative types")
+    args = p.parse_args(argv)
+    size, types = args.size, args.types.split(",")
     dataset = data.ShapesDataset("train", size=size, seed=0)
     negatives, valid = data.make_negatives(dataset.captions, types, cache_dir=None, progress=False,
                                            vocabulary=dataset.vocabulary)
@@ -75,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

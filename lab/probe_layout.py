@@ -10,8 +10,7 @@ of the two present colours it is. The same for the shape, and for the two colour
 text side: how close the text tower puts a suite caption and its order- or binding-swapped negative. The shipped
 base reads about 49 / 43 / 60 / 71 and cosines of 0.99+; see docs/testbed.md (variants v2d-v2h).
 """
-import os
-import sys
+import argparse
 
 import torch
 
@@ -36,10 +35,13 @@ def fit_probe(features, labels, classes, train, steps=500):
     return 100.0 * (predicted == labels[train:]).float().mean().item()
 
 
-def main():
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lab.probe_layout", description=__doc__.splitlines()[0])
+    p.add_argument("weights", nargs="?", default="shapes", help="shapes-tiny-vit weights: 'shapes' (the shipped base) "
+                   "or a run's final.pt")
+    weights = p.parse_args(argv).weights
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    weights = sys.argv[1] if len(sys.argv) > 1 else "shapes"
     model, _, transform, tokenizer = common.create_backbone(common.TINY_MODEL, weights)
     model.eval()
     world = data.ShapesDataset("val", size=6000, seed=7)

@@ -276,7 +276,7 @@ def test_shipped_base_loads_fp32_and_matches_its_sidecar(name):
     with open(path[:-3] + ".json") as f:
         sidecar = json.load(f)
     assert sidecar["sha256"] == common._sha256(path) and sidecar["model"] == name
-    assert os.path.getsize(path) <= 16_000_000                       # issue #15: at most 16 MB per file
+    assert os.path.getsize(path) <= 16_000_000                       # the shipped files stay small: at most 16 MB each
     assert {"command", "seed", "steps", "train_seconds", "recipe_commit", "shapes_suite"} <= set(sidecar)
     model, _, _, tokenizer = common.create_backbone(name, "shapes")
     assert all(p.dtype == torch.float32 for p in model.parameters())  # stored fp16, loaded fp32

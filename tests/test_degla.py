@@ -43,7 +43,7 @@ def _assert_same(loss, ref, inputs):
             assert torch.allclose(g, r, rtol=1e-9, atol=1e-12)
 
 
-# ----- naive references: explicit loops over samples, straight from the equations in the spec ----------
+# ----- naive references: explicit loops over samples, straight from the paper's equations ----------
 def ref_global(v, t, n, s, valid):
     i2t, t2i = 0.0, 0.0
     for i in range(N):
@@ -250,7 +250,7 @@ def test_short_run_improves_swap_replace(shapes_base, tmp_path):
     assert after > before + 2.0, (before, after)
 
 
-# ----- the testbed's own check: NegCLIP's hard negatives against plain fine-tuning (issue #15) ----------------
+# ----- the testbed's own check: NegCLIP's hard negatives against plain fine-tuning --------------------------
 NEGCLIP_TEST_SUBSETS = ("aro_relation", "aro_attribute", "swap_obj", "swap_att")
 NEGCLIP_TEST_MARGIN = 2.0   # points; the "looser threshold" of the one-seed CI version, set before measuring
 

@@ -161,7 +161,7 @@ def test_box_patch_mask_released_runs_to_corner():
     # the release divides by the crop's own size: x2 * S / w >= S, so the region always reaches the last column/row
     rel = goal.box_patch_mask(torch.tensor([[689.0, 802.0, 973.0, 1500.0]]), image_size=224, patch_size=16,
                               released=True)
-    assert rel[0].nonzero().flatten().tolist() == [13 * 14 + 13]  # goal.md: this DCI box maps to patch (13, 13)
+    assert rel[0].nonzero().flatten().tolist() == [13 * 14 + 13]  # this DCI box maps to patch (13, 13) under the release's rule
     rel = goal.box_patch_mask(torch.tensor([[8.0, 8.0, 24.0, 24.0]]), image_size=64, patch_size=8, released=True)
     grid = rel[0].view(8, 8)
     # 16-px cells on an 8-px grid: selects cells by 16-px indices, clamped to the 8x8 grid
@@ -381,7 +381,7 @@ def test_lism_scores_with_its_own_frozen_scorer(tmp_path, capsys):
 
 def test_lism_cache_is_keyed_by_the_candidate_boxes(tmp_path, monkeypatch):
     """The shapes world's matching is cached, and read back only for the same scorer, captions and candidate boxes:
-    a run with other boxes (tests/diag_goal_scale_preserving_boxes.py) must not get the tight boxes' matching."""
+    a run with other boxes (`python -m lab.diag_goal_scale_preserving_boxes`) must not get the tight boxes' matching."""
     import common
     import data
     monkeypatch.setenv("COMPCLIP_CACHE", str(tmp_path / "cache"))

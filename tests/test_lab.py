@@ -336,7 +336,7 @@ def test_base_recipe_learns_and_resumes(arch, tmp_path, monkeypatch):
         real_save(obj, where)
         calls.append(where)
         if where.endswith(".partial") and len(calls) == 1:
-            raise KeyboardInterrupt   # as if the session died right after the step-20 checkpoint
+            raise KeyboardInterrupt   # as if the process died right after the step-20 checkpoint
 
     common._atomic_torch_save = stop_after_first_checkpoint
     try:

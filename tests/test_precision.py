@@ -1,4 +1,4 @@
-"""Mixed precision in the training loops (issue 17, item 10): forward passes under autocast, loss math in fp32
+"""Mixed precision in the training loops: forward passes under autocast, loss math in fp32
 outside it, and the GradScaler stepping the optimizer under fp16, in every method script.
 
 CPU runs are fp32 (`--precision` bf16/fp16 need a GPU), so the test stands in CPU bf16 autocast for the run's

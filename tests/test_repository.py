@@ -100,8 +100,8 @@ def _parse_only(target, argv, monkeypatch):
         # what `python -m lab.X` runs: the call under `if __name__ == "__main__":`
         main_block = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
         assert main_block, f"{target} has no `if __name__ == '__main__':` block"
-        call = main_block[0].body[-1].value
-        function = getattr(module, call.func.id)
+        call = main_block[0].body[-1].value   # e.g. main(), compare_main(sys.argv[1:]) or cehn.main()
+        function = eval(ast.unparse(call.func), vars(module))
         run = (lambda: function(argv)) if call.args else function
     else:
         module = importlib.import_module(target[:-3])

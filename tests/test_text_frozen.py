@@ -4,8 +4,8 @@ The rules of `data.make_negatives` and `data.extract_concepts` are deterministic
 parsing or of the rules must reproduce their earlier output exactly. `text_tools_frozen.json` holds a few
 hundred captions (shapes-world captions, with the shapes vocabulary as `WithNegatives` passes it, and
 COCO-style sentences with verbs, relations, plurals, counts and adjectives, built by `coco_like_captions`)
-together with what the code produced for them when the fixture was written (commit 46fd07b, before the
-speed work of issue 18). The test compares with `==`, no tolerance.
+together with what the code produced for them when the fixture was written. The test compares with `==`, no
+tolerance.
 
 Regenerate the fixture only when the rules change on purpose (and bump `data.NEGATIVES_VERSION`):
 
