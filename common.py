@@ -5,7 +5,7 @@ Everything in this file is used by at least two methods; method-specific math st
 
 Sections
   1. Backbone: open_clip models, the tiny `shapes-tiny-vit` / `shapes-tiny-siglip` configs, per-token features.
-  2. The shapes base models (`pretrained="shapes"`): tiny CLIP and SigLIP shipped in models/, and their recipe.
+  2. The shapes base models (`pretrained="shapes"`): tiny CLIP and SigLIP shipped in models/ (recipe: lab/).
   3. EMA teacher.
   4. Distributed: `launch`, `gather_features`, rank helpers, `run_cpu_processes` (tests).
   5. Training utilities: arguments, optimizer, schedule, precision, seeding, logging, the data stream.
@@ -1122,8 +1122,8 @@ def export_open_clip(model, path, model_name=None, tokenizer=None, meta=None):
 # the training-set size (lab/compare.py: COMPARE_STEPS, COMPARE_TRAIN_SIZE).
 SHAPES_DEFAULTS = {
     # The demo budget: `python degla.py` (and the other three) trains and evaluates in a few minutes on a 2-core
-    # laptop (docs/performance.md). The comparisons in docs/results.md train 1000 steps on 20,000 scenes, set by
-    # `python -m lab.compare`: the budget at which NegCLIP's hard negatives beat plain fine-tuning on ARO by more
+    # laptop (docs/performance.md). The comparisons in docs/results.md train 1000 steps on the same 20,000 scenes
+    # (`python -m lab.compare`): the budget at which NegCLIP's hard negatives beat plain fine-tuning on ARO by more
     # than 5 points on the shipped base (docs/testbed.md).
     "model": TINY_MODEL, "pretrained": "shapes",
     "steps": 200,          # optimizer steps
@@ -1132,8 +1132,8 @@ SHAPES_DEFAULTS = {
                            # 80-400 steps, so fine-tuning runs at 0.3x the pre-training lr
     "wd": 0.1,
     "warmup": 20,
-    "train_size": 4000,    # scenes in the training split; 200 steps of 64 see each about 3 times, as 1000 steps
-                           # see the comparison's 20,000 (and GOAL's one-time LISM matching scores 4,000 scenes)
+    "train_size": 20000,   # scenes in the training split (200 steps of 64 see 12,800 of them; on 4,000 scenes
+                           # seen 3 times each the demo moved DeGLA's and C2LIP's targets less: docs/performance.md)
     "workers": 0,          # rendering a 64 px scene takes ~1 ms: worker processes cost more than they save
     "epochs": 1,
     "save_every": 100,

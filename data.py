@@ -1755,13 +1755,6 @@ def scene_caption(scene, rng):
     return render_description(description)
 
 
-def bow_caption(caption, rng):
-    """Bag-of-words caption: the words of `caption` in random order (what the base model is trained on)."""
-    words = caption.split()
-    rng.shuffle(words)
-    return " ".join(words)
-
-
 _GRID_WORDS = (("in the top left", "at the top", "in the top right"), ("on the left", "in the center", "on the right"),
                ("in the bottom left", "at the bottom", "in the bottom right"))
 
@@ -1794,8 +1787,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     split: "train" | "val" | "test" (disjoint random streams of the same seed); size: number of scenes;
     long=True: "caption" is the long multi-sentence caption and "segments" holds the object boxes (the
-    stand-in for SAM output in GOAL's LISM); bag_of_words=True: captions with shuffled words (an ablation;
-    the shipped base models were trained on the ordered captions).
+    stand-in for SAM output in GOAL's LISM).
     Everything is a pure function of (seed, split, index): same seed, same pixels and captions.
     """
 
@@ -1803,11 +1795,11 @@ class ShapesDataset(torch.utils.data.Dataset):
     vocabulary = frozenset(SHAPES + COLORS + SIZES)
 
     def __init__(self, split="train", size=20000, image_size=64, seed=0, transform=None, long=False,
-                 bag_of_words=False, n_objects=None):
+                 n_objects=None):
         if split not in _SPLIT_OFFSET:
             raise ValueError(f"shapes split must be one of {sorted(_SPLIT_OFFSET)}, got {split!r}")
         self.split, self.size, self.image_size, self.seed = split, size, image_size, seed
-        self.transform, self.long, self.bag_of_words = transform, long, bag_of_words
+        self.transform, self.long = transform, long
         self.scenes, self.captions, self.long_sentences = [], [], []
         for i in range(size):
             rng = _scene_rng(seed, split, i)
@@ -1818,8 +1810,7 @@ class ShapesDataset(torch.utils.data.Dataset):
                 self.captions.append(text)
                 self.long_sentences.append(sentences)
             else:
-                caption = scene_caption(scene, rng)
-                self.captions.append(bow_caption(caption, rng) if bag_of_words else caption)
+                self.captions.append(scene_caption(scene, rng))
 
     def __len__(self):
         return self.size

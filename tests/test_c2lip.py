@@ -274,24 +274,8 @@ def test_siglip_concept_losses_train_the_value_path():
     assert model.logit_bias.grad is not None and model.text.text_projection.weight.grad is not None
 
 
-# ---- learning: a short seeded run moves the target metric ------------------------------------------------
-@pytest.mark.slow   # a known failure (the reason has the numbers): run with `python -m pytest -m slow`
-@pytest.mark.xfail(strict=False, reason="measured 2026-12-01: on the shipped v2g SigLIP base 76.04 -> 77.02, on v2c's "
-                   "77.10 -> 76.69, on the v2c CLIP base 81.54 -> 77.51 (needs +2). Both v2 bases already name every object; whether C2LIP beats "
-                   "plain SigLIP fine-tuning at the full budget is issue #16's question")
-def test_short_run_improves_target_metric(shapes_siglip_base, tmp_path):
-    """swap-att / replace-att / add (C2LIP's shapes target) must rise above the base model in a short run, from the
-    shipped SigLIP base (C2LIP is a SigLIP method: all three of its losses are sigmoid with one scale and bias).
-
-    History: on the 300-step bag-of-words CLIP test base (2026-11-29) 69.97 -> 72.11; on the shipped v2 CLIP base
-    (2026-12-01) 81.54 -> 77.51, retrieval R@1 65.1 -> 39.6 (the concept loss, sigmoid, against a softmax caption
-    loss: docs/results_c2lip.md), which is why the test moved to the SigLIP base; there (2026-12-01) 77.10 -> 76.69,
-    and on the v2g SigLIP base (shipped since the fourth session of 2026-12-01) 76.04 -> 77.02."""
-    args = c2lip.parse_args(["--model", "shapes-tiny-siglip", "--pretrained", shapes_siglip_base, "--steps", "60", "--batch-size", "32",
-                             "--train-size", "1920", "--lr", "2e-4", "--warmup", "5", "--seed", "0",
-                             "--eval", "shapes", "--no-progress", "--save-every", "0", "--out", str(tmp_path)])
-    result = c2lip.train(args)
-    before = c2lip.target_metric(result["before"]["shapes"]["metrics"])
-    after = c2lip.target_metric(result["after"]["shapes"]["metrics"])
-    print(f"C2LIP target (swap_att, replace_att, ADD): {before:.2f} -> {after:.2f}")
-    assert after > before + 2.0, (before, after)
+# ---- learning ------------------------------------------------------------------------------------------------
+# C2LIP's learning test is the demo (tests/test_demo.py, `pytest -m slow`): 200 steps of 64 from the shipped SigLIP
+# base raise its target (swap_att, replace_att, ADD) over the base by more than one standard error. A 60-step run
+# of 32 does not separate it from its base or from plain SigLIP fine-tuning (measured on 500 held-out scenes: base
+# 76.17, plain SigLIP 76.53, C2LIP 77.25; one standard error of a difference is 1.9 points).

@@ -340,29 +340,54 @@ def _long_r1(model, tokenizer, transform, n_scenes):
     return 50.0 * (i2t + t2i).item()
 
 
-def test_short_goal_run_improves_long_retrieval(shapes_base, tmp_path):
-    """60 steps of 32 on long captions raise long-caption R@1 over the base model by more than 2 points.
+LONG_SCENES = 500   # held-out scenes for long-caption retrieval (one long caption each)
 
-    On the shared-head test base of 2026-11-29 a 20-step run measured 32.83 -> 30.17 (the first steps on the
-    stretched positions cost the base some accuracy); lengthened to the 60 steps the other learning tests use.
-    On the v2c CLIP base (2026-12-01): 71.00 -> 77.00 on 300 scenes; on v2g, the shipped base since the fourth
-    session of 2026-12-01: 64.50 -> 73.33, the same with 1 and with 2 threads (69 s and 55 s)."""
+
+@pytest.fixture(scope="module")
+def long_r1_after_short_runs(shapes_base, tmp_path_factory):
+    """Long-caption R@1 of the shipped base stretched to GOAL's context (104 tokens, no training), and after 60 steps
+    of 32 on 1,920 scenes of plain long-caption fine-tuning (`--local-weight 0 --tsl-weight 0`, GOAL's paper
+    baseline) and of GOAL, same seed, data and context."""
     import common
     import open_clip
-    torch.manual_seed(0)
-    result = goal.train(goal.parse_args([
-        "--pretrained", shapes_base, "--steps", "60", "--batch-size", "32", "--train-size", "1920", "--lr", "3e-4",
-        "--warmup", "2", "--eval", "", "--out", str(tmp_path / "run"), "--seed", "0", "--no-progress"]))
-    base, _, val_tf, tokenizer = common.create_backbone(common.TINY_MODEL, shapes_base)
-    tuned = open_clip.create_model(common.TINY_MODEL)
-    goal.stretch_text_positions(tuned, 104, keep=8)
-    tuned.load_state_dict(torch.load(tmp_path / "run" / "final.pt", weights_only=True)["state_dict"])
-    long_tokenizer = open_clip.get_tokenizer(common.TINY_MODEL, context_length=104)
-    before = _long_r1(base, tokenizer, val_tf, 300)       # the base model reads only its 32 tokens
-    after = _long_r1(tuned, long_tokenizer, val_tf, 300)
-    print(f"long-caption R@1: {before:.2f} -> {after:.2f}")
-    assert result["out"] == str(tmp_path / "run")
-    assert after > before + 2.0, (before, after)
+    context = goal.SHAPES_GOAL_DEFAULTS["context_length"]
+    long_tokenizer = open_clip.get_tokenizer(common.TINY_MODEL, context_length=context)
+    base, _, val_tf, _ = common.create_backbone(common.TINY_MODEL, shapes_base)
+    goal.stretch_text_positions(base, context, keep=goal.SHAPES_GOAL_DEFAULTS["keep_positions"])
+    scores = {"base": _long_r1(base, long_tokenizer, val_tf, LONG_SCENES)}
+    for setting, flags in (("plain-long", ["--local-weight", "0", "--tsl-weight", "0"]), ("goal", [])):
+        out = tmp_path_factory.mktemp(setting)
+        torch.manual_seed(0)
+        goal.train(goal.parse_args([
+            "--pretrained", shapes_base, *flags, "--steps", "60", "--batch-size", "32", "--train-size", "1920",
+            "--warmup", "5", "--eval", "", "--out", str(out), "--seed", "0", "--no-progress", "--save-every", "0"]))
+        tuned, _, _, tokenizer = common.create_backbone("local-dir:" + str(out), None)
+        assert tokenizer.context_length == context
+        scores[setting] = _long_r1(tuned, tokenizer, val_tf, LONG_SCENES)
+    print({k: round(v, 2) for k, v in scores.items()})
+    return scores
+
+
+def _r1_difference_error(n_scenes=LONG_SCENES):
+    """One standard error, in points, of the difference of two mean-of-both-directions R@1 values at p = 0.5."""
+    return 100 * math.sqrt(2) * math.sqrt(2 * 0.25 / n_scenes) / 2
+
+
+def test_goal_raises_long_retrieval_over_the_stretched_base(long_r1_after_short_runs):
+    """GOAL's long-caption R@1 rises above the base at the same stretched context by more than one standard error
+    of the difference (2.2 points on 500 scenes). Measured: base 61.2, GOAL 68.2."""
+    r1 = long_r1_after_short_runs
+    assert r1["goal"] > r1["base"] + _r1_difference_error(), r1
+
+
+def test_goal_against_plain_long_caption_training(long_r1_after_short_runs):
+    """The paper's baseline, plain fine-tuning on the same long captions at the same context, learns too, and on
+    this testbed it stays ahead of GOAL: measured base 61.2, plain 76.0, GOAL 68.2, the gap of the comparison's
+    budget (-7.8 +- 0.1 over 3 seeds of 1000 steps; docs/results_goal.md explains where it comes from). A change
+    that closes the gap fails the second assertion: it is a new result, to be recorded there."""
+    r1 = long_r1_after_short_runs
+    assert r1["plain-long"] > r1["base"] + _r1_difference_error(), r1
+    assert r1["goal"] < r1["plain-long"], r1
 
 
 def test_lism_scores_with_its_own_frozen_scorer(tmp_path, capsys):
