@@ -150,3 +150,37 @@ def test_a_renamed_flag_is_caught(monkeypatch):
         _parse_only("degla.py", ["--no-such-flag", "1"], monkeypatch)
     with pytest.raises(SystemExit):
         _parse_only("lab.compare", ["--no-such-flag"], monkeypatch)
+
+
+# ---- the layout: imports run one way ---------------------------------------------------------------------------
+LAYERS = {"data": 0, "common": 1, "eval": 2, "degla": 3, "cehn": 3, "c2lip": 3, "goal": 3}   # lab/: above them all
+
+
+def _imports_of(path):
+    """(module imported, at the top of the file?) for each import of this repository's modules in `path`."""
+    tree = ast.parse(_read(path))
+    top = set(id(node) for node in tree.body)
+    found = []
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        for name in names:
+            root = name.split(".")[0]
+            if root in LAYERS or root == "lab":
+                found.append((root, id(node) in top))
+    return found
+
+
+def test_imports_run_one_way():
+    """data <- common <- eval <- the four methods <- lab/: a module imports only layers below it (a method never
+    another method), always at the top of the file, never inside a function to get around a circle."""
+    problems = []
+    for path in [f"{m}.py" for m in LAYERS] + sorted(f for f in TRACKED if f.startswith("lab/") and f.endswith(".py")):
+        here = LAYERS.get(path[:-3], 4)
+        for imported, at_top in _imports_of(path):
+            there = 4 if imported == "lab" else LAYERS[imported]
+            if not at_top:
+                problems.append(f"{path}: imports {imported} inside a function or block")
+            if there >= here and not (here == 4 and imported == "lab"):
+                problems.append(f"{path}: imports {imported}, which is not below it")
+    assert not problems, "\n".join(problems)
