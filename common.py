@@ -48,7 +48,6 @@ thing, and `main(argv)` is `common.launch(train, parse_args(argv))`):
 import argparse
 import contextlib
 import copy
-import dataclasses
 import datetime
 import hashlib
 import json

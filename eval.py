@@ -61,14 +61,11 @@ import math
 import os
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import warnings
 from collections import OrderedDict, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np

@@ -65,7 +65,6 @@ the batch are dropped (exact under the causal mask); weight decay skips norms/bi
 """
 import argparse
 import json
-import math
 import os
 import sys
 

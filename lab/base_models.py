@@ -47,7 +47,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -56,7 +55,7 @@ from tqdm import tqdm
 import common
 import data
 import eval as evaluation
-from common import InputError, SHAPES_BASE_ARCHS, shipped_base_path
+from common import SHAPES_BASE_ARCHS, shipped_base_path
 
 SHAPES_BASE_STEPS = 2000            # steps of 64 (47 minutes for the CLIP base on one shared core; run once, shipped)
 SHAPES_BASE_ONE_OBJECT_STEPS = 400  # phase 1

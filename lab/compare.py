@@ -9,7 +9,6 @@ and interrupted ones resume, so an interrupted comparison continues where it sto
 """
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import torch

@@ -1,5 +1,4 @@
 """Tests for cehn.py (CE-CLIP): losses vs naive loop references, 2-process equality, a short learning run."""
-import math
 import os
 import sys
 

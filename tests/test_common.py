@@ -3,8 +3,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
-import sys
 
 import open_clip
 import pytest
@@ -295,7 +293,7 @@ def test_corrupt_shipped_base_names_the_file_and_the_rebuild_command(tmp_path, m
         f.seek(1000)
         f.write(b"\x00\x01\x02")
     with pytest.raises(common.InputError, match=r"shapes-tiny-vit-shapes-base\.pt does not match.*"
-                                                r"python common\.py build-base --arch clip"):
+                                                r"python -m lab\.base_models --arch clip"):
         common.create_backbone(common.TINY_MODEL, "shapes")
     os.remove(common.shipped_base_path("clip"))
     with pytest.raises(common.InputError, match="missing"):
