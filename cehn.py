@@ -315,6 +315,7 @@ def train(args):
     before = evaluation.evaluate(model, tokenizer, val_tf, args.eval, root=args.eval_root, device=device) \
         if run.is_main and args.eval else None
     model.train()
+    common.freeze_logit_bias(model)   # a SigLIP backbone's bias: no CE-CLIP loss reads it
     forward = CeForward(model)
     if run.world_size > 1:
         forward = torch.nn.parallel.DistributedDataParallel(

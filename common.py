@@ -288,6 +288,17 @@ def trim_padding(texts):
     return texts[:, :max(1, int((texts != 0).sum(dim=1).max()))]
 
 
+def freeze_logit_bias(model):
+    """Freeze SigLIP's `logit_bias` for a method whose losses are softmax (InfoNCE) and never read it.
+
+    Left trainable on a SigLIP backbone it gets no gradient, and DistributedDataParallel stops at the second step
+    ("Expected to have finished reduction in the prior iteration"; open_clip issue 1076). Frozen, it keeps its
+    value in the exported model and every other gradient is unchanged. A CLIP model has no bias: nothing to do."""
+    bias = getattr(unwrap(model), "logit_bias", None)
+    if bias is not None:
+        bias.requires_grad_(False)
+
+
 def clip_loss(image_emb, text_emb, logit_scale):
     """CLIP's symmetric InfoNCE: L = (CE(s I T^T, y) + CE(s T I^T, y)) / 2 with y_i = i (open_clip
     src/open_clip/loss.py, `ClipLoss` without local_loss: the full gathered N x N matrix).

@@ -363,6 +363,7 @@ def train(args):
         if run.is_main and args.eval else None
 
     model.train()
+    common.freeze_logit_bias(model)   # a SigLIP backbone's bias: no DeGLA loss reads it
     student = model
     if run.world_size > 1:   # DDP broadcasts rank 0's weights, so every rank starts from the same model
         student = torch.nn.parallel.DistributedDataParallel(

@@ -68,7 +68,6 @@ import json
 import os
 import sys
 
-import open_clip
 import torch
 from open_clip.transformer import text_global_pool
 import torch.nn.functional as F
@@ -549,7 +548,7 @@ def train(args):
     run = common.Run(args, method="goal")
     device = run.device
     model, _, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
-    long_tokenizer = open_clip.get_tokenizer(args.model, context_length=args.context_length)
+    long_tokenizer = common.tokenizer_for(args.model, context_length=args.context_length)
     with_local = bool(args.local_weight or args.tsl_weight)
 
     with common.main_process_first():   # shapes world: rank 0 computes and caches the matching, the others read it
@@ -561,6 +560,7 @@ def train(args):
 
     stretch_text_positions(model, args.context_length, args.keep_positions)
     model.train()
+    common.freeze_logit_bias(model)   # a SigLIP backbone's bias: no GOAL loss reads it
     forward = GoalForward(model, args.released_box_mapping, with_local)
     if run.world_size > 1:
         forward = torch.nn.parallel.DistributedDataParallel(
@@ -631,7 +631,7 @@ def lism_main(args):
     scorer_name = args.model if args.scorer_model == "same" else args.scorer_model
     scorer_weights = args.pretrained if args.scorer_pretrained == "same" else args.scorer_pretrained
     model, _, val_tf, tokenizer = common.create_backbone(scorer_name, scorer_weights, device=device)
-    long_tokenizer = open_clip.get_tokenizer(args.model, context_length=args.context_length)
+    long_tokenizer = common.tokenizer_for(args.model, context_length=args.context_length)
     print(f"LISM scorer: {scorer_name} ({scorer_weights})", file=sys.stderr)
     if args.data == "shapes":
         dataset = data.ShapesDataset("train", size=args.train_size, image_size=model.visual.image_size[0],
