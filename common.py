@@ -441,13 +441,30 @@ def gather_features(features):
 def main_process_first():
     """Run the block on rank 0 first and on the other ranks after it: for one-off preprocessing with a disk cache
     (spaCy over COCO's 414k captions takes about 15 minutes), rank 0 computes and writes the cache, the others
-    only read it, instead of every rank doing the same work at once. Nothing happens on one process."""
+    only read it, instead of every rank doing the same work at once. Nothing happens on one process.
+
+    The block is also where rank 0 first reads the user's files (a negatives file, a LISM file), so a bad input can
+    stop it there. Rank 0 then tells the others, which wait for it here, and they leave quietly with the same exit
+    code (2 for bad input) instead of dying later in a collective with "Connection reset by peer"."""
     rank, world_size = world_info()
-    if world_size > 1 and rank != 0:
-        dist.barrier()
-    yield
-    if world_size > 1 and rank == 0:
-        dist.barrier()
+    if world_size == 1:
+        yield
+        return
+    if rank != 0:
+        outcome = [None]
+        dist.broadcast_object_list(outcome, src=0)   # waits for rank 0's block, like a barrier
+        if outcome[0] is not None:
+            raise SystemExit(outcome[0])              # rank 0 prints the reason
+        yield
+        return
+    try:
+        yield
+    except BaseException as error:
+        code = 2 if getattr(error, "user_error", False) else \
+            error.code if isinstance(error, SystemExit) and isinstance(error.code, int) and error.code else 1
+        dist.broadcast_object_list([code], src=0)
+        raise
+    dist.broadcast_object_list([None], src=0)
 
 
 def _free_port():

@@ -85,19 +85,36 @@ def test_process_group_timeout_outlasts_rank_0s_evaluation(monkeypatch):
     assert common.DIST_TIMEOUT_MINUTES >= 240
 
 
-def test_main_process_first_orders_rank_0_before_the_others(monkeypatch):
-    """The spaCy caches (negatives, concepts) are built by rank 0 while the others wait, then read by them."""
-    events = []
-    monkeypatch.setattr(common.dist, "barrier", lambda: events.append("barrier"))
-    for rank in (0, 1):
-        monkeypatch.setattr(common, "world_info", lambda rank=rank: (rank, 2))
+def _first_pass_worker(rank, world_size, folder, fail):
+    """Rank 0 writes a cache file inside main_process_first (or stops on bad input); each rank reports what it saw."""
+    cache = os.path.join(folder, "cache.txt")
+    try:
         with common.main_process_first():
-            events.append(f"rank {rank} builds")
-    assert events == ["rank 0 builds", "barrier", "barrier", "rank 1 builds"]
-    monkeypatch.setattr(common, "world_info", lambda: (0, 1))
-    with common.main_process_first():   # one process: no barrier
-        events.append("alone")
-    assert events[-1] == "alone" and events.count("barrier") == 2
+            if rank == 0:
+                if fail:
+                    raise common.InputError("--lism missing.json: no such file")
+                with open(cache, "w") as f:
+                    f.write("built by rank 0")
+            return ("read", open(cache).read())
+    except SystemExit as error:     # the other ranks: told by rank 0, they leave with its exit code
+        return ("exit", error.code)
+    except common.InputError as error:
+        return ("raised", str(error))
+
+
+def test_main_process_first_orders_rank_0_before_the_others(tmp_path):
+    """The spaCy caches (negatives, concepts) are built by rank 0 while the others wait, then read by them."""
+    results = common.run_cpu_processes(_first_pass_worker, 2, str(tmp_path), False)
+    assert results == [("read", "built by rank 0"), ("read", "built by rank 0")]
+    with common.main_process_first():   # one process: just the block
+        pass
+
+
+def test_bad_input_on_rank_0_ends_the_others_with_its_exit_code(tmp_path):
+    """Rank 0 stops on bad input inside the block (its error reaches the launcher, which prints it once); the other
+    rank, waiting for it, leaves with exit code 2 instead of dying later in a collective."""
+    results = common.run_cpu_processes(_first_pass_worker, 2, str(tmp_path), True)
+    assert results == [("raised", "--lism missing.json: no such file"), ("exit", 2)]
 
 
 # --- token helpers ---------------------------------------------------------------------------------------------

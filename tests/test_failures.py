@@ -108,3 +108,25 @@ def test_wrong_inputs_give_one_clear_error(shapes_base, tmp_path, capsys):
     torch.save({"method": "cehn", "step": 3}, other / "checkpoint.pt")
     _fails_clearly_in_process(capsys, [a for a in flags if a not in ("--out", str(tmp_path / "out"))]
                               + ["--resume", str(other), "--pretrained", shapes_base], "written by 'cehn'")
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "cpu-procs"])
+def test_bad_input_read_by_rank_0_ends_every_rank_with_one_message(launcher, tmp_path):
+    """`goal.py --lism MISSING.json` on 2 processes: rank 0 reads the file first (inside main_process_first) and
+    stops with the loader's message; rank 1, waiting for it, leaves with the same exit code instead of dying in a
+    collective with "Connection reset by peer". Under torchrun and under --cpu-procs (mp.spawn)."""
+    missing = str(tmp_path / "missing.json")
+    flags = ["--lism", missing, "--steps", "2", "--batch-size", "2", "--train-size", "8", "--eval", "",
+             "--no-progress", "--out", str(tmp_path / "run")]
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(20000 + os.getpid() % 20000), os.path.join(ROOT, "goal.py"), *flags]
+    else:
+        command = [sys.executable, os.path.join(ROOT, "goal.py"), "--cpu-procs", "2", *flags]
+    done = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    printed = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert printed.count(f"not found: {missing}") == 1, printed[-3000:]
+    assert "Connection reset" not in printed and 'File "' + os.path.join(ROOT, "goal.py") not in printed, printed[-3000:]
+    if launcher == "cpu-procs":
+        assert done.returncode == 2 and "Traceback" not in printed, printed[-3000:]
