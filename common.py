@@ -50,14 +50,17 @@ import contextlib
 import copy
 import datetime
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
 import pathlib
 import pickle
+import platform
 import random
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -510,10 +513,25 @@ def _user_errors_as_exit(fn, args):
         raise
 
 
+def slurm_environment(environ):
+    """torchrun's variables from SLURM's, for `srun python degla.py ...` (one task per GPU): RANK = SLURM_PROCID,
+    WORLD_SIZE = SLURM_NTASKS, LOCAL_RANK = SLURM_LOCALID, as open_clip's trainer maps them. None when torchrun's
+    variables are set already or SLURM runs a single task. MASTER_ADDR (and MASTER_PORT, default 29500) come from
+    the job script, e.g. `export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)`."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ or int(environ.get("SLURM_NTASKS", "1")) <= 1:
+        return None
+    if "MASTER_ADDR" not in environ:
+        raise SystemExit("SLURM runs several tasks but MASTER_ADDR is not set: add `export MASTER_ADDR=$(scontrol "
+                         "show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)` to the job script (or use torchrun)")
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_NTASKS"],
+            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"), "MASTER_PORT": environ.get("MASTER_PORT", "29500")}
+
+
 def launch(fn, args):
     """Run `fn(args)` in the right number of processes.
 
-    - under torchrun (RANK/WORLD_SIZE in the environment; single or multi node): join its process group;
+    - under torchrun (RANK/WORLD_SIZE in the environment; single or multi node), or under SLURM's srun with one
+      task per GPU (`slurm_environment`): join its process group;
     - `--gpus N` with N > 1: spawn N processes on this node (NCCL);
     - `--cpu-procs N` with N > 1: spawn N CPU processes (gloo), what the tests use;
     - otherwise one process."""
@@ -521,6 +539,7 @@ def launch(fn, args):
     if gpus and gpus > torch.cuda.device_count():
         raise SystemExit(f"--gpus {gpus} asks for {gpus} GPUs but this machine has {torch.cuda.device_count()}; "
                          f"use --gpus {torch.cuda.device_count()} (0 = CPU)")
+    os.environ.update(slurm_environment(os.environ) or {})
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         _init_from_env("nccl" if torch.cuda.is_available() else "gloo", args)
         try:
@@ -775,6 +794,28 @@ def _default_workers():
     return 0 if os.cpu_count() is None or os.cpu_count() <= 2 else min(8, os.cpu_count() // 2)
 
 
+def code_version():
+    """What made a run, for its config.json: the repository's git commit ("+uncommitted changes" when the working
+    tree differs; "unknown" outside a git checkout) and the versions of Python and of the libraries that shape the
+    numbers."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                 capture_output=True, text=True).stdout.strip()
+        commit += " +uncommitted changes" if changed else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    versions = {}
+    for package in ("torch", "torchvision", "open_clip_torch", "spacy", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"commit": commit, "python": platform.python_version(), **versions}
+
+
 class Run:
     """One training run: device, rank, precision, output folder, JSON-lines log and progress bar.
 
@@ -807,7 +848,8 @@ class Run:
             args.out = os.path.join("runs", f"{method}-{args.data}-{stamp}")
         self.out = args.out
         self.is_main = self.rank == 0
-        self.config = {"method": method, "world_size": self.world_size, "precision": precision, **vars(args)}
+        self.config = {"method": method, "world_size": self.world_size, "precision": precision, **vars(args),
+                       "code": code_version()}
         self._log = None   # opened by `progress`
         self.bar = None
         self._last_time, self._last_step = time.time(), None

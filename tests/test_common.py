@@ -317,3 +317,27 @@ def test_corrupt_shipped_base_names_the_file_and_the_rebuild_command(tmp_path, m
         common.shapes_base_path()
     with pytest.raises(common.InputError, match="exists only for"):
         common.shapes_base_path("ViT-B-32")
+
+
+def test_slurm_tasks_map_to_torchrun_variables():
+    """`srun` with one task per GPU: SLURM's rank variables become torchrun's; torchrun's own win; one task is not
+    distributed; several tasks without MASTER_ADDR stop with the line to add to the job script."""
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "node01"}
+    assert common.slurm_environment(slurm) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_PORT": "29500"}
+    assert common.slurm_environment({**slurm, "RANK": "0"}) is None
+    assert common.slurm_environment({**slurm, "SLURM_NTASKS": "1"}) is None
+    assert common.slurm_environment({}) is None
+    with pytest.raises(SystemExit, match="MASTER_ADDR"):
+        common.slurm_environment({k: v for k, v in slurm.items() if k != "MASTER_ADDR"})
+
+
+def test_config_records_the_code_and_library_versions(tmp_path):
+    """A run's config.json says which commit and which torch / open_clip / spaCy made it."""
+    args = common.base_parser("test").parse_args(["--out", str(tmp_path / "run"), "--no-progress"])
+    common.apply_defaults(args, {"shapes": {}, "real": {}})
+    run = common.Run(args, method="test")
+    run.progress(total=1)
+    run.close()
+    code = json.loads((tmp_path / "run" / "config.json").read_text())["code"]
+    assert code["torch"] == torch.__version__.split("+")[0] and code["open_clip_torch"] == open_clip.__version__
+    assert code["spacy"] and code["commit"]
