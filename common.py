@@ -51,6 +51,7 @@ import copy
 import datetime
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -640,6 +641,9 @@ def base_parser(description):
     g.add_argument("--seed", type=int, default=None, help="random seed (each rank adds its rank)")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     g.add_argument("--log-every", type=int, default=None, help="write a log line every N steps")
+    g.add_argument("--report-to", default=None, choices=["none", "tensorboard"],
+                   help="also write every logged value to TensorBoard, in <out>/tensorboard (needs `pip install "
+                   "tensorboard`; view with `tensorboard --logdir runs`)")
     g.add_argument("--eval", default=None, help="comma-separated benchmarks run on rank 0 before and after training: "
                    "shapes (the built-in suite, no files), aro, sugarcrepe, valse, vlchecklist, zeroshot, retrieval, "
                    "longtext or their members (python eval.py --help). Real data defaults to the paper's list and "
@@ -653,7 +657,7 @@ def base_parser(description):
 # `base_parser`. Every flag's argparse default is None (switches included), so that `apply_defaults` can tell a
 # flag given on the command line from one left out, and a resumed run keeps its own value of the latter.
 FALLBACK_DEFAULTS = {"seed": 0, "precision": "auto", "gpus": 0, "dist_timeout": DIST_TIMEOUT_MINUTES, "cpu_procs": 1,
-                     "log_every": 10, "no_progress": False}
+                     "log_every": 10, "no_progress": False, "report_to": "none"}
 
 # Not read back from a resumed run's config.json: --resume itself, and --out, which defaults to the folder being
 # resumed (`Run`), not to the path the run had when it started (the folder may have been moved or copied).
@@ -850,7 +854,11 @@ class Run:
         self.is_main = self.rank == 0
         self.config = {"method": method, "world_size": self.world_size, "precision": precision, **vars(args),
                        "code": code_version()}
+        if getattr(args, "report_to", "none") == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise InputError("--report-to tensorboard needs the tensorboard package, an optional dependency: "
+                             "pip install tensorboard")
         self._log = None   # opened by `progress`
+        self._tensorboard = None
         self.bar = None
         self._last_time, self._last_step = time.time(), None
         self.started = time.time()
@@ -869,6 +877,9 @@ class Run:
             os.makedirs(self.out, exist_ok=True)
             _atomic_write_text(os.path.join(self.out, "config.json"), json.dumps(self.config, indent=2, default=str))
             self._log = open(os.path.join(self.out, "log.jsonl"), "a")
+            if getattr(self.args, "report_to", "none") == "tensorboard":   # optional dependency: imported when asked for
+                from torch.utils.tensorboard import SummaryWriter
+                self._tensorboard = SummaryWriter(os.path.join(self.out, "tensorboard"))
         self.bar = tqdm(total=total, initial=initial, desc=self.method, dynamic_ncols=True, file=sys.stderr,
                         disable=not self.is_main or getattr(self.args, "no_progress", False))
         return self.bar
@@ -889,6 +900,10 @@ class Run:
                       **{k: (float(f"{v:.9g}") if isinstance(v, float) else v) for k, v in values.items()}}
             self._log.write(json.dumps(record) + "\n")
             self._log.flush()
+            if self._tensorboard is not None:   # the same values, one scalar series each
+                for name, value in record.items():
+                    if name != "step" and isinstance(value, (int, float)):
+                        self._tensorboard.add_scalar(f"{self.method}/{name}", value, step)
             if self.bar is not None:
                 shown = {k: f"{v:.3f}" for k, v in values.items() if k in ("loss", "samples_per_s")}
                 self.bar.set_postfix(shown)
@@ -909,6 +924,8 @@ class Run:
             self.bar.close()
         if self._log is not None:
             self._log.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
 
 class EpochSampler(torch.utils.data.Sampler):

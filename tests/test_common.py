@@ -341,3 +341,35 @@ def test_config_records_the_code_and_library_versions(tmp_path):
     code = json.loads((tmp_path / "run" / "config.json").read_text())["code"]
     assert code["torch"] == torch.__version__.split("+")[0] and code["open_clip_torch"] == open_clip.__version__
     assert code["spacy"] and code["commit"]
+
+
+def _run_with_tensorboard(out):
+    args = common.base_parser("test").parse_args(["--out", str(out), "--no-progress", "--report-to", "tensorboard"])
+    common.apply_defaults(args, {"shapes": {}, "real": {}})
+    return common.Run(args, method="test")
+
+
+def test_report_to_tensorboard_mirrors_every_logged_value(tmp_path):
+    """--report-to tensorboard: each value of log.jsonl is also a TensorBoard scalar series, step for step."""
+    pytest.importorskip("tensorboard")   # an optional dependency, not in requirements.txt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = _run_with_tensorboard(tmp_path / "run")
+    run.progress(total=2)
+    run.log(0, 8, loss=1.5, lr=1e-3)
+    run.log(1, 8, loss=1.25, lr=2e-3)
+    run.close()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    for name in ("loss", "lr", "samples_per_s"):
+        series = {e.step: e.value for e in events.Scalars(f"test/{name}")}
+        assert series == pytest.approx({r["step"]: r[name] for r in logged if name in r}), name
+
+
+def test_report_to_tensorboard_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
+    real_find_spec = common.importlib.util.find_spec
+    monkeypatch.setattr(common.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
+    with pytest.raises(common.InputError, match="pip install tensorboard"):
+        _run_with_tensorboard(tmp_path / "run")
+    assert not (tmp_path / "run").exists()   # stopped before the run folder was made
