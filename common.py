@@ -890,6 +890,8 @@ class Run:
         Floats are written with 9 significant digits, which pin a float32 value (a loss term) to its last bit and
         keep the small learning rates of real data (DeGLA warms up from 2e-8 to 1e-6; 6 decimals wrote 0.0)."""
         now = time.time()
+        if self.device.type == "cuda":   # the high-water mark of this process's GPU memory so far
+            values["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         if self._last_step is not None and step > self._last_step:
             values["samples_per_s"] = samples_per_step * (step - self._last_step) / max(1e-9, now - self._last_time)
             self.train_seconds += now - self._last_time

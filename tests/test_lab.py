@@ -353,3 +353,17 @@ def test_base_recipe_learns_and_resumes(arch, tmp_path, monkeypatch):
     assert sidecar["history"] == [] and sidecar["steps"] == 40
     model = open_clip.create_model(common.SHAPES_BASE_ARCHS[arch], pretrained=path)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+# ---------- the GPU check, dry run ----------
+
+def test_gpu_check_dry_run_runs_every_method_and_the_harness(tmp_path, capsys):
+    """`python -m lab.gpu_check --dry-run`: the GPU check's whole path on the CPU (tiny model, 2 steps of 4):
+    synthetic COCO and DOCCI files, GOAL's LISM step, each method script with its real-data defaults, the plain
+    CLIP step it is compared with, and the harness on a SugarCrepe-format fixture."""
+    from lab import gpu_check
+    rows = gpu_check.main(["--dry-run", "--work-dir", str(tmp_path / "work")])
+    methods = [row.split("|")[1].strip() for row in rows[2:]]
+    assert methods == ["degla", "cehn", "c2lip", "goal"]
+    assert all(row.split("|")[7].strip() == "yes" for row in rows[2:]), rows   # every loss finite
+    assert "evaluation harness, SugarCrepe format: 77 items" in capsys.readouterr().out
