@@ -485,6 +485,7 @@ def train(args):
     run = common.Run(args, method="c2lip")
     device = run.device
     model, train_tf, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
+    model.set_grad_checkpointing(args.grad_checkpointing)   # open_clip's switch: less memory, same gradients
     dataset = data.build_train_set(args, train_tf, tokenizer)
     with_concepts = bool(args.w_npc or args.w_xac)
     if with_concepts:

@@ -303,6 +303,7 @@ def train(args):
     run = common.Run(args, method="cehn")
     device = run.device
     model, train_tf, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
+    model.set_grad_checkpointing(args.grad_checkpointing)   # open_clip's switch: less memory, same gradients
     train_set = data.build_train_set(args, train_tf, tokenizer)
     with_negatives = uses_negatives(args)
     if with_negatives:

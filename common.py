@@ -641,6 +641,9 @@ def base_parser(description):
     g.add_argument("--seed", type=int, default=None, help="random seed (each rank adds its rank)")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     g.add_argument("--log-every", type=int, default=None, help="write a log line every N steps")
+    g.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute the towers' activations in the backward pass (open_clip's set_grad_checkpointing): "
+                   "less GPU memory for the papers' batches, the same gradients, about a third more compute")
     g.add_argument("--report-to", default=None, choices=["none", "tensorboard"],
                    help="also write every logged value to TensorBoard, in <out>/tensorboard (needs `pip install "
                    "tensorboard`; view with `tensorboard --logdir runs`)")
@@ -657,7 +660,8 @@ def base_parser(description):
 # `base_parser`. Every flag's argparse default is None (switches included), so that `apply_defaults` can tell a
 # flag given on the command line from one left out, and a resumed run keeps its own value of the latter.
 FALLBACK_DEFAULTS = {"seed": 0, "precision": "auto", "gpus": 0, "dist_timeout": DIST_TIMEOUT_MINUTES, "cpu_procs": 1,
-                     "log_every": 10, "no_progress": False, "report_to": "none"}
+                     "log_every": 10, "no_progress": False, "report_to": "none",
+                     "grad_checkpointing": False}
 
 # Not read back from a resumed run's config.json: --resume itself, and --out, which defaults to the folder being
 # resumed (`Run`), not to the path the run had when it started (the folder may have been moved or copied).

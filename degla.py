@@ -348,6 +348,7 @@ def train(args):
     run = common.Run(args, method="degla")
     device = run.device
     model, train_tf, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
+    model.set_grad_checkpointing(args.grad_checkpointing)   # open_clip's switch: less memory, same gradients
     if args.distill_weight is None:
         args.distill_weight = shapes_distill_weight(args.batch_size * run.world_size)
     use_negatives = bool(args.global_negatives or args.igc_weight or args.tgc_weight)

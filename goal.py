@@ -548,6 +548,7 @@ def train(args):
     run = common.Run(args, method="goal")
     device = run.device
     model, _, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
+    model.set_grad_checkpointing(args.grad_checkpointing)   # open_clip's switch: less memory, same gradients
     long_tokenizer = common.tokenizer_for(args.model, context_length=args.context_length)
     with_local = bool(args.local_weight or args.tsl_weight)
 

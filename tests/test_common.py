@@ -373,3 +373,45 @@ def test_report_to_tensorboard_without_the_package_is_one_clear_error(tmp_path, 
     with pytest.raises(common.InputError, match="pip install tensorboard"):
         _run_with_tensorboard(tmp_path / "run")
     assert not (tmp_path / "run").exists()   # stopped before the run folder was made
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    """--grad-checkpointing is open_clip's own switch (`set_grad_checkpointing`): the towers recompute their
+    activations in the backward pass, and every gradient is that of the ordinary backward pass."""
+    common.register_tiny_model()
+    torch.manual_seed(0)
+    model = open_clip.create_model(common.TINY_MODEL).double()
+    images, texts = torch.randn(4, 3, 64, 64, dtype=torch.float64), torch.randint(1, 400, (4, 32))
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad(set_to_none=True)
+        image_emb, text_emb, scale = model(images, texts)[:3]
+        common.clip_loss(image_emb, text_emb, scale).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert model.visual.transformer.grad_checkpointing and model.transformer.grad_checkpointing
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["degla", "cehn", "c2lip", "goal"])
+def test_grad_checkpointing_flag_reaches_the_model(method, tmp_path, monkeypatch):
+    """Each script turns open_clip's switch on with --grad-checkpointing (and off without it)."""
+    import importlib
+    module = importlib.import_module(method)
+    seen = []
+    monkeypatch.setattr(module, "common", common)
+    real = common.create_backbone
+
+    def recording(*args, **kwargs):
+        model, *rest = real(*args, **kwargs)
+        original = model.set_grad_checkpointing
+        model.set_grad_checkpointing = lambda enable=True: (seen.append(enable), original(enable))
+        return (model, *rest)
+
+    monkeypatch.setattr(common, "create_backbone", recording)
+    for flag, expected in ((["--grad-checkpointing"], True), ([], False)):
+        module.train(module.parse_args(["--steps", "1", "--batch-size", "2", "--train-size", "4", "--eval", "", *flag,
+                                        "--no-progress", "--save-every", "0", "--out", str(tmp_path / str(expected))]))
+        assert seen[-1] is expected
