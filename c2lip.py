@@ -501,7 +501,7 @@ def train(args):
         concept_logits = ConceptLogits(args.concept_scale, args.concept_scale_init, args.concept_bias_init).to(device)
     model.train()
     forward = C2lipForward(model, concept_logits, with_concepts, with_patches=bool(args.w_xac))
-    total = common.steps_for(args, len(dataset), run.world_size)
+    total = run.total_steps(len(dataset))
     optimizer = common.make_optimizer(forward, args.lr, args.wd)
     scheduler = common.cosine_schedule(optimizer, args.warmup, total)
     start, _ = common.resume(run, forward, optimizer, scheduler)  # the concept scale/bias live in `forward`
@@ -559,7 +559,7 @@ def train(args):
                 extra.update(concept_scale=float(concept_scale.detach()), concept_bias=float(concept_bias.detach()))
             run.log(step, args.batch_size * run.world_size, **parts, lr=scheduler.get_last_lr()[0],
                     logit_scale=float(scale.detach()), **extra)
-        if args.save_every and (step + 1) % args.save_every == 0:
+        if run.should_save(step + 1):
             common.save_checkpoint(run, step + 1, forward, optimizer, scheduler)
     common.save_checkpoint(run, total, forward, optimizer, scheduler)
     run.close()

@@ -321,7 +321,7 @@ def train(args):
     if run.world_size > 1:
         forward = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None)
-    total = common.steps_for(args, len(train_set), run.world_size)
+    total = run.total_steps(len(train_set))
     optimizer = common.make_optimizer(model, args.lr, args.wd)
     scheduler = common.cosine_schedule(optimizer, args.warmup, total)
     start, extra = common.resume(run, model, optimizer, scheduler)
@@ -367,7 +367,7 @@ def train(args):
         thetas = {f"theta_{name}": value for name, value in zip(NEG_TYPES, theta.tolist())}
         run.log(step, args.batch_size * run.world_size, **parts, **thetas, lr=scheduler.get_last_lr()[0],
                 logit_scale=model.logit_scale.exp().item())  # every step: theta is the curriculum
-        if args.save_every and (step + 1) % args.save_every == 0:
+        if run.should_save(step + 1):
             common.save_checkpoint(run, step + 1, model, optimizer, scheduler,
                                    extra={"theta": theta.cpu(), "epoch": epoch})
     common.save_checkpoint(run, total, model, optimizer, scheduler, extra={"theta": theta.cpu(), "epoch": epoch})

@@ -19,7 +19,7 @@ thing, and `main(argv)` is `common.launch(train, parse_args(argv))`):
     model, train_tf, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=run.device)
     dataset = data.build_train_set(args, train_tf, tokenizer)    # shapes world or COCO, same sample dicts
     before = evaluation.evaluate(model, tokenizer, val_tf, args.eval, root=args.eval_root, device=run.device)
-    total = common.steps_for(args, len(dataset), run.world_size)
+    total = run.total_steps(len(dataset))                        # --steps, or --epochs over the data
     ema = common.EMA(model, args.ema_decay)                      # DeGLA's teacher; the others pass no EMA
     optimizer = common.make_optimizer(model, args.lr, args.wd, args.betas, args.eps)
     scheduler = common.cosine_schedule(optimizer, args.warmup, total)
@@ -37,7 +37,7 @@ thing, and `main(argv)` is `common.launch(train, parse_args(argv))`):
         common.clamp_logit_scale(model)                           # not GOAL, which never clamps
         ema.update(model)
         run.log(step, args.batch_size * run.world_size, **parts)
-        if args.save_every and (step + 1) % args.save_every == 0:
+        if run.should_save(step + 1):                             # every --save-every steps (and epoch ends)
             common.save_checkpoint(run, step + 1, model, optimizer, scheduler, ema=ema, extra={...})
     common.save_checkpoint(run, total, model, optimizer, scheduler, ema=ema)
     run.close()
@@ -641,6 +641,9 @@ def base_parser(description):
     g.add_argument("--seed", type=int, default=None, help="random seed (each rank adds its rank)")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps")
     g.add_argument("--log-every", type=int, default=None, help="write a log line every N steps")
+    g.add_argument("--keep-epochs", action="store_true", default=None,
+                   help="also keep the weights at the end of every epoch, as <out>/epoch-<k>.pt (final.pt's format), "
+                   "beside the atomic checkpoint.pt")
     g.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute the towers' activations in the backward pass (open_clip's set_grad_checkpointing): "
                    "less GPU memory for the papers' batches, the same gradients, about a third more compute")
@@ -661,7 +664,7 @@ def base_parser(description):
 # flag given on the command line from one left out, and a resumed run keeps its own value of the latter.
 FALLBACK_DEFAULTS = {"seed": 0, "precision": "auto", "gpus": 0, "dist_timeout": DIST_TIMEOUT_MINUTES, "cpu_procs": 1,
                      "log_every": 10, "no_progress": False, "report_to": "none",
-                     "grad_checkpointing": False}
+                     "grad_checkpointing": False, "keep_epochs": False}
 
 # Not read back from a resumed run's config.json: --resume itself, and --out, which defaults to the folder being
 # resumed (`Run`), not to the path the run had when it started (the folder may have been moved or copied).
@@ -868,6 +871,24 @@ class Run:
         self.started = time.time()
         self.train_seconds, self.train_samples = 0.0, 0
 
+    def total_steps(self, dataset_size):
+        """Total optimizer steps: --steps if given, else --epochs over the data. Remembers the steps of one epoch
+        (the global batch is --batch-size x processes, as in `batch_stream`) for `should_save`."""
+        self.steps_per_epoch = max(1, dataset_size // (self.args.batch_size * self.world_size))
+        if self.args.steps:
+            return int(self.args.steps)
+        return max(1, int(self.args.epochs * self.steps_per_epoch))
+
+    def epoch_ends(self, step):
+        """Whether optimizer step `step` (counted from 1) completes an epoch of the data."""
+        return step % self.steps_per_epoch == 0
+
+    def should_save(self, step):
+        """Whether to write a checkpoint after optimizer step `step` (counted from 1): every --save-every steps, and
+        at the end of each epoch with --keep-epochs (`save_checkpoint` then keeps that epoch's weights too)."""
+        periodic = bool(self.args.save_every) and step % self.args.save_every == 0
+        return periodic or (bool(getattr(self.args, "keep_epochs", False)) and self.epoch_ends(step))
+
     def autocast(self):
         """The one autocast context of the run: bf16/fp16 on CUDA, nothing (fp32) on CPU."""
         if self.precision == "fp32":
@@ -1022,13 +1043,6 @@ def batch_stream(dataset, collate_fn, batch_size, seed, start_step, total_steps,
                   f"sample ({replaced_in_run} in this run; the warnings name the files)", file=sys.stderr)
 
 
-def steps_for(args, dataset_size, world_size):
-    """Total optimizer steps: --steps if given, else --epochs over the data."""
-    if args.steps:
-        return int(args.steps)
-    return max(1, int(args.epochs * (dataset_size // (args.batch_size * world_size))))
-
-
 # =====================================================================================================
 # 6. Checkpoints
 # =====================================================================================================
@@ -1110,6 +1124,12 @@ def save_checkpoint(run, step, model, optimizer, scheduler, ema=None, extra=None
         "extra": extra or {}, "rng": rng_states,
     }
     _atomic_torch_save(state, os.path.join(run.out, "checkpoint.pt"))
+    if getattr(run.args, "keep_epochs", False) and run.epoch_ends(step):
+        # the weights at this epoch's end, in final.pt's format (open_clip loads them with --pretrained FILE, e.g.
+        # CE-CLIP's release evaluates epoch 5 of 10); the full training state stays in checkpoint.pt alone
+        epoch = step // run.steps_per_epoch
+        _atomic_torch_save({"state_dict": state["model"], "meta": {"method": run.method, "epoch": epoch, "step": step}},
+                           os.path.join(run.out, f"epoch-{epoch}.pt"))
 
 
 def _checkpoint_file(path):

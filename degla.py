@@ -369,7 +369,7 @@ def train(args):
     if run.world_size > 1:   # DDP broadcasts rank 0's weights, so every rank starts from the same model
         student = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    total = common.steps_for(args, len(dataset), run.world_size)
+    total = run.total_steps(len(dataset))
     if args.ema_decay is None:
         args.ema_decay = shapes_ema_decay(total)
     # The teacher starts as an exact copy of the (synchronised) student and is never trained, only averaged.
@@ -414,7 +414,7 @@ def train(args):
         if step % args.log_every == 0 or step == total - 1:
             run.log(step, args.batch_size * run.world_size, loss=parts.pop("total"), **parts,
                     lr=scheduler.get_last_lr()[0], logit_scale=model.logit_scale.exp().item())
-        if args.save_every and (step + 1) % args.save_every == 0:
+        if run.should_save(step + 1):
             common.save_checkpoint(run, step + 1, model, optimizer, scheduler, ema=ema)
     common.save_checkpoint(run, total, model, optimizer, scheduler, ema=ema)
     run.close()

@@ -566,7 +566,7 @@ def train(args):
     if run.world_size > 1:
         forward = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None)
-    total = common.steps_for(args, len(dataset), run.world_size)
+    total = run.total_steps(len(dataset))
     optimizer = common.make_optimizer(model, args.lr, args.wd, args.betas, args.eps)
     scheduler = common.cosine_schedule(optimizer, args.warmup, total)
     start, _ = common.resume(run, model, optimizer, scheduler)
@@ -598,7 +598,7 @@ def train(args):
         if step % args.log_every == 0 or step == total - 1:
             run.log(step, args.batch_size * run.world_size, loss=parts["total"], **parts,
                     lr=scheduler.get_last_lr()[0], logit_scale=model.logit_scale.exp().item())
-        if args.save_every and (step + 1) % args.save_every == 0:
+        if run.should_save(step + 1):
             common.save_checkpoint(run, step + 1, model, optimizer, scheduler)
     common.save_checkpoint(run, total, model, optimizer, scheduler)
     run.close()

@@ -416,3 +416,24 @@ def test_grad_checkpointing_flag_reaches_the_model(method, tmp_path, monkeypatch
                                     str(tmp_path / "run")]))
     assert seen == [True]
     assert module.parse_args([]).grad_checkpointing is False   # off unless asked for
+
+
+def test_keep_epochs_keeps_each_epochs_weights_beside_the_latest_checkpoint(tmp_path):
+    """--keep-epochs: 8 steps over 16 scenes in batches of 4, i.e. 2 epochs of 4 steps, leave epoch-1.pt and epoch-2.pt in final.pt's format
+    (open_clip loads them with pretrained=FILE); the last epoch's weights are final.pt's; checkpoint.pt stays the one
+    resumable state."""
+    import degla
+    out = tmp_path / "run"
+    degla.train(degla.parse_args(["--steps", "8", "--train-size", "16", "--batch-size", "4", "--keep-epochs",
+                                  "--baseline", "plain", "--eval", "", "--save-every", "0", "--no-progress",
+                                  "--out", str(out)]))
+    assert sorted(p.name for p in out.glob("epoch-*.pt")) == ["epoch-1.pt", "epoch-2.pt"]
+    first = torch.load(out / "epoch-1.pt", weights_only=True)
+    last = torch.load(out / "epoch-2.pt", weights_only=True)
+    final = torch.load(out / "final.pt", weights_only=True)["state_dict"]
+    assert first["meta"]["step"] == 4 and last["meta"]["step"] == 8
+    assert all(torch.equal(last["state_dict"][k], final[k]) for k in final)
+    assert not all(torch.equal(first["state_dict"][k], final[k]) for k in final)   # training went on after epoch 1
+    model = open_clip.create_model(common.TINY_MODEL, pretrained=str(out / "epoch-1.pt"))
+    assert torch.equal(model.state_dict()["logit_scale"], first["state_dict"]["logit_scale"])
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 8
