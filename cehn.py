@@ -16,8 +16,8 @@ The idea in five lines:
 
 Total loss (S(a, b) = s <a, b>, s = exp(logit_scale), all features L2-normalised). The terms follow the official
 loss.py with this file's defaults (invalid negatives masked everywhere, IMC over a caption's own negatives: see
-below). IMC is the paper's Eq. (3) (inferred: lezhang7/Enhance-FineGrained issue #15 discusses Eq. (3) as the IMC
-loss); the paper's numbers of the other equations are not given here:
+below). IMC is the paper's Eq. (3) (inferred: https://github.com/lezhang7/Enhance-FineGrained/issues/15 discusses
+Eq. (3) as the IMC loss); the paper's numbers of the other equations are not given here:
 
     L = L_itc(hn) + lambda_cmr * L_cmr + lambda_imc * L_imc,        lambda_cmr = 0.2, lambda_imc = 0.3
 
@@ -30,10 +30,10 @@ loss); the paper's numbers of the other equations are not given here:
 Where the official code (loss.py `Clip_DALoss`, train.py) differs from the paper's intent, the intent is the default
 and a flag reproduces the release:
   * IMC: the released HEAD form (since Enhance-FineGrained commit 47cef4e) is CE(s T U^T, target 0), which pulls every
-    caption toward the first hard negative of the batch (lezhang7/Enhance-FineGrained issue #15). Default: the form
-    of its commit 7f4433a ("fix bugs") above, restricted to the caption's own valid negatives (`--imc-variant own`);
-    `--imc-variant all` uses every negative of the batch (the 7f4433a form exactly); `--imc-variant release` is the
-    HEAD form.
+    caption toward the first hard negative of the batch (https://github.com/lezhang7/Enhance-FineGrained/issues/15).
+    Default: the form of its commit 7f4433a ("fix bugs") above, restricted to the caption's own valid negatives
+    (`--imc-variant own`); `--imc-variant all` uses every negative of the batch (the 7f4433a form exactly);
+    `--imc-variant release` is the HEAD form.
   * Invalid negatives: the release masks them only in CMR; ITC and IMC use the placeholder "###" as a negative.
     Default: masked everywhere (`--mask-invalid all`); `--mask-invalid cmr` reproduces the release, including
     feeding the text "###" for invalid slots.
@@ -185,7 +185,8 @@ def update_thresholds(pos_logit, neg_logit, neg_valid, theta_per_type, mode="mea
 
 def imc_loss(image_emb, text_emb, neg_text_emb, neg_valid, logit_scale, variant="own", mask_invalid=True):
     """Intra-modal contrast of a caption against hard-negative captions: the paper's Eq. (3) (inferred:
-    lezhang7/Enhance-FineGrained issue #15 discusses Eq. (3) as this loss and finds the code does not match it).
+    https://github.com/lezhang7/Enhance-FineGrained/issues/15 discusses Eq. (3) as this loss and finds the code does
+    not match it).
 
     own (default; the 7f4433a form restricted to the caption's own negatives):
         L = -1/G sum_i log e^{S(v_i,t_i)} / (e^{S(v_i,t_i)} + sum_k m_i^k e^{S(t_i,u_i^k)})

@@ -23,7 +23,8 @@ DOCS = ["README.md"] + sorted(f for f in TRACKED if f.startswith("docs/") and f.
 
 # Paths a user of the repository does not have: the development machine's folders, and specification files that
 # are not part of the repository (a method fact cites its paper and the official code instead).
-OUTSIDE = re.compile(r"\.\./shared\b|\bshared/methods\b|/work/|(?<![\w/.-])(degla|cehn|c2lip|goal|benchmarks)\.md\b")
+SPEC_NAMES = "|".join(("degla", "cehn", "c2lip", "goal", "benchmarks"))
+OUTSIDE = re.compile(r"\.\./shared\b|\bshared" + r"/methods\b|/work/|(?<![\w/.-])(" + SPEC_NAMES + r")\.md\b")
 
 
 def _read(path):
