@@ -805,19 +805,24 @@ def _default_workers():
     return 0 if os.cpu_count() is None or os.cpu_count() <= 2 else min(8, os.cpu_count() // 2)
 
 
-def code_version():
-    """What made a run, for its config.json: the repository's git commit ("+uncommitted changes" when the working
-    tree differs; "unknown" outside a git checkout) and the versions of Python and of the libraries that shape the
-    numbers."""
+def git_commit(paths=()):
+    """The repository's git commit, with "+uncommitted changes to ..." when tracked files differ from it (only
+    `paths`, relative to the repository, if given); "unknown (not a git checkout)" elsewhere."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths], cwd=here,
                                  capture_output=True, text=True).stdout.strip()
-        commit += " +uncommitted changes" if changed else ""
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown (not a git checkout)"
+        return "unknown (not a git checkout)"
+    return commit + (f" +uncommitted changes to {', '.join(paths) or 'the working tree'}" if changed else "")
+
+
+def code_version():
+    """What made a run, for its config.json: the repository's git commit (`git_commit`) and the versions of Python
+    and of the libraries that shape the numbers."""
+    commit = git_commit()
     versions = {}
     for package in ("torch", "torchvision", "open_clip_torch", "spacy", "numpy"):
         try:

@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 
@@ -247,7 +246,8 @@ def build_shapes_base(path, arch="clip", steps=SHAPES_BASE_STEPS, one_object_ste
                                betas=(0.9, 0.98), eps=1e-6)
     scheduler = common.cosine_schedule(optimizer, warmup=warmup, total=steps)
     partial = path + ".partial"
-    start, seconds, history, commit = 0, 0.0, [], _git_commit()   # the recipe's commit: taken before training
+    # the recipe's commit, taken before training
+    start, seconds, history, commit = 0, 0.0, [], common.git_commit(("common.py", "data.py", "lab/base_models.py"))
     if os.path.exists(partial):
         state = torch.load(partial, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
@@ -384,18 +384,6 @@ def _quick_base_metrics(model, tokenizer, transform):
     m = result["metrics"]
     return {k: round(m[k], 1) for k in ("zeroshot_color_shape", "swap_att", "swap_obj", "aro_relation",
                                          "aro_attribute", "retrieval_i2t_r1", "retrieval_t2i_r1")}
-
-
-def _git_commit():
-    try:
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "common.py", "data.py", "lab/base_models.py"], cwd=here,
-                               capture_output=True, text=True).stdout.strip()
-        return commit + ("+uncommitted changes to common.py/data.py/lab/base_models.py" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
 
 
 
