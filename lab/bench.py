@@ -388,6 +388,19 @@ def _time(fn, repeats=3):
     return best
 
 
+def _tower_time(model, encode, inputs, backward=True):
+    """Seconds of one tower pass over `inputs` (best of `_time`): forward and backward of its normalized output,
+    or forward alone under no_grad; what the step rows' "implied" ratios are built from."""
+    def one_pass():
+        model.zero_grad(set_to_none=True)
+        if backward:
+            F.normalize(encode(inputs), dim=-1).sum().backward()
+        else:
+            with torch.no_grad():
+                encode(inputs)
+    return _time(one_pass)
+
+
 @row("c2lip_xac")
 def bench_c2lip_xac(args):
     """c2lip.xac_similarity (chunked einsum) vs a per-concept bmm loop, forward + backward, same inputs."""
@@ -439,14 +452,10 @@ def bench_c2lip_step(args):
                                    *out["scales"], w_npc=w_npc, w_xac=w_xac)
         loss.backward()
 
-    def tower(encode, inputs):
-        model.zero_grad(set_to_none=True)
-        F.normalize(encode(inputs), dim=-1).sum().backward()
-
     t_plain = _time(lambda: step(plain, 0.0, 0.0))
     t_c2lip = _time(lambda: step(full, 1.0, 0.01))
-    t_image = _time(lambda: tower(model.encode_image, batch["images"]))
-    t_text = _time(lambda: tower(model.encode_text, batch["texts"]))
+    t_image = _tower_time(model, model.encode_image, batch["images"])
+    t_text = _tower_time(model, model.encode_text, batch["texts"])
     # Extra forward passes: the C concepts through the text tower, next to the B captions; the image tower
     # and the per-patch projection are shared. Implied ratio from the measured tower costs:
     implied = (t_image + t_text * (n_images + n_concepts) / n_images) / (t_image + t_text)
@@ -483,14 +492,10 @@ def bench_cehn_step(args):
         if logits is not None:
             cehn.update_thresholds(*logits, batch["neg_valid"], theta)
 
-    def tower(encode, inputs):
-        model.zero_grad(set_to_none=True)
-        F.normalize(encode(inputs), dim=-1).sum().backward()
-
     t_plain = _time(lambda: step(False))
     t_cehn = _time(lambda: step(True))
-    t_image = _time(lambda: tower(model.encode_image, batch["images"]))
-    t_text = _time(lambda: tower(model.encode_text, batch["texts"]))
+    t_image = _tower_time(model, model.encode_image, batch["images"])
+    t_text = _tower_time(model, model.encode_text, batch["texts"])
     # Extra forward passes: K negatives per caption through the text tower (1 + K texts per image); the losses
     # themselves are (B x (1+K)B) matrix products, negligible next to the towers.
     implied = (t_image + t_text * (1 + k_types)) / (t_image + t_text)
@@ -533,20 +538,12 @@ def bench_degla_step(args):
         if full:
             ema.update(model)
 
-    def tower(encode, inputs, backward=True):
-        model.zero_grad(set_to_none=True)
-        if backward:
-            F.normalize(encode(inputs), dim=-1).sum().backward()
-        else:
-            with torch.no_grad():
-                encode(inputs)
-
     t_plain = _time(lambda: step(False))
     t_degla = _time(lambda: step(True))
-    t_image = _time(lambda: tower(model.encode_image, batch["images"]))
-    t_text = _time(lambda: tower(model.encode_text, batch["texts"]))
-    f_image = _time(lambda: tower(model.encode_image, batch["images"], False))
-    f_text = _time(lambda: tower(model.encode_text, batch["texts"], False))
+    t_image = _tower_time(model, model.encode_image, batch["images"])
+    t_text = _tower_time(model, model.encode_text, batch["texts"])
+    f_image = _tower_time(model, model.encode_image, batch["images"], backward=False)
+    f_text = _tower_time(model, model.encode_text, batch["texts"], backward=False)
     # Extra passes: (1 + K) captions per image through the student text tower (forward + backward), and a
     # forward-only teacher pass over the images and the same (1 + K) captions. Losses and EMA are negligible.
     implied = (t_image + (1 + k_types) * t_text + f_image + (1 + k_types) * f_text) / (t_image + t_text)
@@ -637,15 +634,14 @@ def bench_goal_step(args):
                                  out.get("span"), model.logit_scale, local_weight, tsl_weight)
         loss.backward()
 
-    def tower(encode, inputs):
-        model.zero_grad(set_to_none=True)
-        F.normalize(encode(model, inputs)[0], dim=-1).sum().backward()
+    def pooled(encode):   # goal's encoders return (pooled, tokens)
+        return lambda inputs: encode(model, inputs)[0]
 
     t_plain = _time(lambda: step(plain, 0.0, 0.0))
     t_goal = _time(lambda: step(full, 0.5, 1.0))
-    t_image = _time(lambda: tower(goal.encode_image_with_tokens, batch["images"]))
-    t_text = _time(lambda: tower(goal.encode_text_with_tokens, plain._trim(batch["texts"])))
-    t_sentence = _time(lambda: tower(goal.encode_text_with_tokens, plain._trim(batch["sentences"])))
+    t_image = _tower_time(model, pooled(goal.encode_image_with_tokens), batch["images"])
+    t_text = _tower_time(model, pooled(goal.encode_text_with_tokens), plain._trim(batch["texts"]))
+    t_sentence = _tower_time(model, pooled(goal.encode_text_with_tokens), plain._trim(batch["sentences"]))
     # Extra passes: B crops through the image tower and B sentences through the text tower.
     implied = (2 * t_image + t_text + t_sentence) / (t_image + t_text)
     detail = (f"tiny shapes CLIP, B=64, context {context} (longest caption {plain._trim(batch['texts']).shape[1]}, "
