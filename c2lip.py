@@ -463,6 +463,65 @@ class C2lipForward(nn.Module):
         return (scale, bias) + tuple(self.concept_logits(scale))
 
 
+def micro_batch_features(run, forward, batch):
+    """One micro-batch's features (under the run's autocast), for `common.accumulated_backward`: rows of images,
+    captions and concepts (with their owner, an index into this micro-batch's images) and the four scalars."""
+    with run.autocast():   # the forward under autocast; calibration and loss math in fp32
+        out = forward(batch["images"], batch["texts"], batch.get("concepts"))
+    scale, bias, concept_scale, concept_bias = out["scales"]
+    return {"image": out["image"], "text": out["text"], "patch": out["patch"], "concept": out["concept"],
+            "concept_owner": batch.get("concept_owner"), "concept_words": batch.get("concept_words"),
+            "logit_scale": scale, "logit_bias": bias, "concept_scale": concept_scale, "concept_bias": concept_bias}
+
+
+def batch_loss(features, current, args, concept_logits=None, run=None):
+    """C2LIP's loss on the whole global batch: micro-batches joined (concept owners shifted to index the joined
+    images), gathered over ranks, in fp32. Calibrates the concept bias on the first batch when asked to.
+    Returns (loss, parts, number of concepts in the global batch)."""
+    start = 0
+    shifted = []
+    for f in features:   # owner i of micro-batch j is image start_j + i of the joined batch
+        owner = f["concept_owner"]
+        shifted.append({**f, "concept_owner": None if owner is None else owner + start})
+        start += len(f["image"])
+    f = common.join_micro_batches(shifted, current)
+    image_emb = common.gather_features(common.upcast(f["image"]))
+    text_emb = common.gather_features(common.upcast(f["text"]))
+    patch_emb = common.gather_features(common.upcast(f["patch"])) if f["patch"] is not None else None
+    concept_emb = concept_owner = pair_mask = None
+    if f["concept"] is not None:
+        concept_emb, concept_owner, words = gather_concepts(common.upcast(f["concept"]), f["concept_owner"],
+                                                            len(f["image"]), f["concept_words"])
+        if args.mask_duplicates:
+            pair_mask = duplicate_concept_mask(concept_owner, words, len(image_emb), subsets=args.mask_duplicates == 2)
+    scale, bias, concept_scale, concept_bias = (common.upcast(f[k]) for k in
+                                                ("logit_scale", "logit_bias", "concept_scale", "concept_bias"))
+    if concept_logits is not None and bool(concept_logits.needs_calibration):
+        concept_logits.calibrate_(concept_scale.detach(), image_emb.detach(), concept_emb.detach(), concept_owner,
+                                  pair_mask)   # in place: concept_bias is that parameter
+        if run is not None:
+            run.print(f"concept bias calibrated on the first batch: b = {concept_logits.logit_bias.item():.3f}")
+    loss, parts = c2lip_loss(image_emb, text_emb, patch_emb, concept_emb, concept_owner, scale, bias, concept_scale,
+                             concept_bias, args.w_npc, args.w_xac, args.xac_temperature, args.xac_chunk,
+                             recompute=args.xac_recompute, pair_mask=pair_mask)
+    return loss, parts, 0 if concept_emb is None else len(concept_emb)
+
+
+def backward(run, forward, micro_batches, args, step=None):
+    """The gradients of one optimizer step over --accum-freq micro-batches (`common.accumulated_backward`).
+    `forward`: C2lipForward, maybe DDP-wrapped. Returns (loss, parts, concepts) of the whole batch."""
+    ddp = forward if isinstance(forward, nn.parallel.DistributedDataParallel) else None
+    module = common.unwrap(forward)
+    # the scalars the loss reads directly (scale, SigLIP bias, concept scale and bias): common.accumulated_backward
+    scalars = [module.model.logit_scale, getattr(module.model, "logit_bias", None)]
+    if module.concept_logits is not None:
+        scalars += list(module.concept_logits.parameters())
+    return common.accumulated_backward(
+        run, micro_batches, encode=lambda batch: micro_batch_features(run, forward, batch),
+        loss_of=lambda features, current: batch_loss(features, current, args, module.concept_logits, run),
+        loss_scalars=scalars, ddp=ddp, step=step)
+
+
 def target_metric(metrics):
     """The shapes-world target of C2LIP: mean of swap-att, replace-att and ADD (= mean of add-obj, add-att)."""
     add = (metrics["add_obj"] + metrics["add_att"]) / 2
@@ -512,41 +571,20 @@ def train(args):
         collate = lambda batch: collate_with_words(batch, tokenizer)  # noqa: E731
     else:
         collate = lambda batch: data.collate_plain(batch, tokenizer)  # noqa: E731
-    run.print(f"c2lip: {total} steps, batch {args.batch_size} x {run.world_size}, main loss "
+    run.print(f"c2lip: {total} steps, global batch {run.global_batch} ({args.batch_size} x {args.accum_freq} "
+              f"micro-batches x {run.world_size} processes), main loss "
               f"{'SigLIP sigmoid' if siglip else 'CLIP softmax'}, w_npc={args.w_npc} w_xac={args.w_xac} "
               f"tau={args.xac_temperature} concept scale={'model' if concept_logits is None else args.concept_scale}")
     run.progress(total, initial=start)
-    for step, _, batch in common.batch_stream(dataset, collate, args.batch_size, args.seed, start, total,
-                                              args.workers):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with run.autocast():   # the forward under autocast; calibration and loss math below in fp32
-            out = ddp(batch["images"], batch["texts"], batch.get("concepts"))
-        image_emb = common.gather_features(out["image"].float())
-        text_emb = common.gather_features(out["text"].float())
-        patch_emb = common.gather_features(out["patch"].float()) if out["patch"] is not None else None
-        concept_emb = concept_owner = pair_mask = None
-        if with_concepts:
-            concept_emb, concept_owner, words = gather_concepts(out["concept"].float(), batch["concept_owner"],
-                                                                len(batch["images"]), batch["concept_words"])
-            if args.mask_duplicates:
-                pair_mask = duplicate_concept_mask(concept_owner, words, len(image_emb),
-                                                   subsets=args.mask_duplicates == 2)
-        scale, bias, concept_scale, concept_bias = (None if v is None else v.float() for v in out["scales"])
-        if concept_logits is not None and bool(concept_logits.needs_calibration):
-            concept_logits.calibrate_(concept_scale.detach(), image_emb.detach(), concept_emb.detach(),
-                                      concept_owner, pair_mask)
-            run.print(f"concept bias calibrated on the first batch: b = {concept_logits.logit_bias.item():.3f}")
-        loss, parts = c2lip_loss(image_emb, text_emb, patch_emb, concept_emb, concept_owner, scale, bias,
-                                 concept_scale, concept_bias, args.w_npc, args.w_xac, args.xac_temperature,
-                                 args.xac_chunk, recompute=args.xac_recompute, pair_mask=pair_mask)
-        common.check_finite(loss, parts, step)
+    collate = common.split_collate(collate, args.accum_freq)   # K micro-batches of --batch-size per step
+    for step, _, micro_batches in common.batch_stream(dataset, collate, args.batch_size * args.accum_freq,
+                                                      args.seed, start, total, args.workers):
+        micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in micro_batches]
         optimizer.zero_grad(set_to_none=True)
         # loss x world size for the gathered features (DDP averages); the scalars the loss uses directly (scale,
-        # SigLIP bias, concept scale and bias) get their gradient divided back by it (common.backward_and_step)
-        scalars = [model.logit_scale, getattr(model, "logit_bias", None)]
-        if concept_logits is not None:
-            scalars += list(concept_logits.parameters())
-        common.backward_and_step(run, loss, optimizer, loss_scalars=scalars)
+        # SigLIP bias, concept scale and bias) get their gradient divided back by it (common.accumulated_backward)
+        _, parts, n_concepts = backward(run, ddp, micro_batches, args, step)
+        common.optimizer_step(run, optimizer)
         scheduler.step()
         common.clamp_logit_scale(model)  # official train.py clamps to [0, ln 100] after every step
         if concept_logits is not None:
@@ -554,11 +592,13 @@ def train(args):
         if run.bar is not None:
             run.bar.update(1)
         if step % args.log_every == 0 or step == total - 1:
-            extra = {"concepts": int(len(concept_emb))} if with_concepts else {}
+            extra = {}
             if with_concepts:
-                extra.update(concept_scale=float(concept_scale.detach()), concept_bias=float(concept_bias.detach()))
-            run.log(step, args.batch_size * run.world_size, **parts, lr=scheduler.get_last_lr()[0],
-                    logit_scale=float(scale.detach()), **extra)
+                concept_scale, concept_bias = forward.scales()[2:]
+                extra = {"concepts": n_concepts, "concept_scale": float(concept_scale.detach()),
+                         "concept_bias": float(concept_bias.detach())}
+            run.log(step, run.global_batch, **parts, lr=scheduler.get_last_lr()[0],
+                    logit_scale=float(model.logit_scale.exp().detach()), **extra)
         if run.should_save(step + 1):
             common.save_checkpoint(run, step + 1, forward, optimizer, scheduler)
     common.save_checkpoint(run, total, forward, optimizer, scheduler)

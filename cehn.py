@@ -282,6 +282,44 @@ class CeForward(torch.nn.Module):
         return image_emb, text_emb, neg_text_emb, self.model.logit_scale.exp()
 
 
+def micro_batch_features(run, forward, batch, args, tokenizer):
+    """One micro-batch's features (under the run's autocast), for `common.accumulated_backward`."""
+    neg_texts, neg_valid = batch.get("neg_texts"), batch.get("neg_valid")
+    if neg_texts is not None and args.mask_invalid == "cmr":
+        neg_texts = release_placeholders(neg_texts, neg_valid, tokenizer)
+    with run.autocast():   # the forward under autocast; the loss math in fp32 (as degla.py)
+        image_emb, text_emb, neg_text_emb, logit_scale = forward(batch["images"], batch["texts"], neg_texts)
+    return {"image": image_emb, "text": text_emb, "neg_text": neg_text_emb, "neg_valid": neg_valid,
+            "logit_scale": logit_scale}
+
+
+def batch_loss(features, current, theta, args):
+    """CE-CLIP's loss on the whole global batch (micro-batches joined, then gathered over ranks, in fp32).
+    Returns (loss, parts, logits for update_thresholds, the gathered neg_valid)."""
+    f = common.join_micro_batches(features, current)
+    image_emb = common.gather_features(common.upcast(f["image"]))
+    text_emb = common.gather_features(common.upcast(f["text"]))
+    neg_text_emb, neg_valid = f["neg_text"], f["neg_valid"]
+    if neg_text_emb is not None:
+        neg_text_emb = common.gather_features(common.upcast(neg_text_emb))
+        neg_valid = common.gather_features(neg_valid.to(torch.uint8)).bool()
+    loss, parts, logits = cehn_loss(image_emb, text_emb, neg_text_emb, neg_valid, common.upcast(f["logit_scale"]),
+                                    theta, w_cmr=args.w_cmr, w_imc=args.w_imc, itc_hn=bool(args.itc_hn),
+                                    imc_variant=args.imc_variant, mask_invalid=args.mask_invalid)
+    return loss, parts, logits, neg_valid
+
+
+def backward(run, forward, micro_batches, theta, args, tokenizer, step=None):
+    """The gradients of one optimizer step over --accum-freq micro-batches (`common.accumulated_backward`), with the
+    thresholds theta fixed for the whole step. `forward`: CeForward, maybe DDP-wrapped.
+    Returns (loss, parts, logits, neg_valid) of the whole batch."""
+    ddp = forward if isinstance(forward, torch.nn.parallel.DistributedDataParallel) else None
+    return common.accumulated_backward(
+        run, micro_batches, encode=lambda batch: micro_batch_features(run, forward, batch, args, tokenizer),
+        loss_of=lambda features, current: batch_loss(features, current, theta, args),
+        loss_scalars=[common.unwrap(forward).model.logit_scale], ddp=ddp, step=step)
+
+
 def release_placeholders(neg_texts, neg_valid, tokenizer):
     """--mask-invalid cmr: invalid slots become the text "###", as in the release (data.py puts the original
     caption there, which as an unmasked negative would contradict the positive)."""
@@ -330,33 +368,23 @@ def train(args):
     if "theta" in extra:
         theta = extra["theta"].to(device)
     last_epoch = extra.get("epoch")
-    run.print(f"cehn: {total} steps, batch {args.batch_size} x {run.world_size}, itc_hn={args.itc_hn} "
+    run.print(f"cehn: {total} steps, global batch {run.global_batch} ({args.batch_size} x {args.accum_freq} "
+              f"micro-batches x {run.world_size} processes), itc_hn={args.itc_hn} "
               f"w_cmr={args.w_cmr} w_imc={args.w_imc} theta={args.threshold_type} imc={args.imc_variant} "
               f"mask_invalid={args.mask_invalid}")
     run.progress(total, initial=start)
     epoch = last_epoch
-    for step, epoch, batch in common.batch_stream(train_set, collate, args.batch_size, args.seed, start, total,
-                                                  args.workers):
+    collate = common.split_collate(collate, args.accum_freq)   # K micro-batches of --batch-size per step
+    for step, epoch, micro_batches in common.batch_stream(train_set, collate, args.batch_size * args.accum_freq,
+                                                          args.seed, start, total, args.workers):
         if args.theta_reset_per_epoch and last_epoch is not None and epoch != last_epoch:
             theta.fill_(float(args.theta_init))  # the release re-creates theta at every epoch
         last_epoch = epoch
-        batch = {k: v.to(device) for k, v in batch.items()}
-        neg_texts, neg_valid = batch.get("neg_texts"), batch.get("neg_valid")
-        if with_negatives and args.mask_invalid == "cmr":
-            neg_texts = release_placeholders(neg_texts, neg_valid, tokenizer)
-        with run.autocast():   # the forward under autocast; the loss math below in fp32 (as degla.py)
-            image_emb, text_emb, neg_text_emb, scale = forward(batch["images"], batch["texts"], neg_texts)
-        image_emb, text_emb = common.gather_features(image_emb.float()), common.gather_features(text_emb.float())
-        if with_negatives:
-            neg_text_emb = common.gather_features(neg_text_emb.float())
-            neg_valid = common.gather_features(neg_valid.to(torch.uint8)).bool()
-        loss, parts, logits = cehn_loss(image_emb, text_emb, neg_text_emb, neg_valid, scale.float(), theta,
-                                        w_cmr=args.w_cmr, w_imc=args.w_imc, itc_hn=bool(args.itc_hn),
-                                        imc_variant=args.imc_variant, mask_invalid=args.mask_invalid)
-        common.check_finite(loss, parts, step)
+        micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in micro_batches]
         optimizer.zero_grad(set_to_none=True)
         # loss x world size for the gathered features (DDP averages), the logit scale's gradient divided back
-        common.backward_and_step(run, loss, optimizer, loss_scalars=[model.logit_scale])
+        _, parts, logits, neg_valid = backward(run, forward, micro_batches, theta, args, tokenizer, step)
+        common.optimizer_step(run, optimizer)
         scheduler.step()
         common.clamp_logit_scale(model)
         # theta for the next step, from this (global, so identical on every rank) batch: the one-step lag
@@ -366,7 +394,7 @@ def train(args):
         if run.bar is not None:
             run.bar.update(1)
         thetas = {f"theta_{name}": value for name, value in zip(NEG_TYPES, theta.tolist())}
-        run.log(step, args.batch_size * run.world_size, **parts, **thetas, lr=scheduler.get_last_lr()[0],
+        run.log(step, run.global_batch, **parts, **thetas, lr=scheduler.get_last_lr()[0],
                 logit_scale=model.logit_scale.exp().item())  # every step: theta is the curriculum
         if run.should_save(step + 1):
             common.save_checkpoint(run, step + 1, model, optimizer, scheduler,

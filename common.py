@@ -25,18 +25,20 @@ thing, and `main(argv)` is `common.launch(train, parse_args(argv))`):
     scheduler = common.cosine_schedule(optimizer, args.warmup, total)
     start, extra = common.resume(run, model, optimizer, scheduler, ema)   # (0, {}) without --resume
     run.progress(total, initial=start)
-    for step, epoch, batch in common.batch_stream(dataset, collate, args.batch_size, args.seed, start, total,
-                                                  args.workers):
-        with run.autocast():
-            features = forward(batch)                             # forward passes under autocast
-        loss, parts = method_loss(common.gather_features(features.float()), ...)   # loss math in fp32
-        common.check_finite(loss, parts, step)
+    collate = common.split_collate(collate, args.accum_freq)      # --accum-freq K: K micro-batches per step
+    for step, epoch, micro_batches in common.batch_stream(dataset, collate, args.batch_size * args.accum_freq,
+                                                          args.seed, start, total, args.workers):
         optimizer.zero_grad(set_to_none=True)
-        common.backward_and_step(run, loss, optimizer, loss_scalars=[model.logit_scale])   # why the scalars: there
+        loss, parts = common.accumulated_backward(             # K = 1: one forward, one backward
+            run, micro_batches,
+            encode=lambda mb: forward(mb),                        # forward passes under run.autocast()
+            loss_of=lambda features, j: method_loss(gathered(join_micro_batches(features, j))),  # loss in fp32
+            loss_scalars=[model.logit_scale], step=step)          # why the scalars: there
+        common.optimizer_step(run, optimizer)
         scheduler.step()
         common.clamp_logit_scale(model)                           # not GOAL, which never clamps
         ema.update(model)
-        run.log(step, args.batch_size * run.world_size, **parts)
+        run.log(step, run.global_batch, **parts)
         if run.should_save(step + 1):                             # every --save-every steps (and epoch ends)
             common.save_checkpoint(run, step + 1, model, optimizer, scheduler, ema=ema, extra={...})
     common.save_checkpoint(run, total, model, optimizer, scheduler, ema=ema)
@@ -48,6 +50,7 @@ thing, and `main(argv)` is `common.launch(train, parse_args(argv))`):
 import argparse
 import contextlib
 import copy
+import dataclasses
 import datetime
 import hashlib
 import importlib.metadata
@@ -65,6 +68,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from urllib.parse import urlparse
 
 import huggingface_hub.constants
@@ -167,6 +171,7 @@ def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_
             f"--model local-dir:{pretrained})" if os.path.isdir(str(pretrained)) else "no such file"
         raise InputError(f"--pretrained {pretrained}: {what}, and not a pretrained tag of {name!r} (its tags: "
                          f"{tags}; 'shapes' for the shipped tiny models, 'none' for a random init)")
+    _check_activation(name, pretrained, is_file, model_kwargs)
     offline = pretrained and not is_file and not _hub_reachable()
     try:
         if offline:   # no network: read the Hugging Face cache only, instead of ~50 s of download retries
@@ -218,6 +223,121 @@ def _check_exported_context(name, pretrained, text_cfg=None):
         raise InputError(f"--pretrained {pretrained} was trained with a text context of {trained} tokens, {name!r} "
                          f"has {named}: open_clip would cut the trained positions down. Load the run folder "
                          f"instead: --model local-dir:{folder}")
+
+
+def _builds_quick_gelu(name, model_kwargs):
+    """Whether open_clip builds model `name` with QuickGELU: its config's `quick_gelu`, unless the keyword
+    arguments given to open_clip (force_quick_gelu, or a quick_gelu override) say otherwise."""
+    if model_kwargs.get("force_quick_gelu"):
+        return True
+    config = open_clip.get_model_config(name) or {}
+    return bool(model_kwargs.get("quick_gelu", config.get("quick_gelu", False)))
+
+
+def _is_torchscript_archive(path):
+    """A TorchScript archive (torch.jit.save) is a zip with a constants.pkl record: the test torch.load makes
+    itself (torch.serialization._is_torchscript_zip). OpenAI's original checkpoints (ViT-B-32.pt, ...) are ones."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(record.split("/")[-1] == "constants.pkl" for record in archive.namelist())
+
+
+def _recorded_activation(path):
+    """What this project recorded about the activation the weights file `path` was trained with:
+    (quick_gelu, trained model name or None, where it was read), or None when nothing was recorded.
+
+    Read in this order, the first record found wins:
+      1. the file itself: `export_open_clip` writes the model name into the meta of final.pt, so a copied
+         final.pt still says what it is;
+      2. open_clip_config.json next to it (an exported run folder): the very config `local-dir:` builds;
+      3. config.json next to it (a run folder, also unfinished ones: its --model);
+      4. NAME.json next to NAME.pt (the shipped base models in models/ and their sidecars).
+    """
+    def activation_of(model_name, where):
+        config = open_clip.get_model_config(model_name) if isinstance(model_name, str) else None
+        return None if config is None else (bool(config.get("quick_gelu", False)), model_name, where)
+
+    if zipfile.is_zipfile(path):   # torch.save's format; other files (safetensors, ...) carry no meta
+        try:   # mmap: only the small pickle is read, not the weights
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:   # not a weights file we can read: open_clip's loader reports it, with its own message
+            saved = None
+        meta = saved.get("meta") if isinstance(saved, dict) else None
+        found = activation_of(meta.get("model"), f"its meta ({path})") if isinstance(meta, dict) else None
+        if found:
+            return found
+    folder = os.path.dirname(os.path.abspath(path))
+    exported = os.path.join(folder, OPEN_CLIP_CONFIG)
+    if os.path.isfile(exported):
+        with open(exported) as f:
+            model_cfg = json.load(f).get("model_cfg", {})
+        return bool(model_cfg.get("quick_gelu", False)), None, exported
+    for sidecar, needs in ((os.path.join(folder, "config.json"), "method"), (os.path.splitext(path)[0] + ".json", None)):
+        if os.path.isfile(sidecar):
+            with open(sidecar) as f:
+                record = json.load(f)
+            if isinstance(record, dict) and (needs is None or needs in record):
+                found = activation_of(record.get("model"), sidecar)
+                if found:
+                    return found
+    return None
+
+
+def _check_activation(name, pretrained, is_file, model_kwargs):
+    """Refuse weights trained with one activation loaded into a config with the other (QuickGELU vs GELU).
+
+    OpenAI's CLIP weights were trained with QuickGELU; open_clip's `ViT-B-32` config uses GELU and
+    `ViT-B-32-quickgelu` QuickGELU. The weights have the same shapes either way, so they load without an error
+    and every score comes out silently wrong: the most repeated complaint in the ARO and SugarCrepe issue
+    trackers. Detected where it can be told reliably:
+      - a pretrained tag: open_clip 3.3 records each tag's activation (pretrained.py, quick_gelu=True for
+        'openai' and others) but create_model only warns on a mismatch (factory.py, "QuickGELU mismatch") and
+        loads the weights anyway, so we stop;
+      - a file this project wrote (`_recorded_activation`);
+      - a TorchScript archive: open_clip treats one as OpenAI's original checkpoint and builds it with QuickGELU
+        (openai.py, load_openai_model); its create_model cannot read one at all (torch's weights-only loader
+        refuses TorchScript), so such a file stops here whatever the config.
+    `local-dir:` and `hf-hub:` models bring their config with their weights: nothing to compare."""
+    if not pretrained or name.startswith(("hf-hub:", "local-dir:")):
+        return
+    builds_quick = _builds_quick_gelu(name, model_kwargs)
+    trained_name, folder_hint = None, ""
+    if not is_file:
+        trained_quick = bool(open_clip.pretrained.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+        trained = lambda act: f"--pretrained {pretrained} (an open_clip tag) was trained with {act}"
+    elif _is_torchscript_archive(pretrained):
+        if builds_quick:
+            raise InputError(f"--pretrained {pretrained} is a TorchScript archive (OpenAI's original checkpoint "
+                             f"format), which open_clip's create_model does not load. The same weights come with "
+                             f"the tag: --model {name} --pretrained openai (or, in Python, "
+                             f"open_clip.load_openai_model({str(pretrained)!r}))")
+        trained_quick = True
+        trained = lambda act: f"--pretrained {pretrained} is a TorchScript archive, OpenAI's original checkpoint " \
+            f"format, whose weights were trained with {act}"
+    else:
+        recorded = _recorded_activation(str(pretrained))
+        if recorded is None:
+            return   # a file from elsewhere that records nothing: open_clip's config is all there is to go by
+        trained_quick, trained_name, where = recorded
+        as_name = f" as {trained_name!r}" if trained_name else ""
+        trained = lambda act: f"--pretrained {pretrained} was trained{as_name} with {act} (recorded in {where})"
+        if os.path.basename(where) == OPEN_CLIP_CONFIG:
+            folder_hint = f", or load the run folder as it was trained: --model local-dir:{os.path.dirname(where)}"
+    if trained_quick == builds_quick:
+        return
+    if trained_quick:   # the usual case: OpenAI-style weights into a GELU config
+        fix = trained_name or (name + "-quickgelu" if name + "-quickgelu" in open_clip.list_models() else None)
+        fix = f"--model {fix}" if fix else "a -quickgelu model config (or force_quick_gelu=True in open_clip)"
+        raise InputError(trained("QuickGELU") + f", but --model {name} uses GELU: the weights would run "
+                         f"with the wrong activation and every score would be off. Use the -quickgelu config: "
+                         f"{fix}{folder_hint}")
+    base = name[:-len("-quickgelu")] if name.endswith("-quickgelu") else None
+    fix = trained_name or (base if base in open_clip.list_models() else None)
+    fix = f"--model {fix}" if fix else "a model config without quick_gelu"
+    raise InputError(trained("GELU") + f", but --model {name} uses QuickGELU (a -quickgelu config, made "
+                     f"for OpenAI-style weights): the weights would run with the wrong activation. Use the GELU "
+                     f"config: {fix}{folder_hint}")
 
 
 def _not_weights_message(path, error):
@@ -430,7 +550,7 @@ def gather_features(features):
     Every rank then computes the *same* global loss, but back-propagates only through its own slice, so its
     gradient w.r.t. its local features equals the single-process gradient for that slice. The parameter
     gradient of the single-process loss is the *sum* of the ranks' gradients; DDP averages, so the training
-    loops back-propagate `loss * world_size` (`backward_and_step`, which also corrects the scalars the loss uses
+    loops back-propagate `loss * world_size` (`accumulated_backward`, which also corrects the scalars the loss uses
     directly). On one process this is the identity."""
     rank, world_size = world_info()
     if world_size == 1:
@@ -577,9 +697,19 @@ def run_cpu_processes(fn, world_size, *fn_args):
     module-level function) because the processes are spawned."""
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    mp.start_processes(_collecting_worker, args=(fn, world_size, _free_port(), queue, fn_args), nprocs=world_size,
-                       join=True, start_method="spawn")
-    results = {rank: pickle.loads(blob) for rank, blob in (queue.get() for _ in range(world_size))}
+    processes = mp.start_processes(_collecting_worker, args=(fn, world_size, _free_port(), queue, fn_args),
+                                   nprocs=world_size, join=False, start_method="spawn")
+    # Read the results while the processes run: a result larger than the pipe's buffer (a model's gradients) blocks
+    # its sender until it is read, so waiting for the processes to exit first would wait forever.
+    results = {}
+    while len(results) < world_size:
+        if not queue.empty():
+            rank, blob = queue.get()
+            results[rank] = pickle.loads(blob)
+        elif processes.join(timeout=0.05) and queue.empty():   # all exited (join raises if one failed)
+            raise RuntimeError(f"the processes exited with {world_size - len(results)} result(s) missing")
+    while not processes.join():
+        pass
     return [results[r] for r in range(world_size)]
 
 
@@ -608,7 +738,7 @@ def base_parser(description):
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, epilog=MULTI_GPU_EPILOG)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="shapes (built-in synthetic world; the default) | coco | docci | dci | "
-                   "json | csv")
+                   "json | csv | wds (webdataset shards)")
     g.add_argument("--data-root", default=None, help="root folder of the real data set (see docs/real_data.md)")
     g.add_argument("--karpathy-file", default=None, help="COCO: Karpathy dataset_coco.json; its val/test images are "
                    "excluded from training")
@@ -618,7 +748,11 @@ def base_parser(description):
     g.add_argument("--model", default=None, help="open_clip model name (OpenAI weights: a -quickgelu config)")
     g.add_argument("--pretrained", default=None, help="open_clip tag, weights path, 'shapes' or 'none'")
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, default=None, help="per process")
+    g.add_argument("--batch-size", type=int, default=None, help="per process and micro-batch")
+    g.add_argument("--accum-freq", type=int, default=None,
+                   help="K micro-batches per optimizer step: the loss and gradients of one batch of --batch-size x K "
+                   "per process, holding one micro-batch's activations (features cached, as open_clip's "
+                   "--accum-freq); global batch = --batch-size x K x processes")
     g.add_argument("--epochs", type=float, default=None, help="epochs over the data (ignored if --steps is set)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps in total")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW (after the warm-up; cosine "
@@ -662,7 +796,7 @@ def base_parser(description):
 # Used where a method's table has no value: every method has a seed and a precision, and the system flags of
 # `base_parser`. Every flag's argparse default is None (switches included), so that `apply_defaults` can tell a
 # flag given on the command line from one left out, and a resumed run keeps its own value of the latter.
-FALLBACK_DEFAULTS = {"seed": 0, "precision": "auto", "gpus": 0, "dist_timeout": DIST_TIMEOUT_MINUTES, "cpu_procs": 1,
+FALLBACK_DEFAULTS = {"seed": 0, "precision": "auto", "accum_freq": 1, "gpus": 0, "dist_timeout": DIST_TIMEOUT_MINUTES, "cpu_procs": 1,
                      "log_every": 10, "no_progress": False, "report_to": "none",
                      "grad_checkpointing": False, "keep_epochs": False}
 
@@ -755,24 +889,84 @@ def cosine_schedule(optimizer, warmup, total):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def backward_and_step(run, loss, optimizer, loss_scalars=()):
-    """Back-propagate the gathered loss and step the optimizer (through the GradScaler under fp16).
+def split_collate(collate_fn, accum_freq):
+    """A collate for `batch_stream` that turns --batch-size x K samples into a list of K collated micro-batches
+    (K = --accum-freq; K = 1 gives a list of one batch). Each micro-batch is collated on its own, so whatever a
+    method's collate builds per batch (negatives, concepts, local pairs) is built per micro-batch."""
+    def collate(samples):
+        size = len(samples) // accum_freq
+        return [collate_fn(samples[i * size:(i + 1) * size]) for i in range(accum_freq)]
+    return collate
 
-    Every rank computes the same global loss on gathered features (`gather_features`). A weight of the towers
-    gets, on each rank, only the part of the gradient that flows through that rank's own features, so the sum
-    over ranks is the single-process gradient: we back-propagate `loss * world_size` because DDP averages.
-    A scalar used directly by the loss (the logit scale, SigLIP's bias, C2LIP's concept scale and bias) gets
-    the *whole* gradient on every rank, so after DDP's average it would be world_size times too large (AdamW
-    would hide it, SGD or gradient clipping would not). Dividing those gradients by world_size after backward
-    gives every parameter exactly the single-process gradient. loss_scalars: the parameters the loss uses
-    directly, not through a rank's features; one process: the division is by 1."""
-    scaled = loss * run.world_size
-    if run.scaler is not None:   # fp16: scale the loss against underflow; step() unscales and skips inf/nan steps
-        scaled = run.scaler.scale(scaled)
-    scaled.backward()
+
+def accumulated_backward(run, micro_batches, encode, loss_of, loss_scalars=(), ddp=None, constants=None, step=None):
+    """Gradients of the loss of the whole batch (K micro-batches), holding the activations of one micro-batch at a
+    time: open_clip's `--accum-freq` (https://github.com/mlfoundations/open_clip, src/open_clip_train/train.py).
+
+    encode(micro_batch) -> dict of the micro-batch's features under gradient: tensors whose rows are its samples,
+        and 0-dim tensors for the scalars the loss reads directly (logit scale, biases).
+    constants(micro_batch) -> dict of features that never carry a gradient (DeGLA's EMA teacher); optional.
+    loss_of(features, current) -> (loss, parts, ...) on the whole batch: `features` is the list of the K
+        micro-batches' dicts, in order; `current` is the index whose entry carries the gradient in this pass
+        (`join_micro_batches` concatenates the rows and takes the scalars from that entry).
+
+    With K = 1 this is one forward and one backward. With K > 1:
+      1. every micro-batch is encoded without gradient and its features are cached;
+      2. for j = 1..K in turn, micro-batch j is encoded again with gradient, the loss of the whole batch is computed
+         with j's fresh features in place of their cached copy, and back-propagated. A tower weight gets in pass j
+         exactly the part of the whole batch's gradient that flows through micro-batch j's features, so the K
+         passes add up to the whole batch's gradient (tests/test_accumulation.py checks it in float64).
+    The scalars the loss reads directly get the whole gradient in every pass (and on every rank: see
+    `gather_features`), so their gradient is divided by K x world size at the end. Each pass back-propagates
+    loss x world size, because DDP averages over ranks; `ddp` (the DDP-wrapped module) skips the all-reduce in
+    passes 1..K-1 (`no_sync`): the gradients add up locally and are reduced once, in the last pass.
+    Returns what loss_of returned in the last pass (every pass computes the same loss value)."""
+    k = len(micro_batches)
+    with torch.no_grad():
+        fixed = [constants(mb) if constants is not None else {} for mb in micro_batches]
+        cached = [{**fixed[j], **encode(mb)} for j, mb in enumerate(micro_batches)] if k > 1 else None
+    for j, micro_batch in enumerate(micro_batches):
+        last = j == k - 1
+        with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+            features = [{**fixed[j], **encode(micro_batch)}] if k == 1 else \
+                cached[:j] + [{**fixed[j], **encode(micro_batch)}] + cached[j + 1:]
+            result = loss_of(features, j)
+            loss = result[0]
+            if j == 0:   # every pass's loss has the same value: check it once, before any gradient exists
+                check_finite(loss, result[1], step)
+            scaled = loss * run.world_size
+            if run.scaler is not None:   # fp16: scale the loss against underflow; step() unscales and skips inf/nan
+                scaled = run.scaler.scale(scaled)
+            scaled.backward()
     for param in loss_scalars:
         if param is not None and param.grad is not None:
-            param.grad.div_(run.world_size)   # linear, so it commutes with the GradScaler's later unscale
+            param.grad.div_(run.world_size * k)   # linear, so it commutes with the GradScaler's later unscale
+    return result
+
+
+def upcast(tensor):
+    """A feature in at least fp32 for the loss math: autocast's bf16/fp16 outputs are cast up, fp32 and float64
+    (the exactness tests) stay as they are; None stays None."""
+    if tensor is not None and tensor.dtype in (torch.float16, torch.bfloat16):
+        return tensor.float()
+    return tensor
+
+
+def join_micro_batches(features, current):
+    """One dict for the whole batch from the K micro-batches' feature dicts: tensors with rows are concatenated
+    in micro-batch order (None stays None), 0-dim tensors (the scalars) are taken from entry `current`, the one
+    with gradient in this pass of `accumulated_backward`."""
+    joined = {}
+    for key, value in features[current].items():
+        if value is None or value.dim() == 0:
+            joined[key] = value
+        else:
+            joined[key] = torch.cat([f[key] for f in features]) if len(features) > 1 else value
+    return joined
+
+
+def optimizer_step(run, optimizer):
+    """Step the optimizer after `accumulated_backward` (through the GradScaler under fp16)."""
     if run.scaler is not None:
         run.scaler.step(optimizer)
         run.scaler.update()
@@ -864,6 +1058,8 @@ class Run:
             args.out = os.path.join("runs", f"{method}-{args.data}-{stamp}")
         self.out = args.out
         self.is_main = self.rank == 0
+        if getattr(args, "accum_freq", 1) < 1:
+            raise InputError(f"--accum-freq {args.accum_freq}: expected a whole number of micro-batches, 1 or more")
         self.config = {"method": method, "world_size": self.world_size, "precision": precision, **vars(args),
                        "code": code_version()}
         if getattr(args, "report_to", "none") == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
@@ -876,10 +1072,16 @@ class Run:
         self.started = time.time()
         self.train_seconds, self.train_samples = 0.0, 0
 
+    @property
+    def global_batch(self):
+        """Samples per optimizer step over all processes (--batch-size x --accum-freq x processes): what the
+        contrastive losses see as one batch."""
+        return self.args.batch_size * getattr(self.args, "accum_freq", 1) * self.world_size
+
     def total_steps(self, dataset_size):
         """Total optimizer steps: --steps if given, else --epochs over the data. Remembers the steps of one epoch
-        (the global batch is --batch-size x processes, as in `batch_stream`) for `should_save`."""
-        self.steps_per_epoch = max(1, dataset_size // (self.args.batch_size * self.world_size))
+        (the global batch is --batch-size x --accum-freq x processes, as in `batch_stream`) for `should_save`."""
+        self.steps_per_epoch = max(1, dataset_size // self.global_batch)
         if self.args.steps:
             return int(self.args.steps)
         return max(1, int(self.args.epochs * self.steps_per_epoch))
@@ -1036,7 +1238,8 @@ def batch_stream(dataset, collate_fn, batch_size, seed, start_step, total_steps,
                                              generator=torch.Generator().manual_seed(seed * 100003 + epoch))
         replaced = 0
         for batch in loader:
-            replaced += int(batch.pop("replaced", 0))
+            for part in batch if isinstance(batch, list) else [batch]:   # a list: `split_collate`'s micro-batches
+                replaced += int(part.pop("replaced", 0))
             yield step, epoch, batch
             step += 1
             if step >= total_steps:
@@ -1212,6 +1415,8 @@ def export_open_clip(model, path, model_name=None, tokenizer=None, meta=None):
     hard link to `path` (the same file on disk; a copy where links are impossible). HF tokenizers (SigLIP's)
     are saved there as well, since `local-dir:` reads them from the folder."""
     model = unwrap(model)
+    if model_name is not None:   # the file says what it is, wherever it is copied (`_recorded_activation` reads it)
+        meta = {**(meta or {}), "model": model_name}
     _atomic_torch_save({"state_dict": model.state_dict(), "meta": meta or {}}, path)
     if model_name is None:
         return
@@ -1232,6 +1437,302 @@ def export_open_clip(model, path, model_name=None, tokenizer=None, meta=None):
     os.replace(link, os.path.join(folder, OPEN_CLIP_WEIGHTS))
     if hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(folder)
+
+
+# ----- Hugging Face `transformers` CLIP, in and out -----
+# transformers' CLIPModel is the same network as open_clip's standard CLIP (a ViT pooled at its class token, a
+# causal text transformer pooled at the end-of-text token, two linear projections), under other parameter names:
+# q, k and v are three Linear layers where open_clip packs them into one `in_proj`, and the projections are Linear
+# weights (open_clip's matrices transposed). GOAL's released weights are CLIPModel state dicts with 248 text
+# positions; `export_hf_clip` hands a run to a transformers user. transformers is optional: only these need it.
+HF_CLIP_PREFIX = "hf-clip:"   # --model hf-clip:FOLDER, a transformers CLIP folder (see `load_hf_clip`)
+CLIP_EOT_ID = 49407   # CLIP's <|endoftext|>, its highest id: transformers' "first EOT" pooling = open_clip's argmax
+CLIP_VOCAB_SIZE = 49408   # CLIP's BPE, the tokenizer open_clip uses for these models
+
+# Where each open_clip parameter lives in a CLIPModel: (open_clip name or prefix, transformers name or prefix).
+_HF_TOWER_NAMES = [
+    ("visual.conv1.", "vision_model.embeddings.patch_embedding."),
+    ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+    ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    ("visual.ln_pre.", "vision_model.pre_layrnorm."),   # sic, transformers' spelling
+    ("visual.transformer.resblocks.", "vision_model.encoder.layers."),
+    ("visual.ln_post.", "vision_model.post_layernorm."),
+    ("visual.proj", "visual_projection.weight"),   # transposed
+    ("token_embedding.", "text_model.embeddings.token_embedding."),
+    ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    ("transformer.resblocks.", "text_model.encoder.layers."),
+    ("ln_final.", "text_model.final_layer_norm."),
+    ("text_projection", "text_projection.weight"),   # transposed
+    ("logit_scale", "logit_scale"),
+]
+_HF_BLOCK_NAMES = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."),
+                   ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj.")]
+_TRANSPOSED = ("visual.proj", "text_projection")
+
+
+def _transformers():
+    """The transformers module, or one InputError saying how to get it (it is an optional dependency)."""
+    try:
+        import transformers
+    except ImportError:
+        raise InputError("a Hugging Face transformers CLIP (--model hf-clip:FOLDER, --export-hf) needs the "
+                         "transformers package, an optional dependency: pip install transformers") from None
+    return transformers
+
+
+def _hf_names(key):
+    """The CLIPModel name(s) of open_clip parameter `key`: one name, or three (q, k, v) for a block's packed
+    attention input projection. None where CLIPModel has no such parameter (layer scale, attentional pooling...)."""
+    for ours, theirs in _HF_TOWER_NAMES:
+        if key == ours or (ours.endswith(".") and key.startswith(ours)):
+            rest = key[len(ours):]
+            break
+    else:
+        return None
+    if not ours.endswith("resblocks."):
+        return [theirs + rest]
+    layer, _, name = rest.partition(".")
+    if name in ("attn.in_proj_weight", "attn.in_proj_bias"):
+        kind = name.rsplit("_", 1)[1]
+        return [f"{theirs}{layer}.self_attn.{p}_proj.{kind}" for p in "qkv"]
+    for ours_in_block, theirs_in_block in _HF_BLOCK_NAMES:
+        if name.startswith(ours_in_block):
+            return [f"{theirs}{layer}.{theirs_in_block}{name[len(ours_in_block):]}"]
+    return None
+
+
+def _check_standard_clip(model):
+    """Refuse, with one InputError, an open_clip model that CLIPModel cannot express; return the activation
+    name ('quick_gelu' or 'gelu') and LayerNorm eps of each tower, {'vision': (act, eps), 'text': (act, eps)}."""
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer   # open_clip's own tower classes
+
+    def refuse(what):
+        raise InputError(f"--export-hf: this model has {what}, which transformers' CLIPModel cannot express. Only "
+                         f"open_clip's standard CLIP converts: a ViT image tower pooled at its class token and the "
+                         f"built-in text transformer pooled at the end-of-text token")
+    if getattr(model, "logit_bias", None) is not None:
+        refuse("a logit bias (a SigLIP model: transformers has SiglipModel for those, a different architecture)")
+    if type(model) is not open_clip.model.CLIP:
+        refuse(f"the class {type(model).__name__} (CustomTextCLIP: a Hugging Face text tower; CoCa: a decoder)")
+    visual = model.visual
+    if not isinstance(visual, VisionTransformer):
+        refuse(f"a {type(visual).__name__} image tower")
+    if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool:
+        refuse(f"an image tower pooled another way (pool_type {visual.pool_type!r}, attentional pooling or the "
+               f"final LayerNorm after pooling)")
+    if isinstance(visual.ln_pre, torch.nn.Identity) or visual.proj is None:
+        refuse("an image tower without its LayerNorm before the transformer or without its projection")
+    if model.text_pool_type != "argmax" or model.attn_mask is None \
+            or not isinstance(model.text_projection, torch.nn.Parameter):
+        refuse(f"a text tower pooled another way (pool_type {model.text_pool_type!r}), without the causal mask or "
+               f"with a projection bias")
+    towers = {}
+    for tower, module, norms in (("vision", visual.transformer, [visual]),
+                                 ("text", model.transformer, [model.transformer, model.ln_final])):
+        acts = set()
+        for block in module.resblocks:
+            if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv") \
+                    or not isinstance(block.ls_1, torch.nn.Identity) or not isinstance(block.ls_2, torch.nn.Identity):
+                refuse(f"{tower} blocks of another kind (layer scale, qk-norm, scaled cosine attention...)")
+            act = block.mlp.gelu
+            if isinstance(act, open_clip.transformer.QuickGELU):
+                acts.add("quick_gelu")
+            elif isinstance(act, torch.nn.GELU) and act.approximate == "none":
+                acts.add("gelu")
+            else:
+                refuse(f"the activation {act} in its {tower} tower")
+        eps = {m.eps for part in norms for m in part.modules() if isinstance(m, torch.nn.LayerNorm)}
+        if len(acts) != 1 or len(eps) != 1:
+            refuse(f"mixed activations or LayerNorm eps in its {tower} tower")
+        towers[tower] = (acts.pop(), eps.pop())
+    return towers
+
+
+def _hf_clip_config(model):
+    """The transformers CLIPConfig arguments that describe open_clip model `model` (checked by
+    `_check_standard_clip`)."""
+    towers = _check_standard_clip(model)
+    visual = model.visual
+    if visual.image_size[0] != visual.image_size[1] or visual.patch_size[0] != visual.patch_size[1]:
+        raise InputError(f"--export-hf: image size {visual.image_size} / patch size {visual.patch_size} are not "
+                         f"square, which transformers' CLIPModel cannot express")
+    embed_dim = visual.proj.shape[1]
+
+    def tower_config(transformer, tower):
+        block = transformer.resblocks[0]
+        act, eps = towers[tower]
+        return {"hidden_size": transformer.width, "intermediate_size": block.mlp.c_fc.out_features,
+                "num_hidden_layers": len(transformer.resblocks), "num_attention_heads": block.attn.num_heads,
+                "hidden_act": act, "layer_norm_eps": eps, "projection_dim": embed_dim}
+    vision = {**tower_config(visual.transformer, "vision"), "image_size": visual.image_size[0],
+              "patch_size": visual.patch_size[0], "num_channels": 3}
+    text = {**tower_config(model.transformer, "text"), "vocab_size": model.vocab_size,
+            # the stretched context of GOAL (248) is just more positions
+            "max_position_embeddings": model.context_length,
+            # pool at the first <|endoftext|>, as open_clip's argmax does (2 would be transformers' legacy argmax)
+            "bos_token_id": CLIP_EOT_ID - 1, "eos_token_id": CLIP_EOT_ID}
+    return {"vision_config": vision, "text_config": text, "projection_dim": embed_dim,
+            "logit_scale_init_value": float(model.logit_scale.detach().reshape(-1)[0])}
+
+
+def _write_clip_processor(transformers, model, folder):
+    """Tokenizer and image processor files, so that `transformers.CLIPProcessor.from_pretrained(folder)` works
+    offline. The tokenizer's vocab.json and merges.txt come from the CLIP BPE file open_clip ships (the one OpenAI's
+    CLIP and transformers' openai/clip-* tokenizers use): only the two special tokens are named differently."""
+    bpe = open_clip.SimpleTokenizer()
+    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {renamed.get(token, token): i for token, i in bpe.encoder.items()}
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, model_max_length=model.context_length)
+    # open_clip's val transform: resize the shorter side (bicubic), centre crop, normalize
+    pp = {**dataclasses.asdict(open_clip.transform.PreprocessCfg()), **getattr(model.visual, "preprocess_cfg", {})}
+    size = model.visual.image_size[0]
+    resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}.get(pp["interpolation"], 3)   # PIL's numbering
+    squash = pp["resize_mode"] == "squash"   # open_clip's other mode: resize to the square, no crop
+    image_processor = transformers.CLIPImageProcessor(
+        size={"height": size, "width": size} if squash else {"shortest_edge": size}, do_center_crop=not squash,
+        crop_size={"height": size, "width": size}, resample=resample, image_mean=list(pp["mean"]),
+        image_std=list(pp["std"]))
+    transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+
+
+def export_hf_clip(model, folder):
+    """Write open_clip CLIP `model` as a transformers CLIP folder (config.json, model.safetensors, tokenizer and
+    image processor files) that a transformers user loads with no open_clip installed:
+
+        model = transformers.CLIPModel.from_pretrained(FOLDER)
+        processor = transformers.CLIPProcessor.from_pretrained(FOLDER)
+
+    Same embeddings as open_clip's (tests/test_hf_export.py): the config says quick_gelu or gelu as the towers
+    use, the model's text context (GOAL's 248) as max_position_embeddings, and eos_token_id 49407, which makes
+    transformers pool the text at the first end-of-text token as open_clip's argmax does. A model CLIPModel
+    cannot express (SigLIP, CustomTextCLIP, attentional pooling, ...) is one InputError. `load_hf_clip` reads
+    the folder back."""
+    transformers = _transformers()
+    model = unwrap(model)
+    config = transformers.CLIPConfig(**_hf_clip_config(model))
+    state = {}
+    for key, value in model.state_dict().items():
+        names = _hf_names(key)
+        if names is None:   # a parameter the checks above did not foresee: stop rather than drop it
+            raise InputError(f"--export-hf: open_clip parameter {key!r} has no place in transformers' CLIPModel")
+        value = value.detach().float().cpu()
+        value = value.t() if key in _TRANSPOSED else value.reshape(()) if key == "logit_scale" else value
+        for name, part in zip(names, value.chunk(len(names))):   # q, k, v are the thirds of in_proj
+            state[name] = part.contiguous()
+    hf_model = transformers.CLIPModel(config)
+    # position_ids are buffers (saved by older transformers versions), not weights: keep the model's own
+    state.update({k: v for k, v in hf_model.state_dict().items() if k.endswith("position_ids")})
+    hf_model.load_state_dict(state, strict=True)
+    os.makedirs(folder, exist_ok=True)
+    hf_model.save_pretrained(folder)
+    _write_clip_processor(transformers, model, folder)
+    return folder
+
+
+def _hf_config_json(folder):
+    """config.json of transformers CLIP folder `folder` (read as JSON, before transformers), or one InputError."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise InputError(f"--model {HF_CLIP_PREFIX}{folder}: no config.json in {folder} (expected a transformers "
+                         f"CLIP folder as CLIPModel.save_pretrained writes it, e.g. a download of "
+                         f"openai/clip-vit-base-patch16)")
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("model_type") != "clip":
+        raise InputError(f"--model {HF_CLIP_PREFIX}{folder}: config.json has model_type "
+                         f"{config.get('model_type')!r}; only transformers' CLIP (model_type 'clip') converts to "
+                         f"open_clip here (a SigLIP has another architecture: load it with open_clip's hf-hub:)")
+    return config
+
+
+def _open_clip_config(config, folder):
+    """open_clip model config (the dict create_model builds CLIP from) equivalent to transformers CLIPConfig
+    `config`, or one InputError naming what open_clip's CLIP cannot express."""
+    vision, text = config.vision_config, config.text_config
+    where = f"--model {HF_CLIP_PREFIX}{folder}"
+    if vision.hidden_act != text.hidden_act or text.hidden_act not in ("quick_gelu", "gelu"):
+        raise InputError(f"{where}: hidden_act {vision.hidden_act!r} (vision) / {text.hidden_act!r} (text); open_clip "
+                         f"builds both towers with one activation, quick_gelu or gelu")
+    if text.vocab_size != CLIP_VOCAB_SIZE or text.eos_token_id not in (2, CLIP_EOT_ID):
+        raise InputError(f"{where}: vocab_size {text.vocab_size}, eos_token_id {text.eos_token_id}; expected CLIP's "
+                         f"BPE ({CLIP_VOCAB_SIZE} tokens, end-of-text {CLIP_EOT_ID}, or 2 for transformers' legacy "
+                         f"argmax pooling), the tokenizer open_clip uses")
+
+    def tower(cfg):
+        # int(width * mlp_ratio) must give the intermediate size back (e.g. 8192 / 1664 for ViT-bigG)
+        ratio = cfg.intermediate_size / cfg.hidden_size
+        if int(cfg.hidden_size * ratio) != cfg.intermediate_size:
+            ratio = (cfg.intermediate_size + 0.5) / cfg.hidden_size
+        out = {"width": cfg.hidden_size, "layers": cfg.num_hidden_layers, "mlp_ratio": ratio}
+        if cfg.layer_norm_eps != 1e-5:   # open_clip's LayerNorm default
+            out["norm_kwargs"] = {"eps": cfg.layer_norm_eps}
+        return out
+    return {"embed_dim": config.projection_dim, "quick_gelu": text.hidden_act == "quick_gelu",
+            "vision_cfg": {**tower(vision), "image_size": vision.image_size, "patch_size": vision.patch_size,
+                           "head_width": vision.hidden_size // vision.num_attention_heads},
+            "text_cfg": {**tower(text), "heads": text.num_attention_heads, "vocab_size": text.vocab_size,
+                         "context_length": text.max_position_embeddings}}
+
+
+def load_hf_clip(folder, weights=None):
+    """open_clip CLIP model with the weights of transformers CLIP folder `folder` (config.json and the weights,
+    as CLIPModel.save_pretrained writes them; `export_hf_clip` writes such folders), on the CPU in float32.
+
+    weights: optionally a file holding a CLIPModel state dict (torch.save), used instead of the folder's weights:
+    GOAL's released weights are such files, for openai/clip-vit-base-patch16 or -large-patch14 stretched to 248
+    text positions; the file's position count wins over the folder's config.
+    The model config is built from the transformers config, the model created by open_clip, and the renamed
+    weights loaded strictly (every parameter on both sides used once). Its preprocessing (`visual.preprocess_cfg`,
+    what `image_transform_v2` builds the transforms from): the config's image size, and OpenAI's mean and std
+    unless the folder's preprocessor_config.json gives others."""
+    _hf_config_json(folder)
+    transformers = _transformers()
+    config = transformers.CLIPConfig.from_pretrained(folder)
+    if weights is not None:
+        try:
+            hf_state = torch.load(weights, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError) as error:
+            raise InputError(f"--pretrained {weights}: not a weights file torch can load ({error})") from None
+        hf_state = hf_state.get("state_dict", hf_state)
+        positions = hf_state.get("text_model.embeddings.position_embedding.weight")
+        if positions is None:
+            raise InputError(f"--pretrained {weights}: not a transformers CLIPModel state dict (no "
+                             f"text_model.embeddings.position_embedding.weight)")
+        config.text_config.max_position_embeddings = positions.shape[0]
+    else:
+        hf_state = transformers.CLIPModel.from_pretrained(folder).state_dict()
+    model = open_clip.model.CLIP(**_open_clip_config(config, folder))
+    state, used = {}, set()
+    for key, like in model.state_dict().items():
+        names = _hf_names(key)
+        missing = [name for name in names if name not in hf_state]
+        if missing:
+            raise InputError(f"--model {HF_CLIP_PREFIX}{folder}: the weights lack {missing[0]} (expected a complete "
+                             f"transformers CLIPModel)")
+        value = torch.cat([hf_state[name] for name in names])   # q, k, v back into one in_proj
+        value = value.t() if key in _TRANSPOSED else value
+        state[key] = value.reshape(like.shape).to(like.dtype)
+        used.update(names)
+    unused = [k for k in hf_state if k not in used and not k.endswith("position_ids")]
+    if unused:
+        raise InputError(f"--model {HF_CLIP_PREFIX}{folder}: the weights hold {unused[0]} (and {len(unused) - 1} "
+                         f"more) that open_clip's CLIP has no place for")
+    model.load_state_dict(state, strict=True)
+    preprocess = dataclasses.asdict(open_clip.transform.PreprocessCfg())
+    preprocess["size"] = config.vision_config.image_size
+    processor_path = os.path.join(folder, "preprocessor_config.json")
+    if os.path.isfile(processor_path):
+        with open(processor_path) as f:
+            processor = json.load(f)
+        preprocess["mean"] = tuple(processor.get("image_mean", preprocess["mean"]))
+        preprocess["std"] = tuple(processor.get("image_std", preprocess["std"]))
+    open_clip.model.set_model_preprocess_cfg(model, preprocess)
+    return model
 
 
 # The shared budget of every method on the shapes world, so that `python <method>.py` runs compare at equal

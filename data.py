@@ -42,6 +42,7 @@ import dataclasses
 import functools
 import glob
 import hashlib
+import io
 import json
 import math
 import os
@@ -917,15 +918,116 @@ or, with the sentence-box pairs of an offline LISM matching (GOAL):
                "pairs": [{"sentence": "<a sentence of the caption>", "box": [x0, y0, x1, y1], "score": 27.1}]}}
 optional in an entry: "areas": [pixels, ...], each box's mask area (GOAL's LISM filters on it; else on the box)"""
 
+GOAL_MATCHING_FORMAT = """\
+GOAL's released LISM matching (https://github.com/PerceptualAI-Lab/GOAL, datasets/DCI_segment_sim_bbox_del_org.json
+or datasets/docci_segment_sim_bbox_del_org.json): a JSON list with one record per image,
+  [{"original_filename": "<any folder>/<image file>", "original_caption": "<long caption>",
+    "segment": [{"filename": "<any folder>/<stem>_max_<k>.png", "caption": "<a sentence of the caption>",
+                 "similarity_score": 28.8,
+                 "bbox_coordinates": {"x1": 689, "y1": 802, "x2": 973, "y2": 1500, "width": 284, "height": 698}},
+                ...]}, ...]
+or its flat one-pair-per-image variant (datasets/DCI_segment_only_sim_max_del_org.json):
+  [{"filename": "<any folder>/<image file>_results/<stem>_max_<k>.png", "caption": "...",
+    "similarity_score": 28.8, "bbox_coordinates": {...}}, ...]
+The folders are the release's placeholders: only the image's file name is used."""
+
+
+def _goal_box(record, path):
+    """[x1, y1, x2, y2] from a release record's bbox_coordinates (original-image pixels; see load_goal_matching)."""
+    coordinates = record.get("bbox_coordinates") if isinstance(record, dict) else None
+    try:
+        box = [float(coordinates[k]) for k in ("x1", "y1", "x2", "y2")]
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{path}: a segment's bbox_coordinates {coordinates!r} lack numeric x1, y1, x2, y2.\n"
+                        f"{GOAL_MATCHING_FORMAT}") from None
+    if not (box[2] > box[0] and box[3] > box[1]):
+        raise DataError(f"{path}: empty box {box} in bbox_coordinates.\n{GOAL_MATCHING_FORMAT}")
+    return box
+
+
+def _goal_image_name(filename: str) -> str:
+    """The training image a release path names. LISM (LISM/make_pseudo_local_pair_for_trainset.py) writes, for an
+    image `X.jpg`, the folder `X.jpg_results/` holding its crops `X_max_<k>.png` and a copy `original_image.jpg`;
+    so a path inside such a folder names `X.jpg` by the folder. Otherwise: a crop's stem minus `_max_<k>` (the
+    image's stem, which matches an image_id key), or the file's own name."""
+    filename = filename.replace("\\", "/")
+    folder = os.path.basename(os.path.dirname(filename))
+    if folder.endswith("_results"):
+        return folder[: -len("_results")]
+    stem, name = os.path.splitext(os.path.basename(filename))[0], os.path.basename(filename)
+    return re.sub(r"_max_\d+$", "", stem) if re.search(r"_max_\d+$", stem) else name
+
+
+def is_goal_matching(raw) -> bool:
+    """True for the structure of GOAL's released matching (`GOAL_MATCHING_FORMAT`): a non-empty JSON list of records
+    with "original_filename" and "segment" (grouped) or "filename" and "bbox_coordinates" (flat)."""
+    return isinstance(raw, list) and bool(raw) and all(
+        isinstance(r, dict) and ({"original_filename", "segment"} <= set(r) or {"filename", "bbox_coordinates"} <= set(r))
+        for r in raw)
+
+
+def load_goal_matching(raw, path: str = "<matching>") -> dict:
+    """GOAL's released matching (`GOAL_MATCHING_FORMAT`, already parsed) -> {key: {"boxes", "pairs"}}, the
+    `SEGMENTS_FORMAT` entries that this project's own `goal.py lism` writes.
+
+    What is inferred from the release's code (the training files themselves are not in its public snapshot, only
+    the flat variant is; its loader is `DLoader` in goal_loss_finetuning.py, its boxes come from LISM/make_bbox.py):
+    - key: the image file named by `original_filename` (flat variant: by the crop's `filename`), `_goal_image_name`:
+      its base name, or `X.jpg` for a path inside LISM's `X.jpg_results/` folder (the grouped training files are
+      not public, so whether they point at the image or at LISM's copy there is not known; both work). The folders
+      are placeholders ("chage/path/to/your/directory/..."), so the file name is the only reliable part. It
+      matches a training image by base name, as any segments key does (`ImageCaptionDataset._segment_entry`).
+    - box: bbox_coordinates x1, y1, x2, y2 are the crop's position in the *original* image's pixels (make_bbox.py
+      template-matches the saved crop against the full-size original; LISM cuts crops from the original even when
+      SAM ran on a downscaled copy), x2 = x1 + crop width: exactly our [x0, y0, x1, y1]. No conversion is needed.
+      `width` / `height` are the crop's size (not the image's); they are not kept, since the box gives them
+      (`goal.py --released-box-mapping` divides by them, as the release does).
+    - pairs: every segment becomes a pair {"sentence": caption, "box", "score": similarity_score}. Training keeps
+      the highest-scoring one per image (`LocalPairs`), as the release's loader does (`max(..., similarity_score)`).
+      The release's sentences are pieces of `caption.split('.')` (no final period). A piece is used when it equals
+      one of our sentences (`split_sentences`) up to case, spacing and the final period; a piece that the release
+      cut elsewhere (a decimal "3.5", "Mr.", a '.' inside quotes) cannot be located in the caption, and an image
+      whose pieces are all such falls back to the full image (`LocalPairs`).
+    - boxes: the distinct boxes of the pairs (the release keeps no other candidates).
+    """
+    segments = {}
+    for record in raw:
+        if "segment" in record:
+            name, parts = _goal_image_name(str(record["original_filename"])), record["segment"]
+            if not isinstance(parts, list):
+                raise DataError(f"{path}: \"segment\" of {record['original_filename']!r} is not a list.\n"
+                                f"{GOAL_MATCHING_FORMAT}")
+        else:
+            name, parts = _goal_image_name(str(record["filename"])), [record]
+        entry = segments.setdefault(name, {"boxes": [], "pairs": []})
+        for part in parts:
+            if not isinstance(part, dict) or not isinstance(part.get("caption"), str):
+                raise DataError(f"{path}: a segment of {name!r} lacks its sentence (\"caption\").\n"
+                                f"{GOAL_MATCHING_FORMAT}")
+            box = _goal_box(part, path)
+            if box not in entry["boxes"]:
+                entry["boxes"].append(box)
+            entry["pairs"].append({"sentence": part["caption"].strip(), "box": box,
+                                   "score": float(part.get("similarity_score", 0.0))})
+    return segments
+
 
 def load_segments(path: str, need_pairs: bool = False) -> dict:
     """Read a segments file (format: `SEGMENTS_FORMAT`) into {key: {"boxes": [...], "pairs": [...]}}.
+    GOAL's released matching (`GOAL_MATCHING_FORMAT`, a JSON list) is recognised by its structure and converted
+    (`load_goal_matching`).
 
     need_pairs: the file must be a LISM matching (GOAL's --lism), i.e. hold sentence-box pairs, not only boxes."""
     _require(path, "segments file (--segments-file / --lism)", SEGMENTS_FORMAT)
     raw = _load_json(path, SEGMENTS_FORMAT)
+    if is_goal_matching(raw):
+        return load_goal_matching(raw, path)
     if not isinstance(raw, dict):
-        raise DataError(f"{path}: expected a JSON object keyed by image.\n{SEGMENTS_FORMAT}")
+        found = (f"a list of {type(raw[0]).__name__}s" + (f" with keys {sorted(raw[0])[:6]}" if isinstance(raw[0], dict)
+                                                           else "")) if isinstance(raw, list) and raw else \
+            ("an empty list" if isinstance(raw, list) else f"a JSON {type(raw).__name__}")
+        raise DataError(f"{path}: found {found}, which is neither format a segments / --lism file can take:\n"
+                        f"{SEGMENTS_FORMAT}\nor\n{GOAL_MATCHING_FORMAT}")
     segments = {}
     for key, entry in raw.items():
         if isinstance(entry, list):
@@ -1194,7 +1296,8 @@ a JSON file (or a folder holding captions.json): [{"image": "<path relative to t
 optional "image_id" per record (default: the record's position)"""
 CSV_LAYOUT = """\
 a CSV file (comma) or TSV file (tab), or a folder holding captions.csv / captions.tsv, with a header row
-naming the columns image,caption (open_clip's filepath,title also work); image paths relative to the file's folder"""
+naming the columns image,caption (open_clip's filepath,title also work); image paths relative to the file's folder;
+an optional column neg_caption holds a hard negative per row (NegCLIP's train_neg_clip.tsv), or a JSON list of them"""
 
 
 def _resolve_file(root: str, default_names: Sequence[str], layout: str) -> str:
@@ -1225,6 +1328,17 @@ class JsonCaptions(ImageCaptionDataset):
                          root=folder)
 
 
+def _negative_list(value) -> list[str]:
+    """A table cell of hard negatives: one caption, or a JSON list of captions; empty -> []."""
+    value = (value or "").strip()
+    if value.startswith("["):
+        try:
+            return [str(v) for v in json.loads(value) if str(v).strip()]
+        except ValueError:
+            pass
+    return [value] if value else []
+
+
 class CsvCaptions(ImageCaptionDataset):
     """A generic CSV/TSV of image,caption rows for the user's own data."""
 
@@ -1247,6 +1361,139 @@ class CsvCaptions(ImageCaptionDataset):
         segments = load_segments(segments_file) if segments_file else None
         super().__init__(paths, [row[caption_column] or "" for row in rows], list(range(len(rows))),
                          transform, segments=segments, root=folder)
+        # NegCLIP's TSV (https://github.com/vinid/neg_clip, its train_neg_clip.tsv) carries one hard negative per
+        # caption in `neg_caption`; `WithNegatives` uses it instead of the rule-based generator (its `neg_image`
+        # column, hard-negative images, is not used: none of the four methods trains on negative images).
+        self.given_negatives = None
+        if "neg_caption" in rows[0]:
+            kept = [row for row in rows if (row[caption_column] or "").strip()]   # the rows the base class kept
+            self.given_negatives = [_negative_list(row["neg_caption"]) for row in kept]
+
+
+WDS_LAYOUT = """\
+webdataset shards (.tar), given as a brace pattern ('DIR/{00000..01411}.tar'), a folder of .tar files or one .tar.
+A sample is the files of one key (written by webdataset.TarWriter / ShardWriter, img2dataset, pixparse/cc3m-wds):
+  <key>.jpg | .jpeg | .png | .webp   the image
+  <key>.txt                          the caption, or
+  <key>.json                         {"caption": ..., optional "nounphrases": [...] (C2LIP's concepts),
+                                      optional "neg_caption" / "negatives": str or [str, ...] (hard negatives)}"""
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """The shard files of --data-root: a brace pattern ('DIR/{00000..00099}.tar', expanded by `braceexpand`, which
+    comes with webdataset), a folder (every .tar in it, sorted) or one .tar file. All must exist."""
+    import braceexpand   # webdataset's dependency; imported here so that only shard users need it
+    if os.path.isdir(pattern):
+        shards = sorted(glob.glob(os.path.join(pattern, "*.tar")))
+    else:
+        shards = [path for part in braceexpand.braceexpand(pattern) for path in sorted(glob.glob(part)) or [part]]
+    missing = [path for path in shards if not os.path.isfile(path)]
+    if not shards or missing:
+        problem = "no .tar files" if not shards else \
+            f"{len(missing)} of {len(shards)} shards missing, e.g. {missing[:3]}"
+        raise DataError(f"--data-root {pattern}: {problem}\nExpected layout:\n{WDS_LAYOUT}")
+    return shards
+
+
+def index_shard(path: str) -> list[dict]:
+    """One pass over a shard's tar headers (the image bytes are skipped, not read): for every key with an image,
+    {"key", "offset", "size"} of the image's bytes in the file, and "caption", "nounphrases", "negatives" from its
+    .txt / .json (None when absent). A key without image or caption is skipped (webdataset groups files by key
+    the same way: everything before the first dot of the file name)."""
+    import tarfile
+    samples: dict[str, dict] = {}
+    with tarfile.open(path, "r:") as tar:   # plain tar, random access: what shards are
+        for member in tar:
+            if not member.isfile() or "." not in os.path.basename(member.name):
+                continue
+            folder, name = os.path.split(member.name)
+            stem, extension = name.split(".", 1)
+            sample = samples.setdefault(os.path.join(folder, stem), {"key": os.path.join(folder, stem)})
+            extension = extension.lower()
+            if extension in IMAGE_EXTENSIONS:
+                sample["offset"], sample["size"] = member.offset_data, member.size
+            elif extension == "txt":
+                sample["caption"] = tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
+            elif extension == "json":
+                try:
+                    meta = json.loads(tar.extractfile(member).read())
+                except ValueError:
+                    continue
+                if not isinstance(meta, dict):
+                    continue
+                if isinstance(meta.get("caption"), str) and "caption" not in sample:
+                    sample["caption"] = meta["caption"].strip()
+                if isinstance(meta.get("nounphrases"), list):
+                    sample["nounphrases"] = [str(p) for p in meta["nounphrases"]]
+                negatives = meta.get("neg_caption", meta.get("negatives"))
+                if negatives:
+                    sample["negatives"] = [negatives] if isinstance(negatives, str) else [str(n) for n in negatives]
+    return [s for s in samples.values() if "offset" in s and s.get("caption")]
+
+
+class WebDatasetShards(ImageCaptionDataset):
+    """webdataset shards as a map-style data set (`--data wds --data-root 'DIR/{00000..N}.tar'`), format `WDS_LAYOUT`.
+
+    Why map-style: the training loop's sampler, its sharding by rank, its exact resume and the replacement of an
+    unreadable image (`ReplaceUnreadable`) all work on indices, and the text-only preprocessing (spaCy negatives,
+    concepts) needs every caption up front (`captions`), as for the other loaders. webdataset 1.0's own readers
+    are iterable (its map-style `wids` reader is no longer part of the package), so this class builds the index
+    itself: one pass over each shard's tar headers (`index_shard`, cached beside the other caches, keyed by the
+    shard's path, size and modification time), then each image is read by seeking to its bytes. The shards are
+    written by webdataset's own `TarWriter`/`ShardWriter` (the tests do exactly that) or by img2dataset.
+
+    Per sample, when present in its .json: `nounphrases` (C2LIP's released concepts: `WithConcepts` uses them
+    instead of spaCy) and `neg_caption`/`negatives` (hard negatives: `WithNegatives` uses them instead of the
+    rule-based generator)."""
+
+    def __init__(self, pattern: str, transform=None, cache_dir: str | None = None, progress: bool = True):
+        self.shards = expand_shards(pattern)
+        records = []
+        for shard_number, path in enumerate(tqdm(self.shards, desc="indexing shards", unit="shard",
+                                                 disable=not progress or len(self.shards) < 4)):
+            stat = os.stat(path)
+            cache = _cache_path(cache_dir, "wds-index", [os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
+            entries = _read_cache(cache)
+            if entries is None:
+                entries = index_shard(path)
+                _write_cache_atomically(cache, entries)
+            records += [dict(entry, shard=shard_number) for entry in entries]
+        if not records:
+            raise DataError(f"--data-root {pattern}: no sample has both an image and a caption\n"
+                            f"Expected layout:\n{WDS_LAYOUT}")
+        self.locations = [(r["shard"], r["offset"], r["size"]) for r in records]
+        self.nounphrases = [r.get("nounphrases") for r in records]
+        self.given_negatives = [r.get("negatives") for r in records]
+        if not any(self.nounphrases):
+            self.nounphrases = None
+        if not any(self.given_negatives):
+            self.given_negatives = None
+        names = [f"{self.shards[r['shard']]}::{r['key']}" for r in records]
+        super().__init__(names, [r["caption"] for r in records], [r["key"] for r in records], transform,
+                         root=os.path.commonpath(self.shards) if len(self.shards) > 1 else os.path.dirname(pattern))
+        self._files = {}   # shard number -> open file, per process (DataLoader workers each open their own)
+
+    def load_image(self, index: int):
+        shard, offset, size = self.locations[index]
+        name = self.image_paths[index]
+        try:
+            handle = self._files.get((os.getpid(), shard))
+            if handle is None:
+                handle = self._files[(os.getpid(), shard)] = open(self.shards[shard], "rb")
+            handle.seek(offset)
+            with Image.open(io.BytesIO(handle.read(size))) as image:
+                return image.convert("RGB")
+        except Exception as error:  # truncated or corrupt bytes, a shard replaced while training, ...
+            if name not in _warned_paths:
+                _warned_paths.add(name)
+                warnings.warn(f"unreadable image {name}: {error}")
+            return None
+
+    def __getstate__(self):   # open files do not travel to DataLoader workers
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
 
 
 # =====================================================================================================
@@ -1268,10 +1515,29 @@ class WithNegatives(Dataset):
                  cache_dir: str | None = None, progress: bool = True):
         self.dataset, self.types = dataset, tuple(types)
         captions = dataset.captions
-        if negatives_file is None:
+        given = getattr(dataset, "given_negatives", None)   # from the data itself (shards' JSON, NegCLIP's TSV)
+        if negatives_file is None and given is None:
             # a closed world (the shapes world) declares its words, so that replacements stay inside it
             self.negatives, self.valid = make_negatives(captions, self.types, cache_dir=cache_dir, progress=progress,
                                                         vocabulary=getattr(dataset, "vocabulary", None))
+            return
+        if negatives_file is None:
+            # Negatives that come with the data fill the K slots in their order (their types are unknown, so the
+            # types only set K), padded with invalid slots; a sample without any gets the rule-based ones.
+            k = len(self.types)
+            missing = [i for i, negatives in enumerate(given) if not negatives]
+            ruled, ruled_valid = make_negatives([captions[i] for i in missing], self.types, cache_dir=cache_dir,
+                                                progress=progress) if missing else ([], [])
+            ruled_at = {i: j for j, i in enumerate(missing)}
+            self.negatives, self.valid = [], []
+            for i, caption in enumerate(captions):
+                if i in ruled_at:
+                    self.negatives.append(ruled[ruled_at[i]])
+                    self.valid.append(ruled_valid[ruled_at[i]])
+                    continue
+                own = [n for n in given[i] if _normalize(n) != _normalize(caption)][:k]
+                self.negatives.append(own + [caption] * (k - len(own)))
+                self.valid.append([True] * len(own) + [False] * (k - len(own)))
             return
         table = load_degla_negatives(negatives_file)
         known_ids = getattr(dataset, "all_image_ids", None) or set(getattr(dataset, "image_ids", []))
@@ -1303,11 +1569,23 @@ class WithNegatives(Dataset):
 
 
 class WithConcepts(Dataset):
-    """Adds `"concepts": list[str]` (>= 1, from `extract_concepts`) to each sample (C2LIP)."""
+    """Adds `"concepts": list[str]` (>= 1) to each sample (C2LIP): spaCy's noun phrases (`extract_concepts`), or the
+    data's own `nounphrases` where it has them (C2LIP's packed shards, `WebDatasetShards`). Those get the release's
+    post-filters (https://github.com/SamsungLabs/concept_centric_clip, data_processing/extract_nounphrases.py and
+    src/training/data.py): duplicates and phrases of one character dropped, and an empty list replaced by the
+    caption itself."""
 
     def __init__(self, dataset, cache_dir: str | None = None, progress: bool = True):
         self.dataset = dataset
-        self.concepts = extract_concepts(dataset.captions, cache_dir=cache_dir, progress=progress)
+        given = getattr(dataset, "nounphrases", None) or [None] * len(dataset.captions)
+        parse = [i for i, phrases in enumerate(given) if phrases is None]
+        parsed = extract_concepts([dataset.captions[i] for i in parse], cache_dir=cache_dir, progress=progress) \
+            if parse else []
+        self.concepts = [None if phrases is None else
+                         [p for p in dict.fromkeys(s.strip() for s in phrases) if len(p) > 1] or [dataset.captions[i]]
+                         for i, phrases in enumerate(given)]
+        for i, concepts in zip(parse, parsed):
+            self.concepts[i] = concepts
 
     @property
     def captions(self):
@@ -1469,7 +1747,7 @@ def collate_local(batch, tokenizer):
 # Choosing the training set from the command line
 # =====================================================================================================
 
-REAL_DATA = ("coco", "docci", "dci", "json", "csv")
+REAL_DATA = ("coco", "docci", "dci", "json", "csv", "wds")
 
 
 def _image_size_of(transform, default: int = 64) -> int:
@@ -1484,6 +1762,7 @@ def build_train_set(args, transform, tokenizer):
     """The training set named by `args.data`, reading `args.data_root`.
 
     shapes: the synthetic world (no files).  coco: `CocoCaptions` (`args.karpathy_file` optional).
+    wds: webdataset shards (`WebDatasetShards`; --data-root is a brace pattern, a folder or one .tar).
     docci / dci: long captions, `args.split` (default "train").  json / csv: generic lists.
     Long-caption sets accept `args.segments_file`; `args.local_pairs=True` wraps the set in `LocalPairs`
     (GOAL). Method-specific wrappers (`WithNegatives`, `WithConcepts`) are added by the method script.
@@ -1510,6 +1789,8 @@ def build_train_set(args, transform, tokenizer):
             dataset = DciDataset(root, transform, split=split, segments_file=segments_file)
         elif name == "json":
             dataset = JsonCaptions(root, transform, segments_file=segments_file)
+        elif name == "wds":
+            dataset = WebDatasetShards(root, transform)
         else:
             dataset = CsvCaptions(root, transform, segments_file=segments_file)
     else:

@@ -312,7 +312,51 @@ def gather_all(*tensors):
     """Gather each (B, ...) tensor over ranks in rank order (local slice keeps its gradient); None stays None.
     Positives and negatives are gathered as separate blocks, so global sample g's k-th negative stays at
     [g, k] and the sample-major layout (flat index g*K + k) is the same as on one process."""
-    return [None if t is None else common.gather_features(t.float()) for t in tensors]
+    return [None if t is None else common.gather_features(common.upcast(t)) for t in tensors]
+
+
+def student_features(run, student, batch):
+    """The student's features of one micro-batch (under the run's autocast), for `common.accumulated_backward`."""
+    with run.autocast():
+        image_emb, pos_text_emb, neg_text_emb, logit_scale = encode_batch(student, batch["images"], batch["texts"],
+                                                                          batch.get("neg_texts"))
+    return {"image": image_emb, "text": pos_text_emb, "neg_text": neg_text_emb, "neg_valid": batch.get("neg_valid"),
+            "logit_scale": logit_scale}
+
+
+def teacher_features(run, teacher, batch):
+    """The EMA teacher's features of one micro-batch: constants, computed once per optimizer step."""
+    with torch.no_grad(), run.autocast():
+        image_emb, pos_text_emb, neg_text_emb, _ = encode_batch(teacher, batch["images"], batch["texts"],
+                                                                batch.get("neg_texts"))
+    return {"teacher_image": image_emb, "teacher_text": pos_text_emb, "teacher_neg_text": neg_text_emb}
+
+
+def batch_loss(features, current, args):
+    """DeGLA's loss on the whole global batch: the micro-batches joined, then gathered over ranks, in fp32."""
+    f = common.join_micro_batches(features, current)
+    image_emb, pos_text_emb, neg_text_emb = gather_all(f["image"], f["text"], f["neg_text"])
+    with torch.no_grad():
+        teacher = gather_all(f.get("teacher_image"), f.get("teacher_text"), f.get("teacher_neg_text"))
+    neg_valid = f["neg_valid"]
+    if neg_valid is not None:
+        neg_valid = common.gather_features(neg_valid.to(torch.uint8)).bool()
+    return degla_loss(image_emb, pos_text_emb, neg_text_emb, common.upcast(f["logit_scale"]), *teacher,
+                      neg_valid=neg_valid, global_negatives=bool(args.global_negatives),
+                      distill_weight=args.distill_weight, igc_weight=args.igc_weight, tgc_weight=args.tgc_weight,
+                      tgc_scale=args.tgc_scale, tgc_mask=args.tgc_mask)
+
+
+def backward(run, student, ema, micro_batches, args, step=None):
+    """The gradients of one optimizer step over --accum-freq micro-batches (`common.accumulated_backward`): the
+    student's features are recomputed with gradient one micro-batch at a time, the teacher's computed once.
+    `student` may be DDP-wrapped; ema: the EMA teacher or None. Returns (loss, parts) of the whole batch."""
+    ddp = student if isinstance(student, torch.nn.parallel.DistributedDataParallel) else None
+    return common.accumulated_backward(
+        run, micro_batches, encode=lambda batch: student_features(run, student, batch),
+        loss_of=lambda features, current: batch_loss(features, current, args),
+        loss_scalars=[common.unwrap(student).logit_scale], ddp=ddp,
+        constants=None if ema is None else (lambda batch: teacher_features(run, ema.module, batch)), step=step)
 
 
 def target_metric(result):
@@ -350,7 +394,7 @@ def train(args):
     model, train_tf, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
     model.set_grad_checkpointing(args.grad_checkpointing)   # open_clip's switch: less memory, same gradients
     if args.distill_weight is None:
-        args.distill_weight = shapes_distill_weight(args.batch_size * run.world_size)
+        args.distill_weight = shapes_distill_weight(run.global_batch)
     use_negatives = bool(args.global_negatives or args.igc_weight or args.tgc_weight)
     use_teacher = bool(args.distill_weight or args.tgc_weight)
 
@@ -377,34 +421,19 @@ def train(args):
     optimizer = common.make_optimizer(model, args.lr, args.wd, args.betas, args.eps)
     scheduler = common.cosine_schedule(optimizer, args.warmup, total)
     start, _ = common.resume(run, model, optimizer, scheduler, ema)
-    run.print(f"degla: {total} steps, batch {args.batch_size} x {run.world_size}, lr {args.lr}, weights "
+    run.print(f"degla: {total} steps, global batch {run.global_batch} ({args.batch_size} x {args.accum_freq} "
+              f"micro-batches x {run.world_size} processes), lr {args.lr}, weights "
               f"distill={args.distill_weight} igc={args.igc_weight} tgc={args.tgc_weight} "
               f"(tgc mask {args.tgc_mask}), global negatives={bool(args.global_negatives)}, ema {args.ema_decay:.5f}")
     run.progress(total, initial=start)
-    for step, _, batch in common.batch_stream(dataset, collate, args.batch_size, args.seed, start, total,
-                                              args.workers):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        neg_texts = batch.get("neg_texts")
-        with run.autocast():
-            student_out = encode_batch(student, batch["images"], batch["texts"], neg_texts)
-            teacher_out = (None, None, None)
-            if ema is not None:
-                with torch.no_grad():
-                    teacher_out = encode_batch(ema.module, batch["images"], batch["texts"], neg_texts)[:3]
-        image_emb, pos_text_emb, neg_text_emb = gather_all(*student_out[:3])
-        with torch.no_grad():
-            teacher = gather_all(*teacher_out)
-        neg_valid = batch.get("neg_valid")
-        if neg_valid is not None:
-            neg_valid = common.gather_features(neg_valid.to(torch.uint8)).bool()
-        loss, parts = degla_loss(image_emb, pos_text_emb, neg_text_emb, student_out[3].float(), *teacher,
-                                 neg_valid=neg_valid, global_negatives=bool(args.global_negatives),
-                                 distill_weight=args.distill_weight, igc_weight=args.igc_weight,
-                                 tgc_weight=args.tgc_weight, tgc_scale=args.tgc_scale, tgc_mask=args.tgc_mask)
-        common.check_finite(loss, parts, step)
+    collate = common.split_collate(collate, args.accum_freq)   # K micro-batches of --batch-size per step
+    for step, _, micro_batches in common.batch_stream(dataset, collate, args.batch_size * args.accum_freq,
+                                                      args.seed, start, total, args.workers):
+        micro_batches = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in micro_batches]
         optimizer.zero_grad(set_to_none=True)
         # loss x world size for the gathered features (DDP averages), the logit scale's gradient divided back
-        common.backward_and_step(run, loss, optimizer, loss_scalars=[model.logit_scale])
+        _, parts = backward(run, student, ema, micro_batches, args, step)
+        common.optimizer_step(run, optimizer)
         scheduler.step()
         common.clamp_logit_scale(model)      # logit_scale.clamp_(0, ln 100) after every step (release)
         if ema is not None:
@@ -412,7 +441,7 @@ def train(args):
         if run.bar is not None:
             run.bar.update(1)
         if step % args.log_every == 0 or step == total - 1:
-            run.log(step, args.batch_size * run.world_size, loss=parts.pop("total"), **parts,
+            run.log(step, run.global_batch, loss=parts.pop("total"), **parts,
                     lr=scheduler.get_last_lr()[0], logit_scale=model.logit_scale.exp().item())
         if run.should_save(step + 1):
             common.save_checkpoint(run, step + 1, model, optimizer, scheduler, ema=ema)

@@ -13,6 +13,7 @@ table and in each benchmark's section below):
 | zeroshot             | zero-shot classification (torchvision data sets + ImageNet)   | top-1 (mean per class where papers do)    |
 | retrieval            | coco_retrieval (Karpathy 5k), flickr30k_retrieval (1k)        | R@1/5/10 image->text and text->image      |
 | longtext             | urban1k, docci, dci, sharegpt4v (1:1 long-caption retrieval)  | R@1 both directions                       |
+| docci_goal, dci_goal | GOAL's released test lists (PerceptualAI-Lab/GOAL datasets/)  | R@1/5/25/50 both directions               |
 
 Group names (aro, retrieval, longtext) can also be given member by member (e.g. `vg_relation`).
 
@@ -51,6 +52,8 @@ Expected layout under --root (each benchmark's section says where the files come
     <root>/karpathy/dataset_{coco,flickr30k}.json   (or CLIP_benchmark's coco/coco_test_karpathy.json and
                                                     flickr30k/flickr30k-images/flickr30k_test_karpathy.txt, or BLIP's)
     <root>/Urban1k/{image,caption}/, <root>/docci/, <root>/dci/, <root>/sharegpt4v/
+    <root>/docci/docci_test.json, <root>/dci/DCI_test.json   GOAL's released test lists (docci_goal, dci_goal), on
+                                                    the images of docci/images/ and dci/densely_captioned_images/photos/
 """
 import argparse
 import contextlib
@@ -94,12 +97,31 @@ def pick_device(device=None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# The precisions a benchmark can be scored in. fp32 is the default on every device because the official
+# evaluators (RAIVNLab/sugar-crepe main_eval.py, mertyg/vision-language-models-are-bows, Heidelberg-NLP/VALSE)
+# score in fp32, and a binary item is decided by s(img, pos) > s(img, neg): bf16 keeps 8 bits of mantissa, so
+# two cosine scores 0.001 apart can round to the same value or swap. bf16 is an opt-in for speed
+# (docs/performance.md, "Evaluation precision", measures how many answers it changes).
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision):
+    """Fail with one clear message unless `precision` is one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise common.InputError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)} (fp32 is the "
+                                f"official evaluators' rule; bf16 is faster on a GPU but can flip close answers)")
+    return precision
+
+
 @contextlib.contextmanager
-def inference_context(device):
-    """inference_mode everywhere; bf16 autocast on CUDA, plain fp32 on CPU."""
+def inference_context(device, precision="fp32"):
+    """inference_mode, plus bf16 autocast when precision is "bf16" (on CUDA or on the CPU); fp32 runs the model
+    as it is. A model whose weights were already cast to bf16 (lab/gpu_check.py does it) computes in bf16 either
+    way: `_embed_images` hands it images of its own dtype."""
+    check_precision(precision)
     with torch.inference_mode():
-        if torch.device(device).type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        if precision == "bf16":
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
                 yield
         else:
             yield
@@ -152,12 +174,19 @@ def _collate_found(batch):
     return index, images
 
 
+def _model_dtype(model):
+    """The dtype of the model's first floating-point weight (fp32 unless someone cast the model, e.g. to bf16)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _embed_images(model, images, device):
-    emb = model.encode_image(images.to(device, non_blocking=True), normalize=True)
+    # images come in fp32; a model cast to bf16 (no autocast to convert them) needs them in its own dtype
+    emb = model.encode_image(images.to(device, dtype=_model_dtype(model), non_blocking=True), normalize=True)
     return F.normalize(emb.float(), dim=-1).cpu()
 
 
-def encode_images(model, images, transform=None, device=None, batch_size=256, workers=2, boxes=None):
+def encode_images(model, images, transform=None, device=None, batch_size=256, workers=2, boxes=None,
+                  precision="fp32"):
     """Encode images once each. Returns `(image_emb, found)`.
 
     images: one of
@@ -166,15 +195,16 @@ def encode_images(model, images, transform=None, device=None, batch_size=256, wo
       - a list of PIL images (`transform` required),
       - a float tensor (N, 3, H, W) already transformed,
       - a DataLoader yielding image tensors, or tuples whose first element is the image tensor.
+    precision: "fp32" (the official evaluators' rule, default) or "bf16" (autocast; see PRECISIONS).
     Returns image_emb (N, D) float32 L2-normalized on CPU (rows of missing images are zeros) and
     found (N,) bool (False where the file was missing or unreadable).
     """
     device = pick_device(device)
     if isinstance(images, torch.utils.data.DataLoader):
-        emb, _ = _encode_loader(model, images, device)
+        emb, _ = _encode_loader(model, images, device, precision)
         return emb, torch.ones(len(emb), dtype=torch.bool)
     if isinstance(images, torch.Tensor):
-        with inference_context(device):
+        with inference_context(device, precision):
             chunks = [_embed_images(model, images[s:s + batch_size], device) for s in range(0, len(images), batch_size)]
         emb = torch.cat(chunks) if chunks else torch.zeros(0, 0)
         return emb, torch.ones(len(emb), dtype=torch.bool)
@@ -190,7 +220,7 @@ def encode_images(model, images, transform=None, device=None, batch_size=256, wo
         collate_fn=_collate_found, pin_memory=device.type == "cuda")
     found = torch.zeros(len(dataset), dtype=torch.bool)
     emb = None
-    with inference_context(device):
+    with inference_context(device, precision):
         for index, batch in loader:
             if batch is None:
                 continue
@@ -204,10 +234,10 @@ def encode_images(model, images, transform=None, device=None, batch_size=256, wo
     return emb, found
 
 
-def _encode_loader(model, loader, device):
+def _encode_loader(model, loader, device, precision="fp32"):
     """Encode a DataLoader of image tensors or (images, labels, ...) tuples -> (emb, labels or None)."""
     chunks, labels = [], []
-    with inference_context(device):
+    with inference_context(device, precision):
         for batch in loader:
             if isinstance(batch, (tuple, list)):
                 batch, label = batch[0], batch[1] if len(batch) > 1 else None
@@ -236,13 +266,13 @@ def _text_end(model, tokens):
     return None
 
 
-def encode_texts(model, tokenizer, texts, device=None, batch_size=256):
+def encode_texts(model, tokenizer, texts, device=None, batch_size=256, precision="fp32"):
     """Encode texts in batches, each distinct string once. Returns (len(texts), D) float32 L2-normalized on CPU.
 
     Causal CLIP text towers get batches of texts of similar length with the common padding cut off
     (`_text_end`): the same embeddings as `model.encode_text` on the full context, in a fraction of the time.
     Texts longer than the tokenizer's context length are truncated by the tokenizer (open_clip does it
-    silently; the long-text benchmarks say so in their notes).
+    silently; the long-text benchmarks say so in their notes). precision: "fp32" (default) or "bf16" autocast.
     """
     device = pick_device(device)
     unique = list(dict.fromkeys(texts))
@@ -253,7 +283,7 @@ def encode_texts(model, tokenizer, texts, device=None, batch_size=256):
     ends = _text_end(model, tokens)
     order = torch.argsort(ends, stable=True) if ends is not None else torch.arange(len(unique))
     chunks = []
-    with inference_context(device):
+    with inference_context(device, precision):
         for s in range(0, len(unique), batch_size):
             rows = order[s:s + batch_size]
             if ends is None:
@@ -305,7 +335,7 @@ def multiple_choice_accuracy(image_emb, option_emb, answer):
     return percent(multiple_choice_correct(image_emb, option_emb, answer))
 
 
-def zero_shot_classifier(model, tokenizer, classnames, templates, device=None, batch_size=256):
+def zero_shot_classifier(model, tokenizer, classnames, templates, device=None, batch_size=256, precision="fp32"):
     """(D, C) class weights, open_clip.build_zero_shot_classifier's rule (each prompt embedding L2-normalized,
     mean over a class's templates, renormalized), with every prompt of every class encoded in batches of
     `batch_size` prompts whatever the class boundaries (open_clip's builder encodes 10 classes = 800 ImageNet
@@ -314,7 +344,7 @@ def zero_shot_classifier(model, tokenizer, classnames, templates, device=None, b
     templates: callables or "{}"-format strings."""
     classnames, templates = list(classnames), list(templates)
     prompts = [t(c) if callable(t) else t.format(c) for c in classnames for t in templates]
-    emb = encode_texts(model, tokenizer, prompts, device, batch_size)        # (C*T, D), normalized
+    emb = encode_texts(model, tokenizer, prompts, device, batch_size, precision)        # (C*T, D), normalized
     weights = emb.view(len(classnames), len(templates), -1).mean(dim=1)
     return F.normalize(weights, dim=-1).T.contiguous()
 
@@ -336,13 +366,13 @@ def zero_shot_scores(image_emb, labels, classifier):
 
 
 def zero_shot_accuracy(model, tokenizer, images, labels, classnames, templates, transform=None, device=None,
-                       batch_size=256, workers=2):
+                       batch_size=256, workers=2, precision="fp32"):
     """Zero-shot classification of `images` (anything `encode_images` takes) -> dict of `zero_shot_scores`.
 
     labels: (N,) class indices into `classnames`; templates: callables or "{}"-format strings.
     """
-    image_emb, _ = encode_images(model, images, transform, device, batch_size, workers)
-    classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device)
+    image_emb, _ = encode_images(model, images, transform, device, batch_size, workers, precision=precision)
+    classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device, precision=precision)
     return zero_shot_scores(image_emb, labels, classifier)
 
 
@@ -406,23 +436,26 @@ def _mean(values):
 # ===== Shared plumbing for the file-based benchmarks =====
 
 class _Context:
-    """What every benchmark runner receives: model, tokenizer, transform, root, device, batch size, workers."""
+    """What every benchmark runner receives: model, tokenizer, transform, root, device, batch size, workers, and
+    the precision every embedding is computed in (fp32 unless the caller opted into bf16)."""
 
-    def __init__(self, model, tokenizer, transform, root, device, batch_size, workers, order_seed=1):
+    def __init__(self, model, tokenizer, transform, root, device, batch_size, workers, order_seed=1,
+                 precision="fp32"):
         self.model, self.tokenizer, self.transform = model, tokenizer, transform
         self.root = None if root is None else Path(root).expanduser()
         self.device, self.batch_size, self.workers = device, batch_size, workers
         self.order_seed = order_seed
+        self.precision = check_precision(precision)
 
     def texts(self, texts):
-        return encode_texts(self.model, self.tokenizer, texts, self.device, self.batch_size)
+        return encode_texts(self.model, self.tokenizer, texts, self.device, self.batch_size, self.precision)
 
     def images(self, keys):
         """Encode unique images. keys: list of path or (path, box) -> (emb, found) aligned with keys."""
         paths = [k[0] if isinstance(k, tuple) else k for k in keys]
         boxes = [k[1] if isinstance(k, tuple) else None for k in keys]
         return encode_images(self.model, paths, self.transform, self.device, self.batch_size, self.workers,
-                             boxes=boxes if any(b is not None for b in boxes) else None)
+                             boxes=boxes if any(b is not None for b in boxes) else None, precision=self.precision)
 
 
 def _require(ctx, name, files, source):
@@ -1164,9 +1197,9 @@ def zeroshot(ctx):
         except (RuntimeError, FileNotFoundError) as e:
             raise BenchmarkDataError(f"zeroshot {name}: cannot load {ctx.root / 'zeroshot' / folder} ({e})") from None
         loader = torch.utils.data.DataLoader(dataset, batch_size=ctx.batch_size, num_workers=ctx.workers)
-        image_emb, labels = _encode_loader(ctx.model, loader, pick_device(ctx.device))
+        image_emb, labels = _encode_loader(ctx.model, loader, pick_device(ctx.device), ctx.precision)
         classifier = zero_shot_classifier(ctx.model, ctx.tokenizer, get_names(dataset), templates, ctx.device,
-                                          ctx.batch_size)
+                                          ctx.batch_size, ctx.precision)
         scores = zero_shot_scores(image_emb, labels, classifier)
         metrics.update({f"{name}/{k}": v for k, v in scores.items()})
         summary[name] = scores[headline]
@@ -1177,11 +1210,11 @@ def zeroshot(ctx):
 
 # ===== Retrieval (Karpathy test splits) and long-text retrieval =====
 
-def _retrieval_result(ctx, name, image_keys, captions, caption_image, notes=None):
-    """Encode unique images and captions, then R@1/5/10 both ways (CLIP convention)."""
+def _retrieval_result(ctx, name, image_keys, captions, caption_image, notes=None, ks=(1, 5, 10)):
+    """Encode unique images and captions, then R@K both ways for K in ks (CLIP convention; default R@1/5/10)."""
     image_emb, found = ctx.images(image_keys)
     text_emb = ctx.texts(captions)
-    metrics = retrieval_recall(image_emb, text_emb, caption_image, image_found=found)
+    metrics = retrieval_recall(image_emb, text_emb, caption_image, ks=ks, image_found=found)
     missing = [str(k) for k, ok in zip(image_keys, found.tolist()) if not ok]
     summary = {k: metrics[k] for k in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5")}
     return _result(metrics, summary, len(captions), missing, name, notes)
@@ -1344,6 +1377,51 @@ def sharegpt4v(ctx):
     return _retrieval_result(ctx, "sharegpt4v", keys, captions, list(range(len(rows))), _TRUNCATION_NOTE)
 
 
+GOAL_TEST_FORMAT = """\
+GOAL's released test list (https://github.com/PerceptualAI-Lab/GOAL, datasets/docci_test.json or
+datasets/DCI_test.json, the files its retrieval_goal.py reads): a JSON list of 1:1 pairs
+  [{"filename": "<placeholder folder>/<image file>", "caption": "<long caption>"}, ...]"""
+
+
+def _goal_test_list(ctx, name, list_file, image_dir, source):
+    """1:1 retrieval on one of GOAL's released test lists (`GOAL_TEST_FORMAT`), as its retrieval_goal.py runs it.
+
+    The `filename`s carry the release's placeholder folders ("chage/path/to/your/directory/dataset/images/" for
+    DOCCI, "../DCI/dataset/densely_captioned_images/dataset/scripts/densely_captioned_images/photos/" for DCI), so
+    only the file name is kept and looked up in `image_dir` under the root, the folder the `docci` / `dci`
+    benchmarks read. Item i is image i and caption i, exactly the list's rows (no deduplication: the release
+    encodes every row); captions as the list gives them (DCI's is the annotation's extra_caption alone, which the
+    `dci` benchmark prefixes with short_caption). Metrics: R@1/5/10 and GOAL's R@25/50, both directions.
+    """
+    _require(ctx, name, [list_file, image_dir], source)
+    rows = _read_json(ctx.root / list_file, name)
+    if not (isinstance(rows, list) and rows and all(isinstance(r, dict) and isinstance(r.get("filename"), str)
+                                                    and isinstance(r.get("caption"), str) for r in rows)):
+        raise BenchmarkDataError(f"{name}: {ctx.root / list_file} is not a GOAL test list.\n{GOAL_TEST_FORMAT}")
+    keys = [str(ctx.root / image_dir / os.path.basename(r["filename"].replace("\\", "/"))) for r in rows]
+    if not any(os.path.isfile(k) for k in keys):   # a wrong folder, not a few missing images: say where we looked
+        raise BenchmarkDataError(f"{name}: none of the {len(keys)} images of {ctx.root / list_file} is in "
+                                 f"{ctx.root / image_dir} (e.g. {keys[0]}); the list's folders are placeholders and "
+                                 f"only the file names are used. Source: {source}")
+    return _retrieval_result(ctx, name, keys, [r["caption"] for r in rows], list(range(len(rows))),
+                             _TRUNCATION_NOTE, ks=(1, 5, 10, 25, 50))
+
+
+def docci_goal(ctx):
+    """GOAL's DOCCI test list (5,100 pairs: the 5,000 `test_*` images and 100 `qual_test_*`):
+    <root>/docci/docci_test.json (the release's datasets/docci_test.json), images in <root>/docci/images/."""
+    return _goal_test_list(ctx, "docci_goal", "docci/docci_test.json", "docci/images",
+                           "datasets/docci_test.json of https://github.com/PerceptualAI-Lab/GOAL + DOCCI's images "
+                           "(docci_images.tar.gz)")
+
+
+def dci_goal(ctx):
+    """GOAL's DCI test list (1,999 pairs, a random sample of DCI): <root>/dci/DCI_test.json (the release's
+    datasets/DCI_test.json), images in <root>/dci/densely_captioned_images/photos/."""
+    return _goal_test_list(ctx, "dci_goal", "dci/DCI_test.json", "dci/densely_captioned_images/photos",
+                           "datasets/DCI_test.json of https://github.com/PerceptualAI-Lab/GOAL + DCI's SA-1B photos")
+
+
 # ===== The shapes suite =====
 # Compositionality benchmarks built from held-out shapes-world scene graphs (data.ShapesDataset split "test",
 # seed SHAPES_SUITE_SEED, never trained on). Because every item comes from a scene graph, each negative is
@@ -1413,23 +1491,24 @@ def shapes_suite_items(seed=SHAPES_SUITE_SEED, n_scenes=SHAPES_SUITE_SCENES):
 
 
 def shapes_suite(model, tokenizer, transform, device=None, seed=SHAPES_SUITE_SEED, n_scenes=SHAPES_SUITE_SCENES,
-                 n_singles=SHAPES_SUITE_SINGLES, batch_size=256, **unused):
-    """Score a model on the shapes suite. Returns the harness's result dict (metrics in %, paper-style summary)."""
+                 n_singles=SHAPES_SUITE_SINGLES, batch_size=256, precision="fp32", **unused):
+    """Score a model on the shapes suite. Returns the harness's result dict (metrics in %, paper-style summary).
+    precision: "fp32" (default) or "bf16" autocast, as in `evaluate`."""
     world, items = shapes_suite_items(seed, n_scenes)
     image_size = _transform_size(transform)
     image_emb, _ = encode_images(model, [data.render_scene(s, image_size) for s in world.scenes], transform, device,
-                                 batch_size, workers=0)
+                                 batch_size, workers=0, precision=precision)
     metrics, counts = {}, {}
     for name, subset in items.items():
         rows = torch.tensor([i for i, _, _ in subset], dtype=torch.long)
-        pos_emb = encode_texts(model, tokenizer, [p for _, p, _ in subset], device)
-        neg_emb = encode_texts(model, tokenizer, [n for _, _, n in subset], device)
+        pos_emb = encode_texts(model, tokenizer, [p for _, p, _ in subset], device, precision=precision)
+        neg_emb = encode_texts(model, tokenizer, [n for _, _, n in subset], device, precision=precision)
         metrics[name] = binary_choice_accuracy(image_emb[rows], pos_emb, neg_emb)
         counts[name] = len(subset)
     # zero-shot classification of single objects
     singles = data.ShapesDataset("test", size=n_singles, seed=seed + 1, n_objects=1)
     single_emb, _ = encode_images(model, [singles.image(i) for i in range(n_singles)], transform, device, batch_size,
-                                  workers=0)
+                                  workers=0, precision=precision)
     class_sets = {
         "zeroshot_shape": (list(data.SHAPES), lambda o: o.shape),
         "zeroshot_color": ([f"{c} object" for c in data.COLORS], lambda o: f"{o.color} object"),
@@ -1437,14 +1516,15 @@ def shapes_suite(model, tokenizer, transform, device=None, seed=SHAPES_SUITE_SEE
                                  lambda o: f"{o.color} {o.shape}"),
     }
     for name, (classnames, label_of) in class_sets.items():
-        classifier = zero_shot_classifier(model, tokenizer, classnames, [t + "." for t in ZEROSHOT_TEMPLATES], device)
+        classifier = zero_shot_classifier(model, tokenizer, classnames, [t + "." for t in ZEROSHOT_TEMPLATES], device,
+                                          precision=precision)
         labels = torch.tensor([classnames.index(label_of(scene[0])) for scene in singles.scenes])
         metrics[name] = zero_shot_scores(single_emb, labels, classifier)["acc1"]
         counts[name] = n_singles
     # retrieval: the ordered captions, then the long captions; one caption per test scene
     long_world = data.ShapesDataset("test", size=n_scenes, seed=seed, long=True)
     for prefix, captions in (("retrieval", world.captions), ("long", long_world.captions)):
-        recall = retrieval_recall(image_emb, encode_texts(model, tokenizer, captions, device),
+        recall = retrieval_recall(image_emb, encode_texts(model, tokenizer, captions, device, precision=precision),
                                   torch.arange(n_scenes), ks=(1, 5))
         for k in (1, 5):
             metrics[f"{prefix}_i2t_r{k}"] = recall[f"i2t_R@{k}"]
@@ -1478,7 +1558,8 @@ def _run_shapes(ctx):
     suite = globals().get("shapes_suite")
     if suite is None:
         raise NotImplementedError("the shapes suite (shapes_suite) is not in eval.py yet")
-    return suite(ctx.model, ctx.tokenizer, ctx.transform, ctx.device, batch_size=ctx.batch_size)
+    return suite(ctx.model, ctx.tokenizer, ctx.transform, ctx.device, batch_size=ctx.batch_size,
+                 precision=ctx.precision)
 
 
 # ===== Registry and the library entry point =====
@@ -1490,6 +1571,7 @@ BENCHMARKS = OrderedDict([
     ("sugarcrepe", sugarcrepe), ("valse", valse), ("vlchecklist", vlchecklist), ("zeroshot", zeroshot),
     ("coco_retrieval", coco_retrieval), ("flickr30k_retrieval", flickr30k_retrieval),
     ("urban1k", urban1k), ("docci", docci), ("dci", dci), ("sharegpt4v", sharegpt4v),
+    ("docci_goal", docci_goal), ("dci_goal", dci_goal),
 ])
 # A group runs the members whose files are present (and says which it skipped); none present -> error.
 GROUPS = {
@@ -1545,20 +1627,21 @@ def check_benchmarks(benchmarks, root):
 
 
 def evaluate(model, tokenizer, transform, benchmarks, root=None, device=None, batch_size=256, workers=2,
-             order_seed=ORDER_SEED):
+             order_seed=ORDER_SEED, precision="fp32"):
     """Run benchmarks and return {name: {"metrics", "summary", "n", "missing", ...}} (scores in [0, 100]).
 
     benchmarks: list of names or a comma-separated string (see `known_benchmarks()`); `transform` is the
     model's validation transform; `root` the data root (not needed for "shapes"); `order_seed` the seed of
-    COCO-/Flickr30k-Order's perturbations (main_aro.py's --seed). The model is put in eval mode for the run
-    and restored afterwards.
+    COCO-/Flickr30k-Order's perturbations (main_aro.py's --seed); `precision` "fp32" (default, on every device:
+    the official evaluators' rule) or "bf16" (autocast, faster on a GPU, can flip close answers; see
+    PRECISIONS). The model is put in eval mode for the run and restored afterwards.
     """
     names = [b.strip() for b in benchmarks.split(",")] if isinstance(benchmarks, str) else list(benchmarks)
     unknown = [b for b in names if b not in BENCHMARKS and b not in GROUPS]
     if unknown:
         raise BenchmarkDataError(f"unknown benchmark(s) {unknown}; known: {', '.join(known_benchmarks())}")
     device = pick_device(device)
-    ctx = _Context(model, tokenizer, transform, root, device, batch_size, workers, order_seed)
+    ctx = _Context(model, tokenizer, transform, root, device, batch_size, workers, order_seed, precision)
     was_training = model.training
     model.eval()
     try:
@@ -1673,6 +1756,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="folder for results.json / results.md (none: print only)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (none: cuda if available)")
     p.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32: the official evaluators' rule (SugarCrepe, ARO, VALSE score in fp32); bf16: autocast, "
+                   "faster on a GPU, but it can flip an answer whose two scores are close (docs/performance.md)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for image decoding")
     p.add_argument("--order-seed", type=int, default=ORDER_SEED,
                    help="seed of the COCO-/Flickr30k-Order perturbations (main_aro.py's --seed)")
@@ -1695,7 +1781,7 @@ def main(argv=None):
     try:
         model, transform, tokenizer = create_backbone(args.model, args.pretrained, device, **kwargs)
         results = evaluate(model, tokenizer, transform, args.bench, args.root, device, args.batch_size, args.workers,
-                           args.order_seed)
+                           args.order_seed, precision=args.precision)
     except Exception as error:   # bad input (common.InputError, BenchmarkDataError): one message, exit code 2
         if not getattr(error, "user_error", False):
             raise
@@ -1703,7 +1789,8 @@ def main(argv=None):
         raise SystemExit(2) from None
     print(format_table(results))
     if args.out:
-        extra = {"model": args.model, "pretrained": args.pretrained, "bench": args.bench, "root": args.root}
+        extra = {"model": args.model, "pretrained": args.pretrained, "bench": args.bench, "root": args.root,
+                 "precision": args.precision}
         json_path, _ = write_results(args.out, results, None, extra)
         print(f"wrote {json_path} and results.md")
     return results

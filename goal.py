@@ -35,11 +35,16 @@ is plain CLIP fine-tuning on (image, long caption) with the same stretched text 
 Where the release (goal_loss_finetuning.py) differs from the paper, the default follows the paper and a flag
 reproduces the release:
   --released-box-mapping: the release (`get_patch_tokens_from_bbox`) divides the box by the *crop's* width/height
-    instead of the image's (so every region runs to the bottom-right corner) and uses 16-px cells whatever the
-    model's patch size.
+    instead of the image's, so every region runs to the bottom-right corner of the patch grid.
     Default: the box (pixels of the transformed image) is mapped onto the model's own patch grid.
+    The release also cuts 16-px cells whatever the model's patch size (`patch_size=16` in the call). That is
+    right for its ViT-B/16 at 224 px, but on any other grid (ViT-L/14: 16 x 16 cells of 14 px; the tiny 64-px
+    shapes model: 8 x 8 cells of 8 px) 16-px cells would stop short of the last row and column, and the region
+    would land in the middle of the grid instead of the release's corner. We cut the model's own cells
+    (image_size / grid px), so the flag gives the release's behaviour on every grid, and exactly the release's
+    cells on ViT-B/16.
     Not an exact reproduction: the release applies that formula to boxes in the original image's pixels and
-    rounds the scaled coordinates to integers before it cuts the 16-px cells; we apply it, unrounded, to boxes
+    rounds the scaled coordinates to integers before it cuts the cells; we apply it, unrounded, to boxes
     already mapped into the transformed image. It reproduces the release's failure (regions that run to the
     bottom-right corner), not its exact patch sets.
   Sentence spans: the release's span finder starts one token late and includes the '.' after the sentence;
@@ -51,6 +56,8 @@ Run:
   python goal.py --data docci --data-root DIR --lism lism.json      # the paper's recipe: 1 GPU, batch 16, bf16
   python goal.py --data docci --data-root DIR --lism lism.json --gpus 8 --batch-size 2       # 8 GPUs, same batch 16
   torchrun --nproc_per_node 8 goal.py --data dci --data-root DIR --lism lism.json --batch-size 2   # same, torchrun
+  python goal.py --data dci --data-root DIR --lism DCI_segment_sim_bbox_del_org.json   # GOAL's released matching
+                                                   # (read as is: data.GOAL_MATCHING_FORMAT; no SAM, no LISM step)
   python goal.py --resume OUT_DIR                  # continue an interrupted run
   python goal.py --local-weight 0 --tsl-weight 0   # the plain fine-tuning baseline
 The exported model has the stretched text table; its run folder holds the config that says so, and loads as
@@ -273,7 +280,10 @@ def box_patch_mask(boxes, image_size, patch_size, released=False):
     clamped to the grid, at least one patch per box.
     released=True reproduces the official `get_patch_tokens_from_bbox`: coordinates scaled by
     image_size / (box width or height) (the crop's size, stored in the same field as the image size), clamped
-    to [0, image_size-1], and cut into 16-px cells whatever the model's patch size (then clamped to the grid).
+    to [0, image_size-1] (x1, y1) and [0, image_size] (x2, y2), then cut into the model's own cells of
+    image_size / G px. Since x2 * image_size / w >= image_size, every region reaches the last column and row:
+    the release's behaviour, on any grid. (The release hard-codes 16-px cells, which equal the model's cells
+    on its ViT-B/16 at 224 px; on other grids they would end the region mid-grid: see the module docstring.)
     """
     grid = image_size // patch_size
     boxes = boxes.to(torch.float64)
@@ -283,10 +293,10 @@ def box_patch_mask(boxes, image_size, patch_size, released=False):
         w = (x2 - x1).clamp(min=1)
         h = (y2 - y1).clamp(min=1)
         x1 = (x1 * image_size / w).clamp(0, image_size - 1)
-        x2 = (x2 * image_size / w).clamp(0, image_size - 1)
+        x2 = (x2 * image_size / w).clamp(0, image_size)
         y1 = (y1 * image_size / h).clamp(0, image_size - 1)
-        y2 = (y2 * image_size / h).clamp(0, image_size - 1)
-        cell = 16.0
+        y2 = (y2 * image_size / h).clamp(0, image_size)
+        cell = image_size / grid   # the model's own cells (16 px for ViT-B/16 at 224, as in the release)
     c0 = (x1 / cell).floor().long().clamp(0, grid - 1)
     r0 = (y1 / cell).floor().long().clamp(0, grid - 1)
     c1 = torch.maximum((x2 / cell).ceil().long() - 1, c0).clamp(max=grid - 1)
@@ -486,6 +496,36 @@ class GoalForward(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
+def micro_batch_features(run, forward, batch):
+    """One micro-batch's features (under the run's autocast), for `common.accumulated_backward`: rows of global
+    images and captions and, with the local losses on, of the local pairs (one per image) and their pooled tokens."""
+    with run.autocast():
+        if "crops" in batch:
+            return forward(batch["images"], batch["texts"], batch["crops"], batch["sentences"], batch["boxes"],
+                           batch["sentence_span"])
+        return forward(batch["images"], batch["texts"])
+
+
+def batch_loss(features, current, logit_scale, args):
+    """GOAL's loss on the whole global batch (micro-batches joined, then gathered over ranks, in fp32).
+    logit_scale: the model's (log) parameter, read directly; GOAL never clamps it."""
+    f = common.join_micro_batches(features, current)
+    f = {k: common.gather_features(common.upcast(v)) for k, v in f.items()}
+    return goal_loss(f["image"], f["text"], f.get("crop"), f.get("sentence"), f.get("region"), f.get("span"),
+                     logit_scale, args.local_weight, args.tsl_weight)
+
+
+def backward(run, forward, micro_batches, args, step=None):
+    """The gradients of one optimizer step over --accum-freq micro-batches (`common.accumulated_backward`).
+    `forward`: GoalForward, maybe DDP-wrapped. Returns (loss, parts) of the whole batch."""
+    ddp = forward if isinstance(forward, torch.nn.parallel.DistributedDataParallel) else None
+    logit_scale = common.unwrap(forward).model.logit_scale
+    return common.accumulated_backward(
+        run, micro_batches, encode=lambda batch: micro_batch_features(run, forward, batch),
+        loss_of=lambda features, current: batch_loss(features, current, logit_scale, args),
+        loss_scalars=[logit_scale], ddp=ddp, step=step)
+
+
 def _defaults():
     shapes = dict(getattr(common, "SHAPES_DEFAULTS", {}))
     shapes.update(SHAPES_GOAL_DEFAULTS)
@@ -495,7 +535,8 @@ def _defaults():
 
 
 def _lism_pairs(args, model, tokenizer, val_tf, long_tokenizer, device):
-    """The LISM matching for this run: read from --lism, else (shapes world) computed now and cached."""
+    """The LISM matching for this run: read from --lism (our `goal.py lism` output or GOAL's released matching,
+    `data.load_segments`), else (shapes world) computed now and cached."""
     if args.lism:
         return data.load_segments(args.lism, need_pairs=True)
     weights = common.shapes_base_path(args.model) if args.pretrained == "shapes" else str(args.pretrained)
@@ -543,8 +584,10 @@ def train(args):
     # bad input stops here, before a model, a data set or a run folder exists (Run checks --resume)
     evaluation.check_benchmarks(args.eval, args.eval_root)
     if args.data != "shapes" and not args.lism:
-        raise common.InputError(f"--data {args.data} needs --lism FILE: run `python goal.py lism --data {args.data} "
-                                f"--data-root DIR --segments-file SAM_BOXES.json --out FILE` first")
+        raise common.InputError(f"--data {args.data} needs --lism FILE: GOAL's released matching "
+                                f"(datasets/{'DCI' if args.data == 'dci' else 'docci'}_segment_sim_bbox_del_org.json "
+                                f"in https://github.com/PerceptualAI-Lab/GOAL), or run `python goal.py lism --data "
+                                f"{args.data} --data-root DIR --segments-file SAM_BOXES.json --out FILE` first")
     run = common.Run(args, method="goal")
     device = run.device
     model, _, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
@@ -572,31 +615,23 @@ def train(args):
     start, _ = common.resume(run, model, optimizer, scheduler)
     collate = (lambda b: data.collate_local(b, long_tokenizer)) if with_local else \
         (lambda b: data.collate_plain(b, long_tokenizer))
-    run.print(f"goal: {total} steps, batch {args.batch_size} x {run.world_size}, context {args.context_length}, "
+    run.print(f"goal: {total} steps, global batch {run.global_batch} ({args.batch_size} x {args.accum_freq} "
+              f"micro-batches x {run.world_size} processes), context {args.context_length}, "
               f"weights local={args.local_weight} tsl={args.tsl_weight}")
     run.progress(total, initial=start)
-    for step, _, batch in common.batch_stream(dataset, collate, args.batch_size, args.seed, start, total,
-                                              args.workers):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with run.autocast():
-            if with_local:
-                out = forward(batch["images"], batch["texts"], batch["crops"], batch["sentences"], batch["boxes"],
-                              batch["sentence_span"])
-            else:
-                out = forward(batch["images"], batch["texts"])
-        out = {k: common.gather_features(v.float()) for k, v in out.items()}   # loss math in fp32, no autocast
-        loss, parts = goal_loss(out["image"], out["text"], out.get("crop"), out.get("sentence"),
-                                out.get("region"), out.get("span"), model.logit_scale,
-                                args.local_weight, args.tsl_weight)
-        common.check_finite(loss, parts, step)
+    collate = common.split_collate(collate, args.accum_freq)   # K micro-batches of --batch-size per step
+    for step, _, micro_batches in common.batch_stream(dataset, collate, args.batch_size * args.accum_freq,
+                                                      args.seed, start, total, args.workers):
+        micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in micro_batches]
         optimizer.zero_grad(set_to_none=True)
         # loss x world size for the gathered features (DDP averages), the logit scale's gradient divided back
-        common.backward_and_step(run, loss, optimizer, loss_scalars=[model.logit_scale])
+        _, parts = backward(run, forward, micro_batches, args, step)
+        common.optimizer_step(run, optimizer)
         scheduler.step()                     # GOAL never clamps the logit scale
         if run.bar is not None:
             run.bar.update(1)
         if step % args.log_every == 0 or step == total - 1:
-            run.log(step, args.batch_size * run.world_size, loss=parts["total"], **parts,
+            run.log(step, run.global_batch, loss=parts["total"], **parts,
                     lr=scheduler.get_last_lr()[0], logit_scale=model.logit_scale.exp().item())
         if run.should_save(step + 1):
             common.save_checkpoint(run, step + 1, model, optimizer, scheduler)
@@ -657,10 +692,12 @@ def parse_args(argv=None):
     g.add_argument("--context-length", type=int, default=None, help="text context after the Long-CLIP stretch")
     g.add_argument("--keep-positions", type=int, default=None, help="positions copied unchanged by the stretch")
     g.add_argument("--released-box-mapping", action=argparse.BooleanOptionalAction, default=None,
-                   help="map boxes to patches as the release does (divides by the crop size; 16-px cells); "
+                   help="map boxes to patches as the release does (divides by the crop size, so regions run to "
+                        "the bottom-right corner; cut into the model's own cells, the release's 16 px on ViT-B/16); "
                         "approximate: no rounding, boxes in model-input pixels (see the module docstring); "
                         "--no-released-box-mapping turns it off in a resumed run that had it on")
-    g.add_argument("--lism", default=None, help="LISM output (segments file with pairs); shapes: computed if absent")
+    g.add_argument("--lism", default=None, help="LISM output (segments file with pairs) or GOAL's released matching "
+                   "(datasets/*_segment_sim_bbox_del_org.json, read as is); shapes: computed if absent")
     g.add_argument("--segments-file", default=None, help="lism: candidate boxes (SAM/detector) per image")
     g.add_argument("--scorer-model", default=None,
                    help="lism: the frozen model that scores (crop, sentence) pairs; 'same' = --model")

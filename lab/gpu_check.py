@@ -112,7 +112,8 @@ def plain_clip_step_ms(model_name, batch, device, precision, steps):
 
 
 def summarize(method, records, batch, plain_ms):
-    """One row: samples/s (median of the logged rates), ms per step and its ratio to plain, memory, loss trend."""
+    """One row: samples/s (median of the logged rates), ms per step and its ratio to plain, memory, loss trend.
+    batch: samples per step on this GPU (--batch-size x --accum-freq); plain_ms: a plain step on that many."""
     rates = sorted(r["samples_per_s"] for r in records if "samples_per_s" in r)
     losses = [r["loss"] for r in records if "loss" in r]
     quarter = max(1, len(losses) // 4)
@@ -157,9 +158,13 @@ def main(argv=None):
     common_flags = ["--steps", str(steps), "--warmup", "1", "--eval", "", "--log-every", "1", "--save-every", "0",
                     "--no-progress", "--precision", precision]
     model_name = model_flags[1]
-    rows = ["| method | batch per GPU | samples/s | ms per step | vs plain CLIP step | peak GPU memory (GB) | "
+    rows = ["| method | samples per step per GPU | samples/s | ms per step | vs plain CLIP step | peak GPU memory (GB) | "
             "loss finite | loss fell |", "|---|---:|---:|---:|---:|---:|---|---|"]
-    for method in methods:
+    # every method at its paper's batch, then DeGLA once more with two micro-batches per step (--accum-freq 2)
+    runs = [(method, method, []) for method in methods]
+    if "degla" in methods:
+        runs.append(("degla, --accum-freq 2", "degla", ["--accum-freq", "2"]))
+    for label, method, extra_flags in runs:
         t0 = time.time()
         if method == "goal":
             lism = os.path.join(docci, "lism.json")
@@ -171,12 +176,16 @@ def main(argv=None):
             flags = ["--data", "docci", "--data-root", docci, "--lism", lism, *model_flags, *goal_flags]
         else:
             flags = ["--data", "coco", "--data-root", coco, *model_flags]
-        records = run_script(method, [*flags, *common_flags], os.path.join(work, "runs", method), env)
-        with open(os.path.join(work, "runs", method, "config.json")) as f:
-            batch = json.load(f)["batch_size"]
-        plain_ms = plain_clip_step_ms(model_name, batch, device, precision, steps=3 if args.dry_run else 10)
-        rows.append(summarize(method, records, batch, plain_ms))
-        print(f"[gpu_check] {method}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        out = os.path.join(work, "runs", method + ("-accum" if extra_flags else ""))
+        records = run_script(method, [*flags, *common_flags, *extra_flags], out, env)
+        with open(os.path.join(out, "config.json")) as f:
+            config = json.load(f)
+        micro_batch, accum_freq = config["batch_size"], config["accum_freq"]
+        # the plain step it is compared with sees the same samples: accum_freq plain steps of the micro-batch
+        plain_ms = accum_freq * plain_clip_step_ms(model_name, micro_batch, device, precision,
+                                                   steps=3 if args.dry_run else 10)
+        rows.append(summarize(label, records, micro_batch * accum_freq, plain_ms))
+        print(f"[gpu_check] {label}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     # the evaluation harness on a SugarCrepe-format fixture, with the same model architecture
     bench = os.path.join(work, "bench")
     os.makedirs(bench, exist_ok=True)

@@ -141,6 +141,19 @@ def _no_model(*args, **kwargs):
     raise AssertionError("a model was built before the bad input was reported")
 
 
+def test_openai_tag_on_a_gelu_config_is_one_message_naming_the_quickgelu_config(capsys, monkeypatch):
+    """open_clip 3.3 only warns when a tag's activation differs from the config's and loads the weights anyway:
+    refused before anything is downloaded or built, with the -quickgelu fix."""
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", _no_model)
+    monkeypatch.setattr(common, "_hub_reachable", _no_model)
+    with pytest.raises(common.InputError, match="--pretrained openai .*QuickGELU.*--model ViT-B-32-quickgelu"):
+        common.create_backbone("ViT-B-32", "openai")
+    _exits_2(capsys, evaluation.main, ["--model", "ViT-B-16", "--pretrained", "openai"],
+             "uses GELU", "Use the -quickgelu config: --model ViT-B-16-quickgelu")
+    common._check_activation("ViT-B-32-quickgelu", "openai", False, {})           # the matching pair passes
+    common._check_activation("ViT-B-32", "openai", False, {"force_quick_gelu": True})
+
+
 def test_bad_eval_root_and_resume_stop_before_any_work_and_leave_no_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)   # where runs/<method>-... would appear
     coco = tmp_path / "coco"      # never read: the checks come first

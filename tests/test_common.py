@@ -40,28 +40,35 @@ def test_gathered_clip_loss_equals_single_process():
         torch.testing.assert_close(grad_text, single_text.grad[rank * 4:(rank + 1) * 4])
 
 
-def test_backward_and_step_gives_the_scalars_the_single_process_gradient():
+def test_accumulated_backward_gives_the_scalars_the_single_process_gradient():
     """Two DDP ranks simulated in one process: each rank's loss is the global CLIP loss on gathered features
     (its own half differentiable, the other half detached), DDP averages the ranks' gradients. After
-    backward_and_step the tower weights and the logit scale both hold the gradient of one process on the
+    accumulated_backward the tower weights and the logit scale both hold the gradient of one process on the
     whole batch; without the division the logit scale's would be twice it."""
     torch.manual_seed(0)
     encoder = torch.nn.Linear(6, 4).double()
     logit_scale = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
     params = [encoder.weight, encoder.bias, logit_scale]
-    optimizer = torch.optim.SGD(params, lr=0.0)   # lr 0: the step leaves the weights, the gradients stay
     images, texts = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
 
     def gradients(world_size, rank=0):
-        image_emb = torch.nn.functional.normalize(encoder(images), dim=-1)
-        text_emb = torch.nn.functional.normalize(encoder(texts), dim=-1)
-        own = (torch.arange(8) // (8 // world_size) == rank)[:, None]   # this rank's rows of the gathered batch
-        image_emb = torch.where(own, image_emb, image_emb.detach())
-        text_emb = torch.where(own, text_emb, text_emb.detach())
-        optimizer.zero_grad(set_to_none=True)
+        def encode(batch):
+            return {"image": torch.nn.functional.normalize(encoder(batch["images"]), dim=-1),
+                    "text": torch.nn.functional.normalize(encoder(batch["texts"]), dim=-1)}
+
+        def loss_of(features, current):
+            f = common.join_micro_batches(features, current)
+            own = (torch.arange(8) // (8 // world_size) == rank)[:, None]   # this rank's rows of the gathered batch
+            image_emb = torch.where(own, f["image"], f["image"].detach())
+            text_emb = torch.where(own, f["text"], f["text"].detach())
+            loss = common.clip_loss(image_emb, text_emb, logit_scale.exp())
+            return loss, {"clip": loss.item()}
+
+        for p in params:
+            p.grad = None
         run = argparse.Namespace(world_size=world_size, scaler=None)
-        loss = common.clip_loss(image_emb, text_emb, logit_scale.exp())
-        common.backward_and_step(run, loss, optimizer, loss_scalars=[logit_scale])
+        common.accumulated_backward(run, [{"images": images, "texts": texts}], encode, loss_of,
+                                    loss_scalars=[logit_scale])
         return [p.grad.clone() for p in params]
 
     single = gradients(1)

@@ -274,3 +274,26 @@ def test_build_train_set_errors(tmp_path):
         data.build_train_set(SimpleNamespace(data="coco", data_root=None), None, None)
     with pytest.raises(data.DataError, match="captions.json"):
         data.build_train_set(SimpleNamespace(data="json", data_root=str(tmp_path)), None, None)
+
+
+def test_negclip_tsv_negatives_are_read(tmp_path):
+    """NegCLIP's train_neg_clip.tsv (tab-separated, columns title, filepath, neg_caption, ...): `neg_caption` becomes
+    the caption's hard negative (a JSON list of several also works); a row without one gets the rule-based ones."""
+    from PIL import Image
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / name)
+    rows = ["\ttitle\tfilepath\timage_id\tneg_caption\tneg_image",
+            "0\ta red car next to a tree\ta.png\t1\ta tree next to a red car\t[2, 3]",
+            "1\ta small dog on a sofa\tb.png\t2\t[\"a small sofa on a dog\", \"a large dog on a sofa\"]\t[1]",
+            "2\ta black cat on a white chair\tc.png\t3\t\t[1]"]
+    (tmp_path / "train_neg_clip.tsv").write_text("\n".join(rows) + "\n")
+    dataset = data.CsvCaptions(str(tmp_path / "train_neg_clip.tsv"))
+    assert dataset.captions[0] == "a red car next to a tree"
+    assert dataset.given_negatives == [["a tree next to a red car"], ["a small sofa on a dog", "a large dog on a sofa"],
+                                       []]
+    wrapped = data.WithNegatives(dataset, ["swap_nouns", "swap_adjs"], cache_dir=str(tmp_path / "cache"),
+                                 progress=False)
+    assert wrapped.negatives[0] == ["a tree next to a red car", "a red car next to a tree"]
+    assert wrapped.valid[0] == [True, False]
+    assert wrapped.negatives[1] == ["a small sofa on a dog", "a large dog on a sofa"] and wrapped.valid[1] == [True, True]
+    assert wrapped.valid[2] != [False, False]   # no negative in the file: the rule-based generator's

@@ -722,6 +722,46 @@ def test_retrieval_and_sugarcrepe_alternative_layouts(tmp_path):
     assert run(model, tok, ["sugarcrepe"], root)["sugarcrepe"]["metrics"] == pytest.approx(expected_sc)
 
 
+def test_goal_released_test_lists(tmp_path):
+    """docci_goal / dci_goal read GOAL's datasets/docci_test.json and datasets/DCI_test.json as released: a list of
+    {"filename", "caption"} whose folders are placeholders; the file names are found in --root's image folders."""
+    basis = [E0, E1, E2, [0, 0, 0, 1.0]]
+    captions = ["A tall metal daisy sculpture. Daytime.", "Four horse toy figures on a bathtub.",
+                "Two army men toys in a yoga pose.", "A path light at night."]
+    layouts = {   # benchmark: (list file, image folder, the release's placeholder prefix, image names)
+        "docci_goal": ("docci/docci_test.json", "docci/images", "chage/path/to/your/directory/dataset/images/",
+                       ["qual_test_00000.jpg", "qual_test_00001.jpg", "test_00000.jpg", "test_00001.jpg"]),
+        "dci_goal": ("dci/DCI_test.json", "dci/densely_captioned_images/photos",
+                     "../DCI/dataset/densely_captioned_images/dataset/scripts/densely_captioned_images/photos/",
+                     ["sa_1543972.jpg", "sa_1543977.jpg", "sa_1543978.jpg", "sa_1543980.jpg"]),
+    }
+    texts = {c: basis[i] for i, c in enumerate(captions)}
+    texts[captions[3]] = [0.6, 0, 0, 0.4]    # caption 3 is closer to image 0 than to its own image
+    expected = _recall_by_loop(basis, [(texts[c], i) for i, c in enumerate(captions)], ks=(1, 5, 25, 50))
+    for name, (list_file, image_dir, prefix, names) in layouts.items():
+        for i, image in enumerate(names):
+            draw(tmp_path / image_dir / image, i)
+        (tmp_path / list_file).write_text(json.dumps(
+            [{"filename": prefix + image, "caption": caption} for image, caption in zip(names, captions)], indent=4))
+        model, tok = fake(image_vecs=dict(enumerate(basis)), text_vecs=texts)
+        r = run(model, tok, [name], tmp_path)[name]
+        assert r["n"] == 4 and r["missing"] == 0
+        assert {k: r["metrics"][k] for k in expected} == pytest.approx(expected), name
+        assert r["metrics"]["t2i_R@1"] == 75.0 and r["metrics"]["i2t_R@1"] == 100.0
+    # the errors name the expected file, its source and its format
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    model, tok = fake()
+    with pytest.raises(ev.BenchmarkDataError, match=r"docci/docci_test.json.*PerceptualAI-Lab/GOAL"):
+        run(model, tok, ["docci_goal"], empty)
+    (tmp_path / "dci/DCI_test.json").write_text(json.dumps({"sa_1543972.jpg": "a caption"}))
+    with pytest.raises(ev.BenchmarkDataError, match=r"not a GOAL test list(.|\n)*\"filename\""):
+        run(model, tok, ["dci_goal"], tmp_path)
+    (tmp_path / "dci/DCI_test.json").write_text(json.dumps([{"filename": "x/elsewhere.jpg", "caption": "a"}]))
+    with pytest.raises(ev.BenchmarkDataError, match="none of the 1 images"):
+        run(model, tok, ["dci_goal"], tmp_path)
+
+
 # ---------- errors, tables, CLI ----------
 
 def test_errors(tmp_path):
@@ -770,3 +810,38 @@ def test_cli_end_to_end_tiny_model(tmp_path, capsys):
     assert set(saved["before"]["sugarcrepe"]["metrics"]) == set(ev.SUGARCREPE_SUBSETS)
     with pytest.raises(SystemExit, match="unknown benchmark"):
         ev.main(["--model", "ViT-B-32", "--bench", "bogus"])
+
+
+def test_scoring_is_fp32_by_default_and_bf16_is_a_real_switch(tmp_path):
+    """The official evaluators score in fp32, so every benchmark does by default, on every device; --precision
+    bf16 (autocast, here on the CPU) is an opt-in that really changes the computation: the scores move (whether
+    an answer flips depends on how close its two scores are; docs/performance.md counts them)."""
+    import inspect
+    import common
+    model, _, transform, tok = common.create_backbone(common.TINY_MODEL, "shapes")
+    write_sugarcrepe(tmp_path)
+    seen = []   # (autocast on?, dtype of the image embedding) at every image forward pass
+    model.visual.register_forward_hook(lambda m, i, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype)))
+    # the default, as the method scripts call it (no precision argument): fp32, no autocast
+    assert inspect.signature(ev.evaluate).parameters["precision"].default == "fp32"
+    assert ev.parse_args(["--model", "m"]).precision == "fp32"
+    fp32 = ev.evaluate(model, tok, transform, ["sugarcrepe"], root=tmp_path, device="cpu", workers=0)
+    assert seen and set(seen) == {(False, torch.float32)}
+    seen.clear()
+    bf16 = ev.evaluate(model, tok, transform, ["sugarcrepe"], root=tmp_path, device="cpu", workers=0,
+                       precision="bf16")
+    assert seen and set(seen) == {(True, torch.bfloat16)}
+    assert fp32["sugarcrepe"]["n"] == bf16["sugarcrepe"]["n"]
+    # the scores themselves change: bf16 keeps 8 bits of mantissa, enough to move a cosine in its 3rd decimal
+    texts = [f"a {c} square left of a blue circle" for c in ("red", "green", "yellow", "purple")]
+    image = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    s32 = ev.encode_images(model, image)[0] @ ev.encode_texts(model, tok, texts, "cpu").T
+    s16 = ev.encode_images(model, image, precision="bf16")[0] @ ev.encode_texts(model, tok, texts, "cpu",
+                                                                               precision="bf16").T
+    assert 1e-4 < (s32 - s16).abs().max() < 0.05
+    # anything else is one clear error; the CLI offers exactly the two
+    with pytest.raises(common.InputError, match="expected one of fp32, bf16"):
+        ev.evaluate(model, tok, transform, ["sugarcrepe"], root=tmp_path, device="cpu", precision="fp16")
+    assert ev.parse_args(["--model", "m", "--precision", "bf16"]).precision == "bf16"
+    # a model whose weights were cast to bf16 (lab/gpu_check.py does it) still scores under the fp32 default
+    ev.evaluate(model.to(torch.bfloat16), tok, transform, ["sugarcrepe"], root=tmp_path, device="cpu", workers=0)

@@ -162,10 +162,51 @@ def test_box_patch_mask_released_runs_to_corner():
     rel = goal.box_patch_mask(torch.tensor([[689.0, 802.0, 973.0, 1500.0]]), image_size=224, patch_size=16,
                               released=True)
     assert rel[0].nonzero().flatten().tolist() == [13 * 14 + 13]  # this DCI box maps to patch (13, 13) under the release's rule
+    # the tiny 64-px model (8 x 8 cells of 8 px): x1 = 8 * 64 / 16 = 32 -> column 4, x2 = 96 -> clamped -> column 7.
+    # (16-px cells, the release's hard-coded size, would give columns 2..3: the middle of the grid, not the corner.)
     rel = goal.box_patch_mask(torch.tensor([[8.0, 8.0, 24.0, 24.0]]), image_size=64, patch_size=8, released=True)
-    grid = rel[0].view(8, 8)
-    # 16-px cells on an 8-px grid: selects cells by 16-px indices, clamped to the 8x8 grid
-    assert grid.any() and not torch.equal(rel[0], _ref_patch_mask([8, 8, 24, 24], 64, 8))
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[4:, 4:] = True
+    assert torch.equal(rel[0].view(8, 8), expected)
+
+
+def _ref_released_mask(box, image_size, patch):
+    """The release's get_patch_tokens_from_bbox (goal_loss_finetuning.py), line by line, with `patch_size` the
+    model's cell (image_size / grid) instead of its hard-coded 16; the boxes below keep the scaled coordinates
+    away from cell borders, so the release's int(round(...)) does not matter."""
+    grid = image_size // patch
+    cell = image_size / grid
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1                       # bbox['width'] / bbox['height']: the crop's own size
+    x1, x2 = min(max(x1 * image_size / w, 0), image_size - 1), min(max(x2 * image_size / w, 0), image_size)
+    y1, y2 = min(max(y1 * image_size / h, 0), image_size - 1), min(max(y2 * image_size / h, 0), image_size)
+    mask = torch.zeros(grid * grid, dtype=torch.bool)
+    for i in range(int(y1 // cell), math.ceil(y2 / cell)):
+        for j in range(int(x1 // cell), math.ceil(x2 / cell)):
+            mask[i * grid + j] = True
+    return mask
+
+
+@pytest.mark.parametrize("image_size,patch", [(64, 8), (224, 16), (224, 14)])   # tiny shapes, ViT-B/16, ViT-L/14
+def test_box_patch_mask_released_reaches_the_corner_on_every_grid(image_size, patch):
+    """--released-box-mapping cuts the model's own cells, so every box's region runs to the bottom-right patch, as
+    the release's does on its ViT-B/16 (arithmetic only: no model is built)."""
+    grid = image_size // patch
+    g = torch.Generator().manual_seed(0)
+    corners = torch.rand(200, 2, 2, generator=g) * image_size
+    boxes = torch.cat([corners.min(1).values, corners.max(1).values + 1], 1)   # [x1, y1, x2, y2], w, h >= 1
+    mask = goal.box_patch_mask(boxes, image_size, patch, released=True)
+    assert mask.shape == (200, grid * grid)
+    assert mask[:, -1].all()                                   # the last patch (row G-1, column G-1), every box
+    rows, cols = mask.view(200, grid, grid).any(2), mask.view(200, grid, grid).any(1)
+    assert rows[:, -1].all() and cols[:, -1].all()
+    # fixed boxes whose scaled starts sit inside a cell, at least 1.6 px from its borders (so that the release's
+    # int(round(...)) cannot matter): exactly the release's patch set on this grid
+    fixed = [[3, 7, 33, 20], [20, 2, 50, 14]] if image_size == 64 else \
+        [[10, 20, 110, 61], [31, 6, 150, 45], [2, 2, 200, 203]]
+    for box in fixed:
+        got = goal.box_patch_mask(torch.tensor([box]), image_size, patch, released=True)[0]
+        assert torch.equal(got, _ref_released_mask(box, image_size, patch)), (image_size, patch, box)
 
 
 # ---------------------------------------------------------------- region / span pooling and TSL on the model
@@ -427,3 +468,125 @@ def test_lism_cache_is_keyed_by_the_candidate_boxes(tmp_path, monkeypatch):
     assert len(calls) == 2 and len(os.listdir(tmp_path / "cache")) == 2
     assert all(entry["boxes"] == [[0.0, 0.0, 32.0, 32.0]] for entry in other.values())
     assert all(entry["boxes"] != [[0.0, 0.0, 32.0, 32.0]] for entry in first.values())
+
+
+# ---------------------------------------------------------------- GOAL's released matching as --lism
+# Four DCI images (the layout data.DciDataset reads) and, for each, the sentence-to-segment records of GOAL's
+# released datasets/DCI_segment_sim_bbox_del_org.json: the release's placeholder folders, captions that are pieces
+# of extra_caption.split('.') (no final period), boxes in original-image pixels with the crop's width/height.
+_RELEASED_IMAGES = {   # name: (size, extra_caption, [(sentence, box, score)])
+    "sa_101.jpg": ((96, 64), "A red square sits on the left. A blue ring floats on the right. The sky is dark.",
+                   [("A red square sits on the left", (4, 10, 40, 50), 27.5),
+                    ("A blue ring floats on the right", (60, 8, 92, 40), 31.25)]),
+    "sa_102.jpg": ((64, 96), "A green star is at the top. The ground is grey.",
+                   [("A green star is at the top", (10, 2, 54, 40), 29.0)]),
+    "sa_103.jpg": ((80, 80), "Two cats sleep. One cat is white. The other cat is black.",
+                   [("One cat is white", (0, 20, 40, 80), 22.0), ("The other cat is black", (40, 20, 80, 80), 26.5)]),
+    "sa_104.jpg": ((64, 64), "A lone tree stands in a field. Clouds drift above it.",
+                   [("Clouds drift above it", (0, 0, 64, 30), 24.0)]),
+}
+
+
+def _released_fixture(tmp_path):
+    """DCI root with the four images, and GOAL's released matching (grouped form) for them."""
+    import json
+    from PIL import Image
+    root = tmp_path / "densely_captioned_images"
+    (root / "annotations").mkdir(parents=True)
+    (root / "photos").mkdir()
+    records = []
+    for i, (name, (size, extra, segments)) in enumerate(_RELEASED_IMAGES.items()):
+        Image.new("RGB", size, (40 * i, 90, 200 - 40 * i)).save(root / "photos" / name)
+        stem = name[:-4]
+        (root / "annotations" / f"{stem}.json").write_text(json.dumps(
+            {"image": name, "short_caption": "A photo.", "extra_caption": extra}))
+        # the grouped training files are not public: their original_filename may name the image itself or LISM's
+        # copy of it inside "<image>_results/"; the fixture has both
+        original = f"{name}_results/original_image.jpg" if i == 0 else name
+        records.append({
+            "original_filename": f"chage/path/to/your/directory/{original}",
+            "original_caption": extra,
+            "segment": [{"filename": f"chage/path/to/your/directory/{name}_results/{stem}_max_{k + 3}.png",
+                         "caption": sentence, "similarity_score": score,
+                         "bbox_coordinates": {"x1": box[0], "y1": box[1], "x2": box[2], "y2": box[3],
+                                              "width": box[2] - box[0], "height": box[3] - box[1]}}
+                        for k, (sentence, box, score) in enumerate(segments)]})
+    (root / "splits.json").write_text(json.dumps({"train": [f"{n[:-4]}.json" for n in _RELEASED_IMAGES],
+                                                  "valid": [], "test": []}))
+    matching = tmp_path / "DCI_segment_sim_bbox_del_org.json"
+    matching.write_text(json.dumps(records, indent=4))
+    return root, matching, records
+
+
+def test_released_matching_is_read_as_local_pairs(tmp_path):
+    """The release's grouped file and its flat one-pair variant become our segments entries, keyed by the image's
+    file name; a DCI data set finds each image's pairs and picks the highest similarity_score, as the release does."""
+    import json
+    import data
+    root, matching, records = _released_fixture(tmp_path)
+    segments = data.load_segments(str(matching), need_pairs=True)
+    assert sorted(segments) == sorted(_RELEASED_IMAGES)
+    entry = segments["sa_101.jpg"]
+    assert entry["pairs"] == [{"sentence": "A red square sits on the left", "box": [4.0, 10.0, 40.0, 50.0], "score": 27.5},
+                              {"sentence": "A blue ring floats on the right", "box": [60.0, 8.0, 92.0, 40.0],
+                               "score": 31.25}]
+    assert entry["boxes"] == [[4.0, 10.0, 40.0, 50.0], [60.0, 8.0, 92.0, 40.0]]
+    # the flat variant (datasets/DCI_segment_only_sim_max_del_org.json): one record per image, the image named by
+    # the crop's "<image>_results" folder
+    flat = [dict(max(r["segment"], key=lambda s: s["similarity_score"])) for r in records]
+    (tmp_path / "flat.json").write_text(json.dumps(flat))
+    flat_segments = data.load_segments(str(tmp_path / "flat.json"), need_pairs=True)
+    assert sorted(flat_segments) == sorted(_RELEASED_IMAGES)
+    assert flat_segments["sa_101.jpg"]["pairs"] == [entry["pairs"][1]]
+    # through the DCI loader and LocalPairs: the best pair of each image, its sentence found in the long caption
+    import open_clip
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    dataset = data.LocalPairs(data.DciDataset(str(root), _val_transform(64), segments_file=str(matching)), tokenizer)
+    local = dataset[0]["local"]
+    assert local["sentence"] == "A blue ring floats on the right" and local["box"] != [0.0, 0.0, 64.0, 64.0]
+
+
+def _val_transform(size):
+    from torchvision import transforms
+    return transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()])
+
+
+def test_training_on_the_released_matching(tmp_path, monkeypatch):
+    """`goal.py --data dci --data-root ROOT --lism DCI_segment_sim_bbox_del_org.json` trains (2 steps, tiny model) on
+    the release's pairs: every local pair of every batch is one of the file's (sentence, box), never the fallback."""
+    import data
+    root, matching, _ = _released_fixture(tmp_path)
+    used = []
+    build = data.LocalPairs._build_from_original
+
+    def spy(self, dataset, index, image, sample):
+        local = build(self, dataset, index, image, sample)
+        used.append((sample["image_id"], local["sentence"], local["box"]))
+        return local
+    monkeypatch.setattr(data.LocalPairs, "_build_from_original", spy)
+    out = tmp_path / "run"
+    result = goal.main(["--data", "dci", "--data-root", str(root), "--lism", str(matching),
+                        "--model", "shapes-tiny-vit", "--pretrained", "none", "--batch-size", "2", "--steps", "2",
+                        "--workers", "0", "--eval", "", "--out", str(out), "--no-progress", "--save-every", "0"])
+    assert (out / "final.pt").exists(), result
+    best = {name[:-4]: max(segments, key=lambda s: s[2])[0] for name, (_, _, segments) in _RELEASED_IMAGES.items()}
+    assert len(used) >= 4   # 2 steps x batch 2
+    for image_id, sentence, box in used:
+        assert sentence == best[image_id], (image_id, sentence)
+        assert box != [0.0, 0.0, 64.0, 64.0]   # a region, not the full-image fallback
+
+
+def test_a_lism_file_in_neither_format_says_so(tmp_path, capsys):
+    import json
+    import data
+    root, _, _ = _released_fixture(tmp_path)
+    bad = tmp_path / "DCI_test.json"   # the release's test list is not a matching
+    bad.write_text(json.dumps([{"filename": "../DCI/photos/sa_101.jpg", "caption": "A red square."}]))
+    with pytest.raises(data.DataError, match="neither format") as error:
+        data.load_segments(str(bad), need_pairs=True)
+    assert "original_filename" in str(error.value) and '"pairs"' in str(error.value)
+    with pytest.raises(SystemExit) as exit_info:
+        goal.main(["--data", "dci", "--data-root", str(root), "--lism", str(bad), "--model", "shapes-tiny-vit",
+                   "--pretrained", "none", "--eval", "", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "neither format" in err and "Traceback" not in err, err[-2000:]

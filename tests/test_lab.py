@@ -360,10 +360,11 @@ def test_base_recipe_learns_and_resumes(arch, tmp_path, monkeypatch):
 def test_gpu_check_dry_run_runs_every_method_and_the_harness(tmp_path, capsys):
     """`python -m lab.gpu_check --dry-run`: the GPU check's whole path on the CPU (tiny model, 2 steps of 4):
     synthetic COCO and DOCCI files, GOAL's LISM step, each method script with its real-data defaults, the plain
-    CLIP step it is compared with, and the harness on a SugarCrepe-format fixture."""
+    CLIP step it is compared with, DeGLA once more with --accum-freq 2, and the harness on a SugarCrepe-format
+    fixture."""
     from lab import gpu_check
     rows = gpu_check.main(["--dry-run", "--work-dir", str(tmp_path / "work")])
     methods = [row.split("|")[1].strip() for row in rows[2:]]
-    assert methods == ["degla", "cehn", "c2lip", "goal"]
+    assert methods == ["degla", "cehn", "c2lip", "goal", "degla, --accum-freq 2"]
     assert all(row.split("|")[7].strip() == "yes" for row in rows[2:]), rows   # every loss finite
     assert "evaluation harness, SugarCrepe format: 77 items" in capsys.readouterr().out
