@@ -9,7 +9,8 @@ Sections
   3. EMA teacher.
   4. Distributed: `launch`, `gather_features`, rank helpers, `run_cpu_processes` (tests).
   5. Training utilities: arguments, optimizer, schedule, precision, seeding, logging, the data stream.
-  6. Checkpoints: atomic save, resume, export as an open_clip model folder (`local-dir:RUN_FOLDER`).
+  6. Checkpoints: atomic save, resume, export as an open_clip model folder (`local-dir:RUN_FOLDER`); transformers
+     CLIP in and out (`load_hf_clip` for `hf-clip:FOLDER`, `export_hf_clip` for eval.py --export-hf).
 
 The skeleton every method's `train(args)` follows (`eval` is imported as `evaluation`; see degla.py for the real
 thing, and `main(argv)` is `common.launch(train, parse_args(argv))`):
@@ -133,7 +134,12 @@ def register_tiny_model():
 def tokenizer_for(name, context_length=None):
     """open_clip's tokenizer for model `name`. The tiny SigLIP uses CLIP's BPE tokenizer, like its CLIP twin:
     open_clip picks its (downloaded) SigLIP tokenizer for every model name containing 'siglip', so we ask for
-    the twin's tokenizer by name (`open_clip.get_tokenizer('shapes-tiny-vit')` in your own code)."""
+    the twin's tokenizer by name (`open_clip.get_tokenizer('shapes-tiny-vit')` in your own code).
+    A transformers CLIP folder (`hf-clip:FOLDER`) uses CLIP's BPE, with its max_position_embeddings as context."""
+    if name.startswith(HF_CLIP_PREFIX):
+        text_config = _hf_config_json(hf_clip_folder(name)).get("text_config", {})
+        context_length = context_length or text_config.get("max_position_embeddings", 77)
+        return open_clip.SimpleTokenizer(context_length=context_length)
     return open_clip.get_tokenizer(TINY_MODEL if name == SHAPES_SIGLIP_MODEL else name, context_length=context_length)
 
 
@@ -141,12 +147,15 @@ def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_
     """Model, train transform, val transform and tokenizer, all through open_clip.
 
     name: an open_clip model name, or 'local-dir:FOLDER' (a finished run folder, see `export_open_clip`), which
-    brings its own config and weights, so `pretrained` is then ignored.
+    brings its own config and weights, so `pretrained` is then ignored, or 'hf-clip:FOLDER' (a transformers CLIP
+    folder, see `load_hf_clip`; `pretrained` may then name a CLIPModel state dict file, such as GOAL's weights).
     pretrained: an open_clip tag ('openai', needs the internet), a path to weights, None (random init) or
     'shapes' (the base model shipped in models/ for `shapes-tiny-vit` or `shapes-tiny-siglip`; see
     `shapes_base_path`).
     """
     register_tiny_model()
+    if name.startswith(HF_CLIP_PREFIX):   # a transformers CLIP folder, converted to open_clip (`load_hf_clip`)
+        return _hf_clip_backbone(name, pretrained, device, context_length, model_kwargs)
     if name.startswith("local-dir:"):   # a model folder (e.g. a run folder) brings its own config and weights
         folder = name[len("local-dir:"):]
         if not os.path.isfile(os.path.join(folder, OPEN_CLIP_CONFIG)):
@@ -157,7 +166,8 @@ def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_
         pretrained = None
     elif name not in open_clip.list_models():
         raise InputError(f"unknown model {name!r}: expected an open_clip model name such as {TINY_MODEL!r}, "
-                         f"'ViT-B-32-quickgelu' or 'ViT-B-16' (see open_clip.list_models()), or local-dir:RUN_FOLDER")
+                         f"'ViT-B-32-quickgelu' or 'ViT-B-16' (see open_clip.list_models()), local-dir:RUN_FOLDER "
+                         f"or hf-clip:TRANSFORMERS_CLIP_FOLDER")
     _check_exported_context(name, pretrained, model_kwargs.get("text_cfg"))
     if pretrained == "shapes":
         pretrained = shapes_base_path(name)
@@ -193,6 +203,25 @@ def create_backbone(name=TINY_MODEL, pretrained="shapes", device="cpu", context_
             huggingface_hub.constants.HF_HUB_OFFLINE = was_offline
     tokenizer = tokenizer_for(name, context_length=context_length)
     return model, train_tf, val_tf, tokenizer
+
+
+def _hf_clip_backbone(name, pretrained, device, context_length, model_kwargs):
+    """`create_backbone` for 'hf-clip:FOLDER': the folder's weights converted to open_clip (`load_hf_clip`), or
+    those of `pretrained` where it is a file (a CLIPModel state dict: GOAL's released weights); '', 'none' and
+    'shapes' (the method scripts' default) mean the folder's own. Transforms as open_clip builds them, from the
+    model's preprocessing config; CLIP's BPE tokenizer with the model's text context."""
+    if model_kwargs:
+        raise InputError(f"--model {name}: --model-kwargs do not apply to a transformers CLIP folder (its "
+                         f"config.json sets the architecture)")
+    weights = None if pretrained in (None, "", "none", "None", "shapes") else str(pretrained)
+    if weights is not None and not os.path.isfile(weights):
+        raise InputError(f"--pretrained {weights}: no such file (with --model {name}, --pretrained is optional: a "
+                         f"transformers CLIPModel state dict file that replaces the folder's weights)")
+    model = load_hf_clip(hf_clip_folder(name), weights).to(device)
+    preprocess = open_clip.transform.PreprocessCfg(**model.visual.preprocess_cfg)
+    train_tf = open_clip.transform.image_transform_v2(preprocess, is_train=True)
+    val_tf = open_clip.transform.image_transform_v2(preprocess, is_train=False)
+    return model, train_tf, val_tf, tokenizer_for(name, context_length=context_length or model.context_length)
 
 
 def _hub_reachable(timeout=3.0):
@@ -1421,7 +1450,11 @@ def export_open_clip(model, path, model_name=None, tokenizer=None, meta=None):
     if model_name is None:
         return
     folder = os.path.dirname(os.path.abspath(path))
-    config = open_clip.get_model_config(model_name)
+    if model_name.startswith(HF_CLIP_PREFIX):   # trained from a transformers CLIP folder: its converted config
+        hf_folder = hf_clip_folder(model_name)
+        config = _open_clip_config(_transformers().CLIPConfig.from_pretrained(hf_folder), hf_folder)
+    else:
+        config = open_clip.get_model_config(model_name)
     config["text_cfg"]["context_length"] = model.context_length   # GOAL's stretch changed it
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     os.close(fd)
@@ -1468,6 +1501,11 @@ _HF_TOWER_NAMES = [
 _HF_BLOCK_NAMES = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."),
                    ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj.")]
 _TRANSPOSED = ("visual.proj", "text_projection")
+
+
+def hf_clip_folder(name):
+    """The folder of model name 'hf-clip:FOLDER' (~ expanded: the shell leaves it alone after 'hf-clip:')."""
+    return os.path.expanduser(name[len(HF_CLIP_PREFIX):])
 
 
 def _transformers():
@@ -1598,6 +1636,7 @@ def _write_clip_processor(transformers, model, folder):
         crop_size={"height": size, "width": size}, resample=resample, image_mean=list(pp["mean"]),
         image_std=list(pp["std"]))
     transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    image_processor.save_pretrained(folder)   # preprocessor_config.json too, the file older transformers read
 
 
 def export_hf_clip(model, folder):
@@ -1622,7 +1661,8 @@ def export_hf_clip(model, folder):
             raise InputError(f"--export-hf: open_clip parameter {key!r} has no place in transformers' CLIPModel")
         value = value.detach().float().cpu()
         value = value.t() if key in _TRANSPOSED else value.reshape(()) if key == "logit_scale" else value
-        for name, part in zip(names, value.chunk(len(names))):   # q, k, v are the thirds of in_proj
+        parts = value.chunk(3) if len(names) == 3 else [value]   # q, k, v are the thirds of in_proj
+        for name, part in zip(names, parts):
             state[name] = part.contiguous()
     hf_model = transformers.CLIPModel(config)
     # position_ids are buffers (saved by older transformers versions), not weights: keep the model's own
@@ -1699,6 +1739,7 @@ def load_hf_clip(folder, weights=None):
         except (pickle.UnpicklingError, RuntimeError) as error:
             raise InputError(f"--pretrained {weights}: not a weights file torch can load ({error})") from None
         hf_state = hf_state.get("state_dict", hf_state)
+        hf_state = {k.removeprefix("module."): v for k, v in hf_state.items()}   # saved from a DDP wrapper
         positions = hf_state.get("text_model.embeddings.position_embedding.weight")
         if positions is None:
             raise InputError(f"--pretrained {weights}: not a transformers CLIPModel state dict (no "
@@ -1714,7 +1755,7 @@ def load_hf_clip(folder, weights=None):
         if missing:
             raise InputError(f"--model {HF_CLIP_PREFIX}{folder}: the weights lack {missing[0]} (expected a complete "
                              f"transformers CLIPModel)")
-        value = torch.cat([hf_state[name] for name in names])   # q, k, v back into one in_proj
+        value = torch.cat([hf_state[n] for n in names]) if len(names) == 3 else hf_state[names[0]]   # q, k, v: in_proj
         value = value.t() if key in _TRANSPOSED else value
         state[key] = value.reshape(like.shape).to(like.dtype)
         used.update(names)
@@ -1725,12 +1766,15 @@ def load_hf_clip(folder, weights=None):
     model.load_state_dict(state, strict=True)
     preprocess = dataclasses.asdict(open_clip.transform.PreprocessCfg())
     preprocess["size"] = config.vision_config.image_size
-    processor_path = os.path.join(folder, "preprocessor_config.json")
-    if os.path.isfile(processor_path):
-        with open(processor_path) as f:
-            processor = json.load(f)
-        preprocess["mean"] = tuple(processor.get("image_mean", preprocess["mean"]))
-        preprocess["std"] = tuple(processor.get("image_std", preprocess["std"]))
+    # the image processor's config: its own file, or (transformers 5) inside the processor's
+    for name, section in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        if os.path.isfile(os.path.join(folder, name)):
+            with open(os.path.join(folder, name)) as f:
+                processor = json.load(f)
+            processor = processor.get(section, {}) if section else processor
+            preprocess["mean"] = tuple(processor.get("image_mean", preprocess["mean"]))
+            preprocess["std"] = tuple(processor.get("image_std", preprocess["std"]))
+            break
     open_clip.model.set_model_preprocess_cfg(model, preprocess)
     return model
 

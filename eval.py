@@ -22,6 +22,10 @@ image) and unique texts, encodes each once in batches (a DataLoader with workers
 then scores all items with tensor operations. The numbers equal those of the official per-example
 evaluators (`python -m lab.bench` checks this and measures the speed-up).
 
+Precision: every benchmark scores in fp32 on every device, as the official evaluators do. `--precision bf16`
+(`precision="bf16"` in Python) opts into bf16 autocast: faster on a GPU, but two scores closer than bf16's
+resolution (about 0.001-0.004 at CLIP's cosines) can swap, which flips the answer (docs/performance.md counts them).
+
 Missing images (policy): a missing or unreadable image is reported once per benchmark with its path and
 the count, and every item that needs it is **counted as wrong** (it stays in the denominator), except in
 VL-CheckList, whose official loader drops such samples before sampling (we do the same and report them). The
@@ -36,6 +40,8 @@ Command line:
 
     python eval.py --model ViT-B-32-quickgelu --pretrained openai --bench sugarcrepe,aro,zeroshot --root ~/data/bench
     python eval.py --model local-dir:runs/degla-shapes-RUN --bench shapes      (a finished run folder)
+    python eval.py --model hf-clip:~/goal-vit-b16 --bench docci_goal --root ~/data/bench   (a transformers CLIP)
+    python eval.py --model local-dir:runs/goal-shapes-RUN --export-hf ~/goal-hf   (write a transformers CLIP)
 
 Expected layout under --root (each benchmark's section says where the files come from):
 
@@ -115,16 +121,14 @@ def check_precision(precision):
 
 @contextlib.contextmanager
 def inference_context(device, precision="fp32"):
-    """inference_mode, plus bf16 autocast when precision is "bf16" (on CUDA or on the CPU); fp32 runs the model
-    as it is. A model whose weights were already cast to bf16 (lab/gpu_check.py does it) computes in bf16 either
-    way: `_embed_images` hands it images of its own dtype."""
+    """inference_mode, plus bf16 autocast when precision is "bf16" (on CUDA or on the CPU). "fp32" switches
+    autocast off, also inside a caller's autocast block, so the default really is fp32. A model whose weights were
+    already cast to bf16 (lab/gpu_check.py does it) computes in bf16 either way: `_embed_images` hands it images
+    of its own dtype."""
     check_precision(precision)
-    with torch.inference_mode():
-        if precision == "bf16":
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-                yield
-        else:
-            yield
+    with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                                                enabled=precision == "bf16"):
+        yield
 
 
 # ===== Generic scorers (used by every benchmark, including the shapes suite) =====
@@ -467,7 +471,7 @@ def _require(ctx, name, files, source):
     missing = [f for f in files if not (ctx.root / f).exists()]
     if missing:
         raise BenchmarkDataError(f"{name}: missing under {ctx.root}: " + ", ".join(missing)
-                                 + f". Expected: " + ", ".join(files) + f". Source: {source}")
+                                 + ". Expected: " + ", ".join(files) + f". Source: {source}")
 
 
 def _read_json(path, name):
@@ -1743,11 +1747,14 @@ def parse_args(argv=None):
         "(targets at several training budgets), `python -m lab.figures` (one picture per mechanism).", 100),
         epilog="examples:\n  python eval.py --model shapes-tiny-vit --pretrained shapes\n"
         "  python eval.py --model ViT-B-32-quickgelu --pretrained openai --bench sugarcrepe,aro --root ~/bench\n"
-        "  python eval.py --model local-dir:runs/degla-shapes-RUN --bench shapes")
+        "  python eval.py --model local-dir:runs/degla-shapes-RUN --bench shapes\n"
+        "  python eval.py --model hf-clip:~/goal-vit-b16 --bench docci_goal,dci_goal --root ~/bench\n"
+        "  python eval.py --model local-dir:runs/degla-shapes-RUN --export-hf ~/degla-hf")
     p.formatter_class = type("Formatter", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
     p.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32-quickgelu (OpenAI weights) or "
                    "shapes-tiny-vit, or local-dir:RUN_FOLDER (a finished run: its own config and weights, no "
-                   "--pretrained)")
+                   "--pretrained), or hf-clip:FOLDER (a transformers CLIPModel folder, e.g. GOAL's weights; "
+                   "--pretrained may then name a CLIPModel state dict file to load instead of the folder's weights)")
     p.add_argument("--pretrained", default="", help="pretrained tag (openai, shapes, ...) or weights file (a run's "
                    "final.pt; its checkpoint.pt is for --resume); empty: random initialisation")
     p.add_argument("--bench", default="shapes", help=_bench_help())
@@ -1764,6 +1771,9 @@ def parse_args(argv=None):
                    help="seed of the COCO-/Flickr30k-Order perturbations (main_aro.py's --seed)")
     p.add_argument("--model-kwargs", default=None, help="JSON of open_clip.create_model keyword arguments, e.g. "
                    "'{\"text_cfg\": {...}}' for a model whose config was changed (docs/real_data.md)")
+    p.add_argument("--export-hf", default=None, metavar="FOLDER",
+                   help="write the --model as a Hugging Face transformers CLIP folder (CLIPModel and CLIPProcessor "
+                   ".from_pretrained read it; needs pip install transformers) and exit without evaluating")
     return p.parse_args(argv)
 
 
@@ -1780,6 +1790,11 @@ def main(argv=None):
         raise SystemExit(f"eval.py: --model-kwargs is not JSON ({error})")
     try:
         model, transform, tokenizer = create_backbone(args.model, args.pretrained, device, **kwargs)
+        if args.export_hf:   # a conversion, not an evaluation
+            common.export_hf_clip(model, os.path.expanduser(args.export_hf))
+            print(f"wrote {args.export_hf}: load it with transformers.CLIPModel.from_pretrained and "
+                  f"transformers.CLIPProcessor.from_pretrained")
+            return None
         results = evaluate(model, tokenizer, transform, args.bench, args.root, device, args.batch_size, args.workers,
                            args.order_seed, precision=args.precision)
     except Exception as error:   # bad input (common.InputError, BenchmarkDataError): one message, exit code 2

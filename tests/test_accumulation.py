@@ -74,15 +74,14 @@ def _setup(method, n_samples):
         module = c2lip.C2lipForward(model, concept_logits, with_concepts=True, with_patches=True)
         step = lambda run, module, mbs: c2lip.backward(run, module, mbs, args)  # noqa: E731
     elif method == "goal":
-        torch.manual_seed(0)
-        model, _, val_tf, tokenizer = common.create_backbone(common.TINY_MODEL, None)   # LISM scores in fp32
-        args = goal.parse_args(["--train-size", str(3 * n_samples), "--pretrained", "none"])
+        model, val_tf, tokenizer = _model(common.TINY_MODEL)
+        args = goal.parse_args(["--train-size", str(n_samples), "--pretrained", "none"])
         long_tokenizer = common.tokenizer_for(common.TINY_MODEL, context_length=args.context_length)
-        args.out = None
-        world = data.ShapesDataset("train", size=args.train_size, seed=args.seed, transform=val_tf, long=True)
-        pairs = goal.run_lism(model, tokenizer, world, long_tokenizer, "cpu")
+        # the world's own (sentence, box) pairs stand in for LISM's choice (which only picks among them)
+        world = data.ShapesDataset("train", size=args.train_size, seed=args.seed, long=True)
+        pairs = {f"shapes-train-{i}": {"pairs": [{"sentence": s, "box": list(b)} for s, b in sentences[:1]]}
+                 for i, sentences in enumerate(world.long_sentences)}
         goal.stretch_text_positions(model, args.context_length, args.keep_positions)
-        model.double()
         dataset, _ = goal._train_set(args, val_tf, long_tokenizer, pairs)
         assert len(dataset) >= n_samples
         samples = torch.utils.data.Subset(dataset, range(n_samples))
@@ -148,26 +147,35 @@ def test_two_micro_batches_equal_one_batch(method):
     assert difference < TOLERANCE * max(1.0, max(float(g.abs().max()) for g in grads_one.values()))
 
 
-def _rank_gradients(rank, world_size, method):
+def _rank_gradients(rank, world_size, methods):
+    """On each rank, for every method: its two micro-batches (rank-major: rank r holds micro-batches 2r and 2r + 1)
+    through the DDP-wrapped module; returns {method: (loss, DDP-averaged gradients)}. One pair of processes serves
+    every method (starting processes costs more than the four methods' steps)."""
     torch.set_num_threads(1)
-    model, module, micro_batches, step = _setup(method, 2 * world_size * MICRO)
-    mine = micro_batches[2 * rank:2 * rank + 2]   # rank-major: rank r holds micro-batches 2r and 2r + 1
-    ddp = torch.nn.parallel.DistributedDataParallel(module)
-    result = step(_run(world_size), ddp, mine)
-    return float(result[0].detach()), _gradients(module)
+    results = {}
+    for method in methods:
+        model, module, micro_batches, step = _setup(method, 2 * world_size * MICRO)
+        ddp = torch.nn.parallel.DistributedDataParallel(module)
+        result = step(_run(world_size), ddp, micro_batches[2 * rank:2 * rank + 2])
+        results[method] = (float(result[0].detach()), _gradients(module))
+    return results
 
 
-@pytest.mark.parametrize("method", ["degla", "cehn", "c2lip-clip", "goal"])
-def test_two_processes_with_two_micro_batches_equal_one_batch(method):
-    results = common.run_cpu_processes(_rank_gradients, 2, method)
-    model, module, micro_batches, step = _setup(method, 4 * MICRO)
-    loss_one, grads_one = _one_batch(module, micro_batches, step)
-    for rank, (loss, grads) in enumerate(results):
-        difference = _max_difference(grads, grads_one)
-        print(f"{method}: rank {rank} of 2, K=2 vs one batch on one process: loss |diff| {abs(loss - loss_one):.2e}, "
-              f"max |grad diff| {difference:.2e}")
-        assert math.isclose(loss, loss_one, rel_tol=TOLERANCE)
-        assert difference < TOLERANCE * max(1.0, max(float(g.abs().max()) for g in grads_one.values()))
+DDP_METHODS = ["degla", "cehn", "c2lip-clip", "goal"]
+
+
+def test_two_processes_with_two_micro_batches_equal_one_batch():
+    by_rank = common.run_cpu_processes(_rank_gradients, 2, DDP_METHODS)
+    for method in DDP_METHODS:
+        model, module, micro_batches, step = _setup(method, 4 * MICRO)
+        loss_one, grads_one = _one_batch(module, micro_batches, step)
+        for rank, results in enumerate(by_rank):
+            loss, grads = results[method]
+            difference = _max_difference(grads, grads_one)
+            print(f"{method}: rank {rank} of 2, K=2 vs one batch on one process: loss |diff| "
+                  f"{abs(loss - loss_one):.2e}, max |grad diff| {difference:.2e}")
+            assert math.isclose(loss, loss_one, rel_tol=TOLERANCE), method
+            assert difference < TOLERANCE * max(1.0, max(float(g.abs().max()) for g in grads_one.values())), method
 
 
 def test_a_run_with_micro_batches_trains_the_same_model(tmp_path):

@@ -825,7 +825,8 @@ def test_scoring_is_fp32_by_default_and_bf16_is_a_real_switch(tmp_path):
     # the default, as the method scripts call it (no precision argument): fp32, no autocast
     assert inspect.signature(ev.evaluate).parameters["precision"].default == "fp32"
     assert ev.parse_args(["--model", "m"]).precision == "fp32"
-    fp32 = ev.evaluate(model, tok, transform, ["sugarcrepe"], root=tmp_path, device="cpu", workers=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # even inside a caller's autocast block
+        fp32 = ev.evaluate(model, tok, transform, ["sugarcrepe"], root=tmp_path, device="cpu", workers=0)
     assert seen and set(seen) == {(False, torch.float32)}
     seen.clear()
     bf16 = ev.evaluate(model, tok, transform, ["sugarcrepe"], root=tmp_path, device="cpu", workers=0,
