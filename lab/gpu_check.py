@@ -16,6 +16,7 @@ then the evaluation harness on a SugarCrepe-format fixture (items/s). The loss o
 captions says only that the optimizer moves it; the numbers that matter are the throughput and memory.
 """
 import argparse
+import importlib
 import json
 import os
 import random
@@ -72,12 +73,23 @@ def write_docci(root, n_images, image_size, seed=0):
         json.dump(boxes, f)
 
 
-def run_script(method, flags, out, env):
-    """`python <method>.py FLAGS --out OUT` as a subprocess; its log.jsonl records."""
-    command = [sys.executable, os.path.join(REPO, f"{method}.py"), *flags, "--out", out]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"gpu_check: {method} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+def run_script(method, flags, out, env, in_process=False):
+    """`python <method>.py FLAGS --out OUT` as a subprocess (each method's peak GPU memory is then its own); its
+    log.jsonl records. in_process (the dry run): `<method>.main(FLAGS)` in this process, the same code without an
+    interpreter start per method."""
+    if in_process:
+        saved = dict(os.environ)
+        os.environ.update(env)
+        try:
+            importlib.import_module(method).main([*flags, "--out", out])
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    else:
+        command = [sys.executable, os.path.join(REPO, f"{method}.py"), *flags, "--out", out]
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"gpu_check: {method} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
 
@@ -177,7 +189,7 @@ def main(argv=None):
         else:
             flags = ["--data", "coco", "--data-root", coco, *model_flags]
         out = os.path.join(work, "runs", method + ("-accum" if extra_flags else ""))
-        records = run_script(method, [*flags, *common_flags, *extra_flags], out, env)
+        records = run_script(method, [*flags, *common_flags, *extra_flags], out, env, in_process=args.dry_run)
         with open(os.path.join(out, "config.json")) as f:
             config = json.load(f)
         micro_batch, accum_freq = config["batch_size"], config["accum_freq"]
