@@ -51,7 +51,7 @@ def budget_main(argv):
                    help="comma-separated step counts (default: a quarter, a half and all of the comparison's budget)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every run")
     p.add_argument("--methods", default=",".join(COMPARE_DEFAULT_METHODS),
-                   help=f"comma-separated subset of {list(COMPARE_METHODS)} (default: all but c2lip-clip)")
+                   help=f"comma-separated subset of {list(COMPARE_METHODS)} (default: all but c2lip-clip and cehn-itchn)")
     p.add_argument("--out", default="runs/budget", help="folder of the runs (steps-<N>/<method>-seed<seed>) and of "
                    "budget.md")
     p.add_argument("--reuse", default="runs/compare", help="folder of `lab.compare` runs: a finished run there "

@@ -48,8 +48,11 @@ COMPARE_METHODS = OrderedDict([
     ("plain-long", ("goal.py", ["--local-weight", "0", "--tsl-weight", "0"])),
     ("goal", ("goal.py", [])),
     ("c2lip-clip", ("c2lip.py", ["--model", common.TINY_MODEL])),
+    ("cehn-itchn", ("cehn.py", ["--w-cmr", "0", "--w-imc", "0"])),
 ])
-COMPARE_DEFAULT_METHODS = [m for m in COMPARE_METHODS if m != "c2lip-clip"]
+# Not in the default list: "c2lip-clip", and "cehn-itchn", CE-CLIP's own same-data baseline (its paper's Table 4
+# "itc(hn)": the hard-negative ITC alone, CE-CLIP's two extra losses at 0)
+COMPARE_DEFAULT_METHODS = [m for m in COMPARE_METHODS if m not in ("c2lip-clip", "cehn-itchn")]
 COMPARE_BEGIN, COMPARE_END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
 
@@ -107,6 +110,7 @@ COMPARE_TARGETS = [
     ("negclip", "plain", ARO), ("negclip", "plain", SWAP),
     ("degla", "plain", DEGLA_TARGET), ("degla", "negclip", DEGLA_TARGET),
     ("cehn", "plain", ARO), ("cehn", "negclip", ARO), ("cehn", "plain", SWAP), ("cehn", "negclip", SWAP),
+    ("cehn", "cehn-itchn", ARO), ("cehn", "cehn-itchn", SWAP),
     ("c2lip", "plain-siglip", C2LIP_TARGET),
     ("c2lip-clip", "plain", C2LIP_TARGET),
     ("goal", "plain-long", GOAL_TARGET),
@@ -291,6 +295,8 @@ def compare_name(config):
         return "c2lip" if siglip else "c2lip-clip"
     if method == "goal" and off("local_weight", "tsl_weight"):
         return "plain-long"
+    if method == "cehn" and off("w_cmr", "w_imc") and config.get("itc_hn") not in (0, 0.0):
+        return "cehn-itchn"
     return method
 
 
@@ -328,7 +334,7 @@ def compare_main(argv):
     p = argparse.ArgumentParser(prog="lab.compare", description="Side-by-side table of plain fine-tuning and "
                                 "the four methods (shapes world by default, or finished runs with --runs).")
     p.add_argument("--methods", default=",".join(COMPARE_DEFAULT_METHODS),
-                   help=f"comma-separated subset of {list(COMPARE_METHODS)} (default: all but c2lip-clip)")
+                   help=f"comma-separated subset of {list(COMPARE_METHODS)} (default: all but c2lip-clip and cehn-itchn)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (the full comparison, 3 seeds x "
                    "8 settings at 1000 steps, took 507 minutes of run time and 323 minutes of wall-clock time with 2 "
                    "runs side by side on 2 CPU cores; --seeds 0 or --steps 250 for a quicker look)")

@@ -149,7 +149,8 @@ def test_compare_runs_are_named_by_what_their_config_says(tmp_path):
                "c2lip": {"method": "c2lip", "model": "shapes-tiny-siglip", "w_npc": 1.0, "w_xac": 0.5},
                "c2lip-clip": {"method": "c2lip", "model": "shapes-tiny-vit", "w_npc": 1.0, "w_xac": 0.5},
                "plain-long": {"method": "goal", "local_weight": 0.0, "tsl_weight": 0.0},
-               "goal": {"method": "goal", "local_weight": 1.0, "tsl_weight": 1.0}, "cehn": {"method": "cehn"}}
+               "goal": {"method": "goal", "local_weight": 1.0, "tsl_weight": 1.0}, "cehn": {"method": "cehn"},
+               "cehn-itchn": {"method": "cehn", "itc_hn": 1, "w_cmr": 0.0, "w_imc": 0.0}}
     for name, config in configs.items():
         assert compare.compare_name(config) == name
     for i, name in enumerate(("plain", "negclip")):
