@@ -666,6 +666,7 @@ def lism_main(args):
     # tokenizer and context (a sentence cut off by the trained context cannot be a local pair).
     scorer_name = args.model if args.scorer_model == "same" else args.scorer_model
     scorer_weights = args.pretrained if args.scorer_pretrained == "same" else args.scorer_pretrained
+    common.seed_everything(args.seed)   # a randomly initialised scorer (--pretrained none) matches the same way each run
     model, _, val_tf, tokenizer = common.create_backbone(scorer_name, scorer_weights, device=device)
     long_tokenizer = common.tokenizer_for(args.model, context_length=args.context_length)
     print(f"LISM scorer: {scorer_name} ({scorer_weights})", file=sys.stderr)

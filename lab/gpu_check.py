@@ -1,7 +1,7 @@
 """Does the GPU path run? Every method for a few dozen steps on one CUDA device, at its paper's per-GPU batch.
 
     python -m lab.gpu_check                 # one CUDA device: ViT-B-32-quickgelu (random init), bf16, 40 steps each
-    python -m lab.gpu_check --dry-run       # the same path on the CPU: the tiny model, 2 steps, batch 4 (tests)
+    python -m lab.gpu_check --dry-run       # the same path on the CPU: the tiny model, 2 steps, batch 4 (GOAL 2; tests)
 
 No weights and no data are downloaded: the script writes synthetic files in the official formats (COCO 2014
 captions for DeGLA, CE-CLIP and C2LIP; DOCCI with candidate boxes for GOAL, whose LISM pairs `goal.py lism` then
@@ -154,7 +154,7 @@ def main(argv=None):
     if args.dry_run:
         device, precision, steps, image_size, n_images, n_long = torch.device("cpu"), "fp32", 2, 64, 16, 8
         model_flags = ["--model", common.TINY_MODEL, "--pretrained", "none", "--batch-size", "4", "--workers", "0"]
-        goal_flags = ["--context-length", "104", "--keep-positions", "8", "--batch-size", "4", "--workers", "0"]
+        goal_flags = ["--context-length", "104", "--keep-positions", "8", "--batch-size", "2", "--workers", "0"]
     else:
         if not torch.cuda.is_available():
             raise SystemExit("gpu_check: no CUDA device here; run with --dry-run to check the path on the CPU")
