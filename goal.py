@@ -37,38 +37,26 @@ reproduces the release:
   --released-box-mapping: the release (`get_patch_tokens_from_bbox`) divides the box by the *crop's* width/height
     instead of the image's, so every region runs to the bottom-right corner of the patch grid.
     Default: the box (pixels of the transformed image) is mapped onto the model's own patch grid.
-    The release also cuts 16-px cells whatever the model's patch size (`patch_size=16` in the call). That is
-    right for its ViT-B/16 at 224 px, but on any other grid (ViT-L/14: 16 x 16 cells of 14 px; the tiny 64-px
-    shapes model: 8 x 8 cells of 8 px) 16-px cells would stop short of the last row and column, and the region
-    would land in the middle of the grid instead of the release's corner. We cut the model's own cells
-    (image_size / grid px), so the flag gives the release's behaviour on every grid, and exactly the release's
-    cells on ViT-B/16.
-    Not an exact reproduction: the release applies that formula to boxes in the original image's pixels and
-    rounds the scaled coordinates to integers before it cuts the cells; we apply it, unrounded, to boxes
-    already mapped into the transformed image. It reproduces the release's failure (regions that run to the
-    bottom-right corner), not its exact patch sets.
-  Sentence spans: the release's span finder starts one token late and includes the '.' after the sentence;
-    we use the exact span from data.sentence_spans (no flag: the release's version is an off-by-one).
+    The release cuts 16-px cells (`patch_size=16`), its ViT-B/16's; we cut the model's own cells, so the flag
+    runs to the corner on every grid (16-px cells would stop mid-grid on ViT-L/14 or the tiny 64-px model).
+    Not exact: the release scales boxes in original-image pixels and rounds them; we scale, unrounded, boxes
+    already mapped into the transformed image: the release's failure, not its exact patch sets.
+  Sentence spans: the release's span finder starts one token late and takes the '.' after the sentence; we use
+    the exact span (data.sentence_spans; no flag: an off-by-one).
 
 Run:
   python goal.py                                   # shapes world, shipped base; CPU: LISM once (cached), then training
   python goal.py lism --data docci --data-root DIR --segments-file SAM.json --out lism.json   # offline LISM
   python goal.py --data docci --data-root DIR --lism lism.json      # the paper's recipe: 1 GPU, batch 16, bf16
-  python goal.py --data docci --data-root DIR --lism lism.json --gpus 8 --batch-size 2       # 8 GPUs, same batch 16
-  torchrun --nproc_per_node 8 goal.py --data dci --data-root DIR --lism lism.json --batch-size 2   # same, torchrun
+  torchrun --nproc_per_node 8 goal.py --data dci --data-root DIR --lism lism.json --batch-size 2   # 8 GPUs, batch 16
   python goal.py --data dci --data-root DIR --lism DCI_segment_sim_bbox_del_org.json   # GOAL's released matching
-                                                   # (read as is: data.GOAL_MATCHING_FORMAT; no SAM, no LISM step)
   python goal.py --resume OUT_DIR                  # continue an interrupted run
   python goal.py --local-weight 0 --tsl-weight 0   # the plain fine-tuning baseline
-The exported model has the stretched text table; its run folder holds the config that says so, and loads as
-`open_clip.create_model_and_transforms("local-dir:OUT_DIR")` with `open_clip.get_tokenizer("local-dir:OUT_DIR")`
-(or `python eval.py --model local-dir:OUT_DIR ...`). `--pretrained OUT_DIR/final.pt` with a model name would
-interpolate the trained positions back to the name's context; the scripts refuse it (common.create_backbone).
-Differences from the release kept on purpose: one forward pass per tower returns both the pooled embeddings and
-the pre-LN tokens (the release runs the towers twice; same maths); padding columns after the longest text in
-the batch are dropped (exact under the causal mask); weight decay skips norms/biases/logit scale
-(common.make_optimizer; the release decays everything). AdamW betas and eps on real data are the release's
-(torch's defaults 0.9, 0.999, 1e-8); the shapes world keeps the project's 0.9, 0.98, 1e-6.
+The exported run folder (stretched text table) loads as `local-dir:OUT_DIR` in open_clip and eval.py;
+`--pretrained OUT_DIR/final.pt` with a model name would shrink the trained positions, so it is refused.
+Kept on purpose: one pass per tower gives pooled embeddings and pre-LN tokens (the release runs them twice);
+padding columns after the batch's longest text are dropped (exact under the causal mask); weight decay skips
+norms/biases/logit scale (the release decays all). Real-data AdamW betas/eps are the release's (torch defaults).
 """
 import argparse
 import json
@@ -88,8 +76,7 @@ import eval as evaluation
 # Shapes: the shared small budget (common.SHAPES_DEFAULTS) plus the stretch scaled to the tiny model.
 # ----------------------------------------------------------------------------------------------------------
 PAPER_DEFAULTS = dict(
-    model="ViT-B-16-quickgelu",  # paper: ViT-B/16 (and ViT-L/14) at 224 px, OpenAI weights, which use QuickGELU
-                                 # (plain ViT-B-16 builds GELU on them; open_clip only warns)
+    model="ViT-B-16-quickgelu",  # paper: ViT-B/16 (and ViT-L/14) at 224 px, OpenAI weights: QuickGELU
     pretrained="openai",
     lr=5e-6,                     # AdamW, official trainer
     wd=0.05,                     # applied to every parameter in the release
@@ -103,19 +90,15 @@ PAPER_DEFAULTS = dict(
     keep_positions=20,           # Long-CLIP keeps the first 20 positions as they are
     local_weight=0.5,            # lambda_local (paper notes, FAST-GOAL, official trainer)
     tsl_weight=1.0,              # lambda_TSL
-    scorer_model="ViT-L-14-336-quickgelu",  # LISM's frozen scorer: openai/clip-vit-large-patch14-336
-                                            # (LISM/make_pseudo_local_pair_for_trainset.py)
+    scorer_model="ViT-L-14-336-quickgelu",  # LISM's scorer (LISM/make_pseudo_local_pair_for_trainset.py)
     scorer_pretrained="openai",
     released_box_mapping=False,  # the paper's box -> patch mapping (--released-box-mapping: the release's)
 )
-# Tiny model: context 32. We keep Long-CLIP's ratios: K = round(20/77 * 32) = 8 kept positions and the same
-# factor 4, so the new length is 8 + 4 * (32 - 8) = 104 (Long-CLIP: 20 + 4 * (77 - 20) = 248). Shapes long
-# captions (one sentence per object and per relation) run past 32 tokens, so the stretch matters here.
-# The shapes world keeps the project-wide AdamW betas and eps (common.make_optimizer) like the other three methods,
-# so that the four shapes results differ by their losses only.
+# Tiny model: context 32. Long-CLIP's ratios: K = round(20/77 * 32) = 8 kept positions, factor 4, so 8 + 4 * (32 - 8)
+# = 104 (Long-CLIP: 20 + 4 * (77 - 20) = 248); shapes long captions run past 32 tokens. The shapes world keeps the
+# project-wide AdamW betas/eps like the other methods, so the four shapes results differ by their losses only.
 SHAPES_GOAL_DEFAULTS = dict(context_length=104, keep_positions=8, local_weight=0.5, tsl_weight=1.0,
-                            train_size=4000,   # LISM scores every training scene once (~10 ms each on a CPU): 40 s
-                            #                    for the demo's 4,000, not 200 s for 20,000 (lab.compare: 20,000)
+                            train_size=4000,   # LISM scores each scene once (~10 ms on a CPU); lab.compare: 20,000
                             betas=(0.9, 0.98), eps=1e-6,
                             scorer_model="same", scorer_pretrained="same",   # no larger shapes model exists
                             released_box_mapping=False)
@@ -162,9 +145,8 @@ def goal_loss(image_emb, text_emb, crop_emb, sentence_emb, region_emb, span_emb,
     Returns (loss, parts) with parts = {global, local, tsl_img, tsl_txt, total} as floats.
     A zero weight skips its term entirely (so weights 0 is exactly plain CLIP fine-tuning).
     """
-    loss_global = contrastive_loss(image_emb, text_emb, logit_scale)
-    parts = {"global": loss_global.item()}
-    loss = loss_global
+    loss = contrastive_loss(image_emb, text_emb, logit_scale)
+    parts = {"global": loss.item()}
     if local_weight:
         loss_local = contrastive_loss(crop_emb, sentence_emb, logit_scale)
         loss = loss + local_weight * loss_local
@@ -497,13 +479,11 @@ class GoalForward(torch.nn.Module):
 # Training
 # ----------------------------------------------------------------------------------------------------------
 def micro_batch_features(run, forward, batch):
-    """One micro-batch's features (under the run's autocast), for `common.accumulated_backward`: rows of global
-    images and captions and, with the local losses on, of the local pairs (one per image) and their pooled tokens."""
+    """One micro-batch's features under the run's autocast (`common.accumulated_backward`): rows of global images
+    and captions and, with the local losses on, of the local pairs (one per image) and their pooled tokens."""
+    local = [batch[k] for k in ("crops", "sentences", "boxes", "sentence_span")] if "crops" in batch else []
     with run.autocast():
-        if "crops" in batch:
-            return forward(batch["images"], batch["texts"], batch["crops"], batch["sentences"], batch["boxes"],
-                           batch["sentence_span"])
-        return forward(batch["images"], batch["texts"])
+        return forward(batch["images"], batch["texts"], *local)
 
 
 def batch_loss(features, current, logit_scale, args):
@@ -516,8 +496,7 @@ def batch_loss(features, current, logit_scale, args):
 
 
 def backward(run, forward, micro_batches, args, step=None):
-    """The gradients of one optimizer step over --accum-freq micro-batches (`common.accumulated_backward`).
-    `forward`: GoalForward, maybe DDP-wrapped. Returns (loss, parts) of the whole batch."""
+    """One optimizer step's gradients over --accum-freq micro-batches (GoalForward, maybe DDP): (loss, parts)."""
     ddp = forward if isinstance(forward, torch.nn.parallel.DistributedDataParallel) else None
     logit_scale = common.unwrap(forward).model.logit_scale
     return common.accumulated_backward(
@@ -624,8 +603,7 @@ def train(args):
                                                       args.seed, start, total, args.workers):
         micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in micro_batches]
         optimizer.zero_grad(set_to_none=True)
-        # loss x world size for the gathered features (DDP averages), the logit scale's gradient divided back
-        _, parts = backward(run, forward, micro_batches, args, step)
+        _, parts = backward(run, forward, micro_batches, args, step)   # DDP, --accum-freq: common.accumulated_backward
         common.optimizer_step(run, optimizer)
         scheduler.step()                     # GOAL never clamps the logit scale
         if run.bar is not None:
@@ -666,7 +644,7 @@ def lism_main(args):
     # tokenizer and context (a sentence cut off by the trained context cannot be a local pair).
     scorer_name = args.model if args.scorer_model == "same" else args.scorer_model
     scorer_weights = args.pretrained if args.scorer_pretrained == "same" else args.scorer_pretrained
-    common.seed_everything(args.seed)   # a randomly initialised scorer (--pretrained none) matches the same way each run
+    common.seed_everything(args.seed)   # a random-init scorer (--pretrained none) then matches the same way each run
     model, _, val_tf, tokenizer = common.create_backbone(scorer_name, scorer_weights, device=device)
     long_tokenizer = common.tokenizer_for(args.model, context_length=args.context_length)
     print(f"LISM scorer: {scorer_name} ({scorer_weights})", file=sys.stderr)
@@ -693,10 +671,8 @@ def parse_args(argv=None):
     g.add_argument("--context-length", type=int, default=None, help="text context after the Long-CLIP stretch")
     g.add_argument("--keep-positions", type=int, default=None, help="positions copied unchanged by the stretch")
     g.add_argument("--released-box-mapping", action=argparse.BooleanOptionalAction, default=None,
-                   help="map boxes to patches as the release does (divides by the crop size, so regions run to "
-                        "the bottom-right corner; cut into the model's own cells, the release's 16 px on ViT-B/16); "
-                        "approximate: no rounding, boxes in model-input pixels (see the module docstring); "
-                        "--no-released-box-mapping turns it off in a resumed run that had it on")
+                   help="map boxes to patches as the release does (regions run to the bottom-right corner; the "
+                        "model's own cells; approximate: module docstring); --no-... turns it off on a resume")
     g.add_argument("--lism", default=None, help="LISM output (segments file with pairs) or GOAL's released matching "
                    "(datasets/*_segment_sim_bbox_del_org.json, read as is); shapes: computed if absent")
     g.add_argument("--segments-file", default=None, help="lism: candidate boxes (SAM/detector) per image")
