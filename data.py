@@ -802,10 +802,11 @@ class ReplaceUnreadable(Dataset):
 _warned_paths: set[str] = set()
 
 
-def _open_image(path: str):
-    """The RGB PIL image, or None (with one warning per path) if it cannot be read."""
+def _open_image(path: str, read=None):
+    """The RGB PIL image, or None (with one warning per path) if it cannot be read. read: a function returning the
+    image's bytes (an image inside a shard, `WebDatasetShards`); without it the file at `path` is opened."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(read()) if read is not None else path) as image:
             return image.convert("RGB")
     except Exception as error:  # truncated file, not an image, permission, ...
         if path not in _warned_paths:
@@ -1476,19 +1477,14 @@ class WebDatasetShards(ImageCaptionDataset):
 
     def load_image(self, index: int):
         shard, offset, size = self.locations[index]
-        name = self.image_paths[index]
-        try:
+
+        def read():   # the image's bytes, through this process's open handle of the shard
             handle = self._files.get((os.getpid(), shard))
             if handle is None:
                 handle = self._files[(os.getpid(), shard)] = open(self.shards[shard], "rb")
             handle.seek(offset)
-            with Image.open(io.BytesIO(handle.read(size))) as image:
-                return image.convert("RGB")
-        except Exception as error:  # truncated or corrupt bytes, a shard replaced while training, ...
-            if name not in _warned_paths:
-                _warned_paths.add(name)
-                warnings.warn(f"unreadable image {name}: {error}")
-            return None
+            return handle.read(size)
+        return _open_image(self.image_paths[index], read)   # None (one warning) if the bytes are not an image
 
     def __getstate__(self):   # open files do not travel to DataLoader workers
         state = dict(self.__dict__)
