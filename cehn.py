@@ -8,7 +8,8 @@ scripts/run_multiple_nodes.sh; the hard negatives in data/dataset.py).
 
 The idea in five lines:
   * every caption T_i gets K = 4 rule-made hard negatives U_i^k, one per type k in the fixed order
-    (relation = noun swap, attribute, object, action), each with a validity flag m_i^k;
+    (relation = noun swap, attribute, object, action), each with a validity flag m_i^k (a caption without a verb
+    has no valid action negative, as in the released data);
   * ITC(hn): image->text InfoNCE over all G captions plus all G*K negatives of the (gathered) batch; text->image plain;
   * CMR: each image must rank its caption above each of its own valid negatives by a per-type margin theta_k,
     and theta_k follows the previous batch's mean positive-negative logit gap, clipped to [0, 10] (a curriculum);
@@ -75,6 +76,7 @@ METHOD_DEFAULTS = dict(
     theta_reset_per_epoch=0,  # 1 reproduces the release (theta re-created at every epoch)
     imc_variant="own",      # own | all | release (see module docstring)
     mask_invalid="all",     # all | cmr (release: invalid negatives masked only in CMR)
+    neg_types=",".join(NEG_TYPES),  # the paper's four; a caption without a verb has no valid action negative
 )
 
 REAL_DEFAULTS = dict(
@@ -223,10 +225,11 @@ def imc_loss(image_emb, text_emb, neg_text_emb, neg_valid, logit_scale, variant=
 
 
 def cehn_loss(image_emb, text_emb, neg_text_emb, neg_valid, logit_scale, theta_per_type, w_cmr=0.2, w_imc=0.3,
-              itc_hn=True, imc_variant="own", mask_invalid="all"):
+              itc_hn=True, imc_variant="own", mask_invalid="all", type_names=NEG_TYPES):
     """The total CE-CLIP loss L = L_itc(hn) + w_cmr L_cmr + w_imc L_imc on a gathered batch.
 
-    Arguments as in the three terms (all (G, ...) global tensors); mask_invalid: "all" (default) or "cmr" (release).
+    Arguments as in the three terms (all (G, ...) global tensors); mask_invalid: "all" (default) or "cmr" (release);
+    type_names: the K slots' names (for the logged gap_<name>).
     With itc_hn=False, w_cmr=0 and w_imc=0 this is the plain CLIP loss (neg_text_emb may then be None).
     Returns (loss, parts, (pos_logit (G,), neg_logit (G, K) or None)); the logits feed update_thresholds.
     """
@@ -252,7 +255,7 @@ def cehn_loss(image_emb, text_emb, neg_text_emb, neg_valid, logit_scale, theta_p
             pos_logit = logit_scale * (image_emb * text_emb).sum(-1)
             neg_logit = logit_scale * torch.einsum("gd,gkd->gk", image_emb, neg_text_emb)
             logits = (pos_logit, neg_logit)
-            for k, name in enumerate(NEG_TYPES[:neg_logit.shape[1]]):
+            for k, name in enumerate(type_names[:neg_logit.shape[1]]):
                 valid_k = neg_valid[:, k]
                 if valid_k.any():
                     parts[f"gap_{name}"] = (pos_logit[valid_k] - neg_logit[valid_k, k]).mean().item()
@@ -305,7 +308,8 @@ def batch_loss(features, current, theta, args):
         neg_valid = common.gather_features(neg_valid.to(torch.uint8)).bool()
     loss, parts, logits = cehn_loss(image_emb, text_emb, neg_text_emb, neg_valid, common.upcast(f["logit_scale"]),
                                     theta, w_cmr=args.w_cmr, w_imc=args.w_imc, itc_hn=bool(args.itc_hn),
-                                    imc_variant=args.imc_variant, mask_invalid=args.mask_invalid)
+                                    imc_variant=args.imc_variant, mask_invalid=args.mask_invalid,
+                                    type_names=neg_types(args))
     return loss, parts, logits, neg_valid
 
 
@@ -329,6 +333,16 @@ def release_placeholders(neg_texts, neg_valid, tokenizer):
     return neg_texts
 
 
+def neg_types(args):
+    """The --neg-types list; one clear error for a name data.NEGATIVE_TYPES does not know."""
+    types = [t.strip() for t in args.neg_types.split(",") if t.strip()]
+    unknown = [t for t in types if t not in data.NEGATIVE_TYPES]
+    if unknown or not types:
+        raise SystemExit(f"--neg-types: unknown {unknown or 'empty list'}; known types: "
+                         f"{', '.join(data.NEGATIVE_TYPES)} (CE-CLIP's are {', '.join(NEG_TYPES)})")
+    return types
+
+
 def uses_negatives(args):
     return bool(args.itc_hn or args.w_cmr or args.w_imc)
 
@@ -339,6 +353,7 @@ def uses_negatives(args):
 def train(args):
     # bad input stops here, before a model, a data set or a run folder exists (Run checks --resume)
     evaluation.check_benchmarks(args.eval, args.eval_root)
+    types = neg_types(args)
     run = common.Run(args, method="cehn")
     device = run.device
     model, train_tf, val_tf, tokenizer = common.create_backbone(args.model, args.pretrained, device=device)
@@ -347,7 +362,7 @@ def train(args):
     with_negatives = uses_negatives(args)
     if with_negatives:
         with common.main_process_first():   # rank 0 runs spaCy and writes the cache, the other ranks read it
-            train_set = data.WithNegatives(train_set, data.CEHN_TYPES, progress=run.is_main)
+            train_set = data.WithNegatives(train_set, types, progress=run.is_main)
         collate = lambda b: data.collate_negatives(b, tokenizer)  # noqa: E731
     else:
         collate = lambda b: data.collate_plain(b, tokenizer)  # noqa: E731
@@ -364,7 +379,7 @@ def train(args):
     optimizer = common.make_optimizer(model, args.lr, args.wd)
     scheduler = common.cosine_schedule(optimizer, args.warmup, total)
     start, extra = common.resume(run, model, optimizer, scheduler)
-    theta = torch.full((len(NEG_TYPES),), float(args.theta_init), device=device)
+    theta = torch.full((len(types),), float(args.theta_init), device=device)
     if "theta" in extra:
         theta = extra["theta"].to(device)
     last_epoch = extra.get("epoch")
@@ -393,7 +408,7 @@ def train(args):
                                       args.upper_bound)
         if run.bar is not None:
             run.bar.update(1)
-        thetas = {f"theta_{name}": value for name, value in zip(NEG_TYPES, theta.tolist())}
+        thetas = {f"theta_{name}": value for name, value in zip(types, theta.tolist())}
         run.log(step, run.global_batch, **parts, **thetas, lr=scheduler.get_last_lr()[0],
                 logit_scale=model.logit_scale.exp().item())  # every step: theta is the curriculum
         if run.should_save(step + 1):
@@ -428,6 +443,9 @@ def parse_args(argv=None):
     g.add_argument("--imc-variant", default=None, choices=["own", "all", "release"],
                    help="own: caption's own valid negatives (default); all: every negative of the batch "
                         "(7f4433a); release: the HEAD form (target = first negative of the batch, a bug)")
+    g.add_argument("--neg-types", default=None, help="comma-separated hard-negative types, one slot each (K = their "
+                   f"number), from {', '.join(data.NEGATIVE_TYPES)}; 'spatial' (flip left/right, above/below) is "
+                   "in neither paper, for ablations")
     g.add_argument("--mask-invalid", default=None, choices=["all", "cmr"],
                    help="all: invalid negatives masked in every term; cmr: only in CMR, as released")
     common.document_defaults(p, DEFAULTS)

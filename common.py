@@ -772,6 +772,8 @@ def base_parser(description):
     g.add_argument("--karpathy-file", default=None, help="COCO: Karpathy dataset_coco.json; its val/test images are "
                    "excluded from training")
     g.add_argument("--train-size", type=int, default=None, help="shapes world: number of training scenes")
+    g.add_argument("--shapes-holdout", default=None, help="shapes world: colours and shapes (comma-separated) that no "
+                   "training scene shows; zero-shot on them then measures forgetting (python -m lab.forgetting)")
     g.add_argument("--workers", type=int, default=None, help="DataLoader workers per process")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="open_clip model name (OpenAI weights: a -quickgelu config)")

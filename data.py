@@ -304,8 +304,8 @@ _VERB_BASE = {form: base for base, forms in VERB_FORMS.items() for form in forms
 
 DEGLA_TYPES = ("reshuffle", "swap_nouns", "swap_adjs", "replace_adjs", "replace_nouns")
 CEHN_TYPES = ("relation", "attribute", "object", "action")
-NEGATIVE_TYPES = DEGLA_TYPES + CEHN_TYPES
-NEGATIVES_VERSION = 2  # bump when the rules change, so old caches are not reused
+NEGATIVE_TYPES = DEGLA_TYPES + CEHN_TYPES + ("spatial",)   # spatial: an extra type, in no paper
+NEGATIVES_VERSION = 3  # bump when the rules change, so old caches are not reused
 
 
 def _article_for(word: str) -> str:
@@ -562,23 +562,30 @@ def _neg_replace_object(doc, rng, vocabulary=None) -> str | None:
 def _neg_action(doc, rng, vocabulary=None) -> str | None:
     """Replace a verb by another verb of the same transitivity, in the same form ("sitting" -> "running").
 
-    Captions without a known verb ("a red circle to the left of a square") get their spatial relation
-    flipped instead ("left" -> "right"): the relation is the predicate of such captions.
+    A caption without a known verb ("a red circle to the left of a square") has no action negative: the slot is
+    invalid, as in the data CE-CLIP trained on (its release's generator fills a bare "<mask>" there, but the
+    released data, shown in the repository's data/inspecti.ipynb, marks a caption without a verb "###", valid 0).
     """
     verbs = [token for token in doc if token.pos_ == "VERB" and token.tag_ in _TAG_TO_FORM
              and _VERB_BASE.get(token.lower_) in _VERB_INFO]
-    if verbs:
-        token = rng.choice(verbs)
-        base = _VERB_BASE[token.lower_]
-        has_object = any(child.dep_ in ("dobj", "obj") for child in token.children)
-        category = "transitive" if has_object else "intransitive"
-        own_group = _VERB_INFO[base][1] if _VERB_INFO[base][0] == category else -1
-        groups = [g for g in range(len(ACTION_WORDS[category])) if g != own_group]
-        new_base = ACTION_WORDS[category][rng.choice(groups)][0]
-        new_word = VERB_FORMS[new_base][_TAG_TO_FORM[token.tag_]]
-        editor = _Editor(doc)
-        editor.replace(token.i, token.i + 1, _match_case(new_word, token.text))
-        return editor.render()
+    if not verbs:
+        return None
+    token = rng.choice(verbs)
+    base = _VERB_BASE[token.lower_]
+    has_object = any(child.dep_ in ("dobj", "obj") for child in token.children)
+    category = "transitive" if has_object else "intransitive"
+    own_group = _VERB_INFO[base][1] if _VERB_INFO[base][0] == category else -1
+    groups = [g for g in range(len(ACTION_WORDS[category])) if g != own_group]
+    new_base = ACTION_WORDS[category][rng.choice(groups)][0]
+    new_word = VERB_FORMS[new_base][_TAG_TO_FORM[token.tag_]]
+    editor = _Editor(doc)
+    editor.replace(token.i, token.i + 1, _match_case(new_word, token.text))
+    return editor.render()
+
+
+def _neg_spatial(doc, rng, vocabulary=None) -> str | None:
+    """Flip a spatial relation word ("left" -> "right", "above" -> "below"). Not one of the papers' types: an
+    extra one for ablations (`--neg-types ...,spatial`), the edit SugarCrepe's replace_rel makes on such captions."""
     relations = [token for token in doc if token.lower_ in RELATION_OPPOSITES
                  and token.pos_ in ("ADP", "NOUN", "ADV", "ADJ")]
     if not relations:
@@ -594,7 +601,7 @@ NEGATIVE_RULES = {
     "reshuffle": _neg_reshuffle, "swap_nouns": _neg_swap_nouns, "swap_adjs": _neg_swap_adjs,
     "replace_adjs": _neg_replace_attribute, "replace_nouns": _neg_replace_object,
     "relation": _neg_relation, "attribute": _neg_replace_attribute, "object": _neg_replace_object,
-    "action": _neg_action,
+    "action": _neg_action, "spatial": _neg_spatial,
 }
 
 
@@ -629,8 +636,8 @@ def make_negatives(captions: Sequence[str], types: Sequence[str], cache_dir: str
     CE-CLIP types (`CEHN_TYPES`):
       relation      swap the first two different object nouns
       attribute     as replace_adjs (its own seed), object: as replace_nouns (its own seed)
-      action        replace a verb by another of the same transitivity and form; for captions without a
-                    known verb, flip a spatial relation ("left" -> "right")
+      action        replace a verb by another of the same transitivity and form (invalid without a verb)
+    Extra type (in neither paper): spatial, flip a spatial relation word ("left" -> "right").
     Returns `(negatives, valid)`, both `len(captions) x len(types)`. A slot is invalid when the type is not
     possible for the caption (no adjective, one noun, ...) or would not change it; invalid slots hold the
     original caption, which must never be used as a negative. `vocabulary` (a set of words, or None for
@@ -1754,6 +1761,11 @@ def _image_size_of(transform, default: int = 64) -> int:
     return default
 
 
+def _words(text):
+    """'purple, star' -> ('purple', 'star'); None or '' -> ()."""
+    return tuple(word.strip() for word in (text or "").split(",") if word.strip())
+
+
 def build_train_set(args, transform, tokenizer):
     """The training set named by `args.data`, reading `args.data_root`.
 
@@ -1767,12 +1779,16 @@ def build_train_set(args, transform, tokenizer):
     segments_file = getattr(args, "segments_file", None)
     split = getattr(args, "split", None) or "train"
     long_captions = name in ("docci", "dci", "json", "csv") or getattr(args, "long", False)
+    if getattr(args, "shapes_holdout", None) and name != "shapes":
+        raise DataError(f"--shapes-holdout holds words out of the shapes world's scenes; --data {name} has no such "
+                        "option (filter the captions of a real data set yourself)")
     if name == "shapes":
         shapes_dataset = globals()["ShapesDataset"]  # defined in the shapes world section below
         dataset = shapes_dataset(split="train", size=args.train_size,
                                  image_size=getattr(args, "image_size", None) or _image_size_of(transform),
                                  seed=args.seed, transform=transform,
-                                 long=bool(getattr(args, "long", False) or getattr(args, "local_pairs", False)))
+                                 long=bool(getattr(args, "long", False) or getattr(args, "local_pairs", False)),
+                                 holdout=_words(getattr(args, "shapes_holdout", None)))
     elif name in REAL_DATA:
         root = getattr(args, "data_root", None)
         if not root:
@@ -2064,7 +2080,8 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     split: "train" | "val" | "test" (disjoint random streams of the same seed); size: number of scenes;
     long=True: "caption" is the long multi-sentence caption and "segments" holds the object boxes (the
-    stand-in for SAM output in GOAL's LISM).
+    stand-in for SAM output in GOAL's LISM). holdout: colours and shapes no scene shows (a scene drawn with one is
+    drawn again from the same random stream), so that zero-shot on them measures what fine-tuning forgets.
     Everything is a pure function of (seed, split, index): same seed, same pixels and captions.
     """
 
@@ -2072,15 +2089,21 @@ class ShapesDataset(torch.utils.data.Dataset):
     vocabulary = frozenset(SHAPES + COLORS + SIZES)
 
     def __init__(self, split="train", size=20000, image_size=64, seed=0, transform=None, long=False,
-                 n_objects=None):
+                 n_objects=None, holdout=()):
         if split not in _SPLIT_OFFSET:
             raise ValueError(f"shapes split must be one of {sorted(_SPLIT_OFFSET)}, got {split!r}")
+        unknown = [w for w in holdout if w not in COLORS + SHAPES]
+        if unknown or set(COLORS) <= set(holdout) or set(SHAPES) <= set(holdout):
+            raise DataError(f"shapes holdout {list(holdout)}: expected some (not all) of the colours "
+                            f"{', '.join(COLORS)} and some of the shapes {', '.join(SHAPES)}")
         self.split, self.size, self.image_size, self.seed = split, size, image_size, seed
         self.transform, self.long = transform, long
         self.scenes, self.captions, self.long_sentences = [], [], []
         for i in range(size):
             rng = _scene_rng(seed, split, i)
             scene = sample_scene(rng, n_objects)
+            while any(o.color in holdout or o.shape in holdout for o in scene):
+                scene = sample_scene(rng, n_objects)
             self.scenes.append(scene)
             if long:
                 text, sentences = long_caption(scene, image_size, rng)

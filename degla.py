@@ -372,9 +372,10 @@ def _with_negatives(args, dataset, run):
     """Wrap the caption set with K hard negatives per caption (rule-based, cached; or DeGLA's file).
     Rank 0 builds the spaCy cache first so that the other ranks only read it."""
     types = [t.strip() for t in args.neg_types.split(",") if t.strip()]
-    unknown = [t for t in types if t not in data.DEGLA_TYPES]
+    unknown = [t for t in types if t not in data.NEGATIVE_TYPES]
     if unknown:
-        raise SystemExit(f"--neg-types: unknown {unknown}; DeGLA's types are {', '.join(data.DEGLA_TYPES)}")
+        raise SystemExit(f"--neg-types: unknown {unknown}; known types: {', '.join(data.NEGATIVE_TYPES)} "
+                         f"(DeGLA's are {', '.join(data.DEGLA_TYPES)})")
     with common.main_process_first():
         wrapped = data.WithNegatives(dataset, types, negatives_file=args.negatives, progress=run.is_main)
     valid = torch.tensor(wrapped.valid, dtype=torch.bool)
@@ -481,7 +482,8 @@ def parse_args(argv=None):
     g.add_argument("--ema-decay", type=float, default=None, help="EMA teacher decay alpha; shapes world: "
                    "0.9996^(8000 / steps) (shapes_ema_decay)")
     g.add_argument("--neg-types", default=None,
-                   help=f"comma-separated negative types (K = their number) from {', '.join(data.DEGLA_TYPES)}")
+                   help=f"comma-separated negative types (K = their number) from {', '.join(data.NEGATIVE_TYPES)} "
+                        f"(DeGLA's: {', '.join(data.DEGLA_TYPES)})")
     g.add_argument("--negatives", default=None, help="DeGLA's released negatives JSON ({image_id, original, "
                                                       "enhanced[]}); replaces the rule-based generator")
     g.add_argument("--baseline", default=None, choices=["plain", "negclip"],

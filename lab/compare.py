@@ -9,6 +9,7 @@ and interrupted ones resume, so an interrupted comparison continues where it sto
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -38,6 +39,7 @@ COMPARE_TRAIN_SIZE = 20000   # scenes in the training split of every comparison 
 COMPARE_STEPS = 1000   # the comparison budget: the steps at which NegCLIP's hard negatives beat plain fine-tuning on
                        # ARO by more than 5 points on the shipped base (250 and 500 were not enough: docs/testbed.md)
 SIGLIP_FLAGS = ["--model", common.SHAPES_SIGLIP_MODEL]
+CEHN_SPATIAL_TYPES = "relation,attribute,object,spatial"
 COMPARE_METHODS = OrderedDict([
     ("plain", ("degla.py", ["--baseline", "plain"])),
     ("negclip", ("degla.py", ["--baseline", "negclip"])),
@@ -49,10 +51,16 @@ COMPARE_METHODS = OrderedDict([
     ("goal", ("goal.py", [])),
     ("c2lip-clip", ("c2lip.py", ["--model", common.TINY_MODEL])),
     ("cehn-itchn", ("cehn.py", ["--w-cmr", "0", "--w-imc", "0"])),
+    ("cehn-spatial", ("cehn.py", ["--neg-types", CEHN_SPATIAL_TYPES])),
+    ("cehn-itchn-spatial", ("cehn.py", ["--neg-types", CEHN_SPATIAL_TYPES, "--w-cmr", "0", "--w-imc", "0"])),
 ])
-# Not in the default list: "c2lip-clip", and "cehn-itchn", CE-CLIP's own same-data baseline (its paper's Table 4
-# "itc(hn)": the hard-negative ITC alone, CE-CLIP's two extra losses at 0)
-COMPARE_DEFAULT_METHODS = [m for m in COMPARE_METHODS if m not in ("c2lip-clip", "cehn-itchn")]
+# Not in the default list: "c2lip-clip"; "cehn-itchn", CE-CLIP's own same-data baseline (its paper's Table 4
+# "itc(hn)": the hard-negative ITC alone, CE-CLIP's two extra losses at 0; the same loss, data and optimiser as NegCLIP
+# with CE-CLIP's four types, `degla.py --baseline negclip --neg-types relation,attribute,object,action`, which
+# tests/test_end_to_end.py checks step by step); and the "-spatial" pair, whose fourth slot flips the spatial relation
+# of the verb-less shapes captions instead of being invalid (an ablation: that edit is SugarCrepe's replace_rel).
+COMPARE_OPTIONAL = ("c2lip-clip", "cehn-itchn", "cehn-spatial", "cehn-itchn-spatial")
+COMPARE_DEFAULT_METHODS = [m for m in COMPARE_METHODS if m not in COMPARE_OPTIONAL]
 COMPARE_BEGIN, COMPARE_END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
 
@@ -103,6 +111,8 @@ DEGLA_TARGET = ("mean of replace and swap subsets",
 C2LIP_TARGET = ("mean of swap_att, replace_att, ADD",
                 lambda m: (m["swap_att"] + m["replace_att"] + (m["add_obj"] + m["add_att"]) / 2) / 3)
 GOAL_TARGET = ("long-caption R@1, mean of both directions", _mean_of("long_i2t_r1", "long_t2i_r1"))
+TARGET_SHORT = {ARO[0]: "ARO", SWAP[0]: "SWAP", DEGLA_TARGET[0]: "replace + swap",
+                C2LIP_TARGET[0]: "swap_att, replace_att, ADD", GOAL_TARGET[0]: "long-caption R@1"}   # the figure's labels
 # (method, baseline, (target label, metric)): one row each in the targets table. NegCLIP's two rows are the
 # testbed's own check: hard negatives must lift ARO and SWAP over plain fine-tuning, as they do on COCO
 # (docs/testbed.md).
@@ -111,6 +121,7 @@ COMPARE_TARGETS = [
     ("degla", "plain", DEGLA_TARGET), ("degla", "negclip", DEGLA_TARGET),
     ("cehn", "plain", ARO), ("cehn", "negclip", ARO), ("cehn", "plain", SWAP), ("cehn", "negclip", SWAP),
     ("cehn", "cehn-itchn", ARO), ("cehn", "cehn-itchn", SWAP),
+    ("cehn-spatial", "cehn-itchn-spatial", ARO), ("cehn-spatial", "cehn-itchn-spatial", SWAP),
     ("c2lip", "plain-siglip", C2LIP_TARGET),
     ("c2lip-clip", "plain", C2LIP_TARGET),
     ("goal", "plain-long", GOAL_TARGET),
@@ -151,31 +162,90 @@ def beats(mine, baseline):
     return "no (within spread)"
 
 
-def compare_targets_table(runs):
-    """Each method's target against each baseline of its paper (shapes suite, %), with zero-shot and retrieval."""
-    stat = lambda values: _pm(*_mean_std(list(values.values())))
-    lines = ["| method | target | baseline | base | baseline after | method after | method - baseline (paired) "
-             "| beats? | zero-shot base / baseline / method | R@1 baseline / method |",
-             "|---|---|---|---:|---:|---:|---:|---|---|---|"]
-    zero_shot, retrieval = _mean_of(*ZEROSHOT_KEYS), _mean_of(*RETRIEVAL_KEYS)
+def target_rows(runs):
+    """One dict per COMPARE_TARGETS row whose method and baseline both have runs with the shapes suite: method,
+    baseline, label, metric_fn, and {seed: value} for the method, the baseline and their paired difference (over the
+    seeds both have), with the verdict of `beats`."""
+    rows = []
     for method, baseline, (label, metric_fn) in COMPARE_TARGETS:
         if not runs.get(method) or not runs.get(baseline):
             continue
         mine, theirs = _seeded_values(runs[method], metric_fn), _seeded_values(runs[baseline], metric_fn)
         common_seeds = set(mine) & set(theirs)   # every column over the same seeds, so that they pair
-        same_seeds = lambda values: {k: v for k, v in values.items() if k in common_seeds}  # noqa: E731
-        mine, theirs = same_seeds(mine), same_seeds(theirs)
+        mine = {s: v for s, v in mine.items() if s in common_seeds}
+        theirs = {s: v for s, v in theirs.items() if s in common_seeds}
         if not mine:   # runs without the shapes suite (real data), or no seed in common: no target to show
             continue
-        paired = {s: mine[s] - theirs[s] for s in mine}
-        base = _mean_std(list(_seeded_values(runs[method], metric_fn, "before").values()))[0]
+        rows.append(dict(method=method, baseline=baseline, label=label, metric_fn=metric_fn, mine=mine,
+                         theirs=theirs, paired={s: mine[s] - theirs[s] for s in mine}, verdict=beats(mine, theirs)))
+    return rows
+
+
+def compare_targets_table(runs):
+    """Each method's target against each baseline of its paper (shapes suite, %), with zero-shot and retrieval."""
+    stat = lambda values: _pm(*_mean_std(list(values.values())))  # noqa: E731
+    lines = ["| method | target | baseline | base | baseline after | method after | method - baseline (paired) "
+             "| beats? | zero-shot base / baseline / method | R@1 baseline / method |",
+             "|---|---|---|---:|---:|---:|---:|---|---|---|"]
+    zero_shot, retrieval = _mean_of(*ZEROSHOT_KEYS), _mean_of(*RETRIEVAL_KEYS)
+    for row in target_rows(runs):
+        method, baseline, seeds = row["method"], row["baseline"], set(row["mine"])
+        same_seeds = lambda values: {k: v for k, v in values.items() if k in seeds}  # noqa: E731
+        base = _mean_std(list(_seeded_values(runs[method], row["metric_fn"], "before").values()))[0]
         zs_base = _mean_std(list(_seeded_values(runs[method], zero_shot, "before").values()))[0]
         zs = [stat(same_seeds(_seeded_values(runs[m], zero_shot))) for m in (baseline, method)]
         r1 = [stat(same_seeds(_seeded_values(runs[m], retrieval))) for m in (baseline, method)]
-        lines.append(f"| {method} | {label} | {baseline} | {evaluation._fmt(base)} | {stat(theirs)} | {stat(mine)} | "
-                     f"{stat(paired)} | {beats(mine, theirs)} | {evaluation._fmt(zs_base)} / {zs[0]} / {zs[1]} | "
-                     f"{r1[0]} / {r1[1]} |")
+        lines.append(f"| {method} | {row['label']} | {baseline} | {evaluation._fmt(base)} | {stat(row['theirs'])} | "
+                     f"{stat(row['mine'])} | {stat(row['paired'])} | {row['verdict']} | "
+                     f"{evaluation._fmt(zs_base)} / {zs[0]} / {zs[1]} | {r1[0]} / {r1[1]} |")
     return "\n".join(lines)
+
+
+def verdict_figure(rows, path):
+    """One picture of the verdicts: per target row, the method's paired difference to its baseline (points of the
+    shapes suite), one dot per seed, the mean as a bar with a +-1 std whisker, coloured by the `beats` rule (green:
+    beats, red: worse, grey: within the seed spread). PIL only, like lab/figures.py."""
+    from PIL import Image, ImageDraw
+
+    from lab.figures import GREEN, GREY, INK, RED, _font, _nice_step, _save
+    font, small = _font(14), _font(12)
+    label_w, plot_w, text_w, row_h, top = 330, 520, 270, 30, 78
+    width, height = label_w + plot_w + text_w + 20, top + row_h * len(rows) + 70
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    values = [v for row in rows for v in row["paired"].values()] or [1.0]
+    step = _nice_step(max(abs(v) for v in values), ticks=3)
+    span = step * max(1, math.ceil(max(abs(v) for v in values) / step + 1e-9))
+    x0, x1 = label_w, label_w + plot_w
+    x_of = lambda value: x0 + (value + span) / (2 * span) * plot_w  # noqa: E731
+    draw.text((10, 10), "Each method against its paper's baseline on the shapes world: paired difference of the "
+              "target metric (points)", fill=INK, font=font)
+    draw.text((10, 32), "dots: seeds; bar: mean; whisker: +-1 std. Green: beats (mean above both seed spreads, every "
+              "seed positive); red: worse by the same rule; grey: within the spread.", fill=GREY, font=small)
+    bottom = top + row_h * len(rows)
+    for k in range(-round(span / step), round(span / step) + 1):
+        x = x_of(k * step)
+        draw.line([(x, top - 6), (x, bottom)], fill=INK if k == 0 else (225, 225, 225), width=1)
+        tick = f"{k * step:+g}" if k else "0"
+        draw.text((x - draw.textlength(tick, font=small) / 2, bottom + 6), tick, fill=INK, font=small)
+    draw.text(((x0 + x1) / 2 - 120, bottom + 26), "method - baseline (points, paired by seed)", fill=INK, font=small)
+    for i, row in enumerate(rows):
+        y = top + row_h * i + row_h / 2
+        colour = GREEN if row["verdict"] == "yes" else RED if row["verdict"] == "no (worse)" else GREY
+        draw.text((10, y - 8), f"{row['method']} vs {row['baseline']}: {TARGET_SHORT[row['label']]}", fill=INK,
+                  font=small)
+        mean, std = _mean_std(list(row["paired"].values()))
+        draw.rectangle([min(x_of(0), x_of(mean)), y - 7, max(x_of(0), x_of(mean)), y + 7], fill=colour)
+        if std is not None:
+            draw.line([(x_of(mean - std), y), (x_of(mean + std), y)], fill=INK, width=2)
+            for end in (mean - std, mean + std):
+                draw.line([(x_of(end), y - 5), (x_of(end), y + 5)], fill=INK, width=2)
+        for value in row["paired"].values():
+            draw.ellipse([x_of(value) - 3, y - 3, x_of(value) + 3, y + 3], outline=INK, fill="white")
+        draw.text((x1 + 12, y - 8), f"{_pm(mean, std)}  {row['verdict']} ({len(row['paired'])} seeds)",
+                  fill=colour, font=small)
+    _save(canvas, path)
+    return path
 
 
 def _run_clock(runs):
@@ -295,8 +365,11 @@ def compare_name(config):
         return "c2lip" if siglip else "c2lip-clip"
     if method == "goal" and off("local_weight", "tsl_weight"):
         return "plain-long"
-    if method == "cehn" and off("w_cmr", "w_imc") and config.get("itc_hn") not in (0, 0.0):
-        return "cehn-itchn"
+    if method == "cehn":
+        spatial = "-spatial" if "spatial" in str(config.get("neg_types", "")) else ""
+        if off("w_cmr", "w_imc") and config.get("itc_hn") not in (0, 0.0):
+            return "cehn-itchn" + spatial
+        return "cehn" + spatial
     return method
 
 
@@ -334,7 +407,7 @@ def compare_main(argv):
     p = argparse.ArgumentParser(prog="lab.compare", description="Side-by-side table of plain fine-tuning and "
                                 "the four methods (shapes world by default, or finished runs with --runs).")
     p.add_argument("--methods", default=",".join(COMPARE_DEFAULT_METHODS),
-                   help=f"comma-separated subset of {list(COMPARE_METHODS)} (default: all but c2lip-clip and cehn-itchn)")
+                   help=f"comma-separated subset of {list(COMPARE_METHODS)} (default: all but {', '.join(COMPARE_OPTIONAL)})")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (the full comparison, 3 seeds x "
                    "8 settings at 1000 steps, took 507 minutes of run time and 323 minutes of wall-clock time with 2 "
                    "runs side by side on 2 CPU cores; --seeds 0 or --steps 250 for a quicker look)")
@@ -345,6 +418,8 @@ def compare_main(argv):
                    "(e.g. real COCO/DOCCI runs); grouped by what their config.json says they are (plain, negclip, degla, "
                    "plain-siglip, ...)")
     p.add_argument("--readme", default=None, help="also write the table into this README's compare section")
+    p.add_argument("--figure", default=None, help="also draw the verdicts (each target row's paired difference per "
+                   "seed) into this PNG, e.g. docs/verdicts.png")
     p.add_argument("--extra", default="", help="extra flags passed to every run, e.g. '--train-size 5000'")
     _add_parallel_flags(p)
     p.add_argument("--no-train", action="store_true",
@@ -375,6 +450,8 @@ def compare_main(argv):
                     jobs.append((m, seed, run_dir, args.steps))
         _train_missing(jobs, args)
     targets = compare_targets_table(runs)
+    if args.figure:
+        print(f"wrote {verdict_figure(target_rows(runs), args.figure)}")
     intro = ""
     if targets.count("\n") > 1:
         intro = ("**Each method's target metric against its paper's baselines** (shapes suite, %; mean ± standard "

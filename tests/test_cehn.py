@@ -230,3 +230,31 @@ def test_short_run_moves_the_thresholds_and_saves_them(shapes_base, tmp_path):
     assert torch.allclose(saved, torch.tensor(theta))  # method state travels with the checkpoint
     trained, _, _, _ = common.create_backbone(common.TINY_MODEL, str(tmp_path / "final.pt"))
     assert all(torch.isfinite(p).all() for p in trained.parameters())
+
+
+# ------------------------------------------------------------------ itc(hn) is NegCLIP with CE-CLIP's negatives
+def test_itc_hn_alone_is_negclip_with_cehn_negative_types(shapes_base, tmp_path):
+    """CE-CLIP's own baseline (its Table 4 "itc(hn)": `cehn.py --w-cmr 0 --w-imc 0`) and NegCLIP fed CE-CLIP's four
+    types (`degla.py --baseline negclip --neg-types relation,attribute,object,action`) are one training run: same
+    loss, data, sampler and optimiser. Their logged losses agree step by step (float32, so to 1e-5); a different
+    negative set (DeGLA's types) does not."""
+    import json
+
+    import degla
+    shared = ["--pretrained", shapes_base, "--steps", "3", "--batch-size", "16", "--train-size", "48", "--eval", "",
+              "--no-progress", "--seed", "0", "--save-every", "0"]
+    cehn.train(cehn.parse_args([*shared, "--w-cmr", "0", "--w-imc", "0", "--out", str(tmp_path / "itchn")]))
+    cehn_types = ",".join(cehn.NEG_TYPES)
+    for name, types in (("negclip-cehn", cehn_types), ("negclip-degla", "reshuffle,swap_nouns,swap_adjs,replace_adjs")):
+        degla.train(degla.parse_args([*shared, "--baseline", "negclip", "--neg-types", types,
+                                      "--out", str(tmp_path / name)]))
+
+    def losses(run, key):
+        records = [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        return {r["step"]: r[key] for r in records if key in r}
+
+    itchn, negclip, other = losses("itchn", "itc"), losses("negclip-cehn", "global"), losses("negclip-degla", "global")
+    assert len(negclip) >= 2 and set(negclip) <= set(itchn)
+    for step, value in negclip.items():
+        assert abs(value - itchn[step]) < 1e-5 * abs(value), (step, value, itchn[step])
+    assert max(abs(other[s] - itchn[s]) for s in other) > 1e-3

@@ -16,11 +16,12 @@ EXPECTED = {
         "swap_nouns": "A small red square to the left of a large blue circle.",
         "swap_adjs": "A small blue circle to the left of a large red square.",
         "relation": "A small red square to the left of a large blue circle.",
-        "action": "A small red circle to the right of a large blue square.",
+        "action": None,   # no verb: invalid, as in CE-CLIP's released data
+        "spatial": "A small red circle to the right of a large blue square.",
     },
     "The car is red and the bus is blue.": {
         "swap_adjs": "The car is blue and the bus is red.",
-        "action": None,  # no verb, no spatial relation
+        "action": None, "spatial": None,  # no verb, no spatial relation
     },
     "Two dogs are playing with a ball.": {
         "swap_nouns": "Two balls are playing with a dog.",  # number follows the slot

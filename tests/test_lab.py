@@ -17,7 +17,7 @@ import data
 import degla
 import eval as ev
 import goal
-from lab import base_models, budget, compare, figures
+from lab import base_models, budget, compare, figures, forgetting
 
 
 # ---------- figures ----------
@@ -150,7 +150,10 @@ def test_compare_runs_are_named_by_what_their_config_says(tmp_path):
                "c2lip-clip": {"method": "c2lip", "model": "shapes-tiny-vit", "w_npc": 1.0, "w_xac": 0.5},
                "plain-long": {"method": "goal", "local_weight": 0.0, "tsl_weight": 0.0},
                "goal": {"method": "goal", "local_weight": 1.0, "tsl_weight": 1.0}, "cehn": {"method": "cehn"},
-               "cehn-itchn": {"method": "cehn", "itc_hn": 1, "w_cmr": 0.0, "w_imc": 0.0}}
+               "cehn-itchn": {"method": "cehn", "itc_hn": 1, "w_cmr": 0.0, "w_imc": 0.0},
+               "cehn-spatial": {"method": "cehn", "neg_types": "relation,attribute,object,spatial"},
+               "cehn-itchn-spatial": {"method": "cehn", "itc_hn": 1, "w_cmr": 0.0, "w_imc": 0.0,
+                                      "neg_types": "relation,attribute,object,spatial"}}
     for name, config in configs.items():
         assert compare.compare_name(config) == name
     for i, name in enumerate(("plain", "negclip")):
@@ -226,6 +229,14 @@ def test_compare_targets_pair_seeds_and_apply_the_spread_rule(tmp_path):
     assert ("degla", "mean of replace and swap subsets", "plain") not in rows   # no DeGLA runs: no row
     assert compare.beats({0: 60.0}, {0: 50.0}) == "1 seed"
     assert compare.beats({0: 40.0, 1: 41.0}, {0: 50.0, 1: 52.0}) == "no (worse)"
+    # the verdict picture: one row per target row; green bars for "yes", red for "no (worse)" (CE-CLIP against
+    # NegCLIP), grey for "within spread"
+    target_rows = compare.target_rows(runs)
+    verdicts = [r["verdict"] for r in target_rows]
+    assert (verdicts.count("yes"), verdicts.count("no (worse)"), len(verdicts)) == (3, 2, len(rows))
+    picture = Image.open(compare.verdict_figure(target_rows, tmp_path / "verdicts.png")).convert("RGB")
+    colours = {colour for _, colour in picture.getcolors(maxcolors=1 << 20)}
+    assert figures.GREEN in colours and figures.RED in colours and figures.GREY in colours
     table = compare.compare_table(runs)
     assert "Starting from **shapes-tiny-vit**:" in table and "Starting from **shapes-tiny-siglip**:" in table
     siglip_part = table[table.index("Starting from **shapes-tiny-siglip**:"):]
@@ -369,3 +380,41 @@ def test_gpu_check_dry_run_runs_every_method_and_the_harness(tmp_path, capsys):
     assert methods == ["degla", "cehn", "c2lip", "goal", "degla, --accum-freq 2"]
     assert all(row.split("|")[7].strip() == "yes" for row in rows[2:]), rows   # every loss finite
     assert "evaluation harness, SugarCrepe format: 77 items" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ forgetting: held-out colours and shapes
+def test_holdout_scenes_never_show_the_held_out_words_and_stay_a_function_of_the_seed():
+    held = data.ShapesDataset("train", size=300, seed=3, holdout=("purple", "star"))
+    assert not any(o.color == "purple" or o.shape == "star" for scene in held.scenes for o in scene)
+    assert not any("purple" in c or "star" in c for c in held.captions)
+    assert held.captions == data.ShapesDataset("train", size=300, seed=3, holdout=("purple", "star")).captions
+    free = data.ShapesDataset("train", size=300, seed=3)   # a scene without held-out words is left as it was
+    kept = [i for i, scene in enumerate(free.scenes) if not any(o.color == "purple" or o.shape == "star" for o in scene)]
+    assert kept and all(held.captions[i] == free.captions[i] for i in kept)
+    for bad in (("pink",), data.COLORS):
+        with pytest.raises(data.DataError, match="expected some"):
+            data.ShapesDataset("train", size=2, holdout=bad)
+
+
+def test_forgetting_table_pairs_seeds_and_reads_the_runs_scores(tmp_path):
+    """forgetting.json as score_run writes it, for plain (forgets: 90, 92, 94 on the held-out colour) and DeGLA
+    (98, 99, 100): paired +8, +7, +6 against spreads of 4 and 2 -> beats."""
+    runs = {}
+    for method, values in (("plain", (90.0, 92.0, 94.0)), ("degla", (98.0, 99.0, 100.0))):
+        runs[method] = []
+        for seed, value in enumerate(values):
+            run = tmp_path / f"{method}-seed{seed}"
+            run.mkdir()
+            (run / "config.json").write_text(json.dumps({"method": "degla", "seed": seed}))
+            scores = {key: value for key in forgetting.SCORES} | {"n held out": 5, "n seen": 7}
+            base = {key: 100.0 for key in forgetting.SCORES} | {"n held out": 5, "n seen": 7}
+            (run / "forgetting.json").write_text(json.dumps({"holdout": ["purple"], "before": base, "after": scores}))
+            runs[method].append(run)
+    table = forgetting.forgetting_table(runs)
+    assert "| colour held out | 100.00 | 92.0 ± 2.0 | 99.0 ± 1.0 |" in table
+    assert "| degla | plain | colour held out | 92.0 ± 2.0 | 99.0 ± 1.0 | 7.0 ± 1.0 | yes |" in table
+    run = tmp_path / "no-holdout"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"method": "degla", "model": "shapes-tiny-vit"}))
+    with pytest.raises(SystemExit, match="without --shapes-holdout"):
+        forgetting.score_run(run)

@@ -1,0 +1,152 @@
+"""Forgetting on the shapes world: zero-shot on colours and shapes that fine-tuning never showed.
+
+    python -m lab.compare --methods plain,negclip,degla --extra "--shapes-holdout purple,star" \
+        --out lab/results/forgetting --steps 500                      # train: no scene shows purple or a star
+    python -m lab.forgetting --out lab/results/forgetting             # score each run, write forgetting.md
+
+DeGLA's second claim is that its self-distillation keeps the pre-trained model's general knowledge while hard
+negatives teach composition (DeGLA, Hu et al. 2025, Table 5: zero-shot on 11 data sets, DeGLA 58.7 against NegCLIP
+58.1 and CLIP 61.0). On the shapes world the suite's zero-shot sits at 99-100% for every fine-tuned model, because
+fine-tuning shows every colour and shape the classifier asks about. Here the fine-tuning scenes never show the
+held-out words (`--shapes-holdout`, data.ShapesDataset(holdout=...)), while the base model, trained on every word,
+names them almost perfectly; what a fine-tuned model loses on them is what fine-tuning made it forget.
+
+Scores (%, zero-shot with the suite's templates, on single-object test scenes; "held out" are the objects that show a
+held-out colour or shape, "seen" the others):
+  colour held out   8-way colour of the objects whose colour is held out
+  shape held out    8-way shape of the objects whose shape is held out
+  pair held out     64-way colour-and-shape of the objects that show a held-out word
+  pair seen         64-way colour-and-shape of the other objects (the control: what fine-tuning saw)
+Each run's scores go to forgetting.json in its folder (kept with the run's record; the model itself is not needed
+again), and the table with each method's paired difference to its baselines to forgetting.md.
+"""
+import argparse
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+import common
+import data
+import eval as evaluation
+from lab import compare
+
+FORGETTING_SEED = evaluation.SHAPES_SUITE_SEED + 7   # a test stream of its own, apart from the suite's scenes
+FORGETTING_SCENES = 2400   # single-object scenes: about 300 per held-out word
+SCORES = ("colour held out", "shape held out", "pair held out", "pair seen")
+# (method, baseline) rows of the paired table: DeGLA's paper compares with NegCLIP and with CLIP (plain here)
+PAIRS = (("degla", "negclip"), ("degla", "plain"), ("negclip", "plain"))
+
+
+@torch.no_grad()
+def forgetting_scores(model, tokenizer, transform, holdout, device=None, n_scenes=FORGETTING_SCENES):
+    """The four scores above for one model; `holdout` a list of colours and shapes."""
+    held_colours = [c for c in data.COLORS if c in holdout]
+    held_shapes = [s for s in data.SHAPES if s in holdout]
+    singles = data.ShapesDataset("test", size=n_scenes, seed=FORGETTING_SEED, n_objects=1)
+    objects = [scene[0] for scene in singles.scenes]
+    model.eval()
+    image_emb, _ = evaluation.encode_images(model, [singles.image(i) for i in range(n_scenes)], transform, device,
+                                            workers=0)
+    templates = [t + "." for t in evaluation.ZEROSHOT_TEMPLATES]
+
+    def accuracy(classnames, label_of, keep):
+        rows = [i for i, o in enumerate(objects) if keep(o)]
+        if not rows:
+            return None
+        classifier = evaluation.zero_shot_classifier(model, tokenizer, classnames, templates, device)
+        labels = torch.tensor([classnames.index(label_of(objects[i])) for i in rows])
+        return evaluation.zero_shot_scores(image_emb[rows], labels, classifier)["acc1"]
+
+    pairs = [f"{c} {s}" for c in data.COLORS for s in data.SHAPES]
+    pair_of = lambda o: f"{o.color} {o.shape}"  # noqa: E731
+    held = lambda o: o.color in holdout or o.shape in holdout  # noqa: E731
+    return {
+        "colour held out": accuracy([f"{c} object" for c in data.COLORS], lambda o: f"{o.color} object",
+                                    lambda o: o.color in held_colours),
+        "shape held out": accuracy(list(data.SHAPES), lambda o: o.shape, lambda o: o.shape in held_shapes),
+        "pair held out": accuracy(pairs, pair_of, held),
+        "pair seen": accuracy(pairs, pair_of, lambda o: not held(o)),
+        "n held out": sum(map(held, objects)), "n seen": sum(not held(o) for o in objects),
+    }
+
+
+def score_run(run_dir, device=None):
+    """forgetting.json of a finished run folder: the base's and the run's scores (computed once, then read)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "forgetting.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    holdout = list(data._words(config.get("shapes_holdout")))
+    if not holdout:
+        raise SystemExit(f"lab.forgetting: {run_dir} was trained without --shapes-holdout: nothing was held out")
+    if not (run_dir / "open_clip_config.json").exists():
+        raise SystemExit(f"lab.forgetting: {run_dir} has no exported model (a finished run writes one)")
+    device = evaluation.pick_device(device)
+    scores = {"holdout": holdout}
+    for when, (name, pretrained) in (("before", (config["model"], config.get("pretrained") or "shapes")),
+                                     ("after", (f"local-dir:{run_dir}", None))):
+        model, transform, tokenizer = evaluation.create_backbone(name, pretrained, device)
+        scores[when] = forgetting_scores(model, tokenizer, transform, holdout, device)
+    evaluation._atomic_write(path, json.dumps(scores, indent=1))
+    return scores
+
+
+def forgetting_table(runs):
+    """Markdown: each setting's scores before and after (mean +- std over seeds), then the paired differences."""
+    scores = {m: {json.loads((Path(d) / "config.json").read_text()).get("seed", i): score_run(d)
+                  for i, d in enumerate(dirs)} for m, dirs in runs.items() if dirs}
+    first = next(iter(next(iter(scores.values())).values()))
+    lines = [f"Held out of fine-tuning: {', '.join(first['holdout'])} ({first['before']['n held out']} test objects "
+             f"show one, {first['before']['n seen']} do not).", "",
+             "| score | base | " + " | ".join(scores) + " |", "|---|---:|" + "---:|" * len(scores)]
+    for key in SCORES:
+        base = next(iter(next(iter(scores.values())).values()))["before"][key]
+        cells = [compare._pm(*compare._mean_std([s["after"][key] for s in per_seed.values()]))
+                 for per_seed in scores.values()]
+        lines.append(f"| {key} | {evaluation._fmt(base)} | " + " | ".join(cells) + " |")
+    lines += ["", "| method | baseline | score | baseline after | method after | method - baseline (paired) | beats? |",
+              "|---|---|---|---:|---:|---:|---|"]
+    for method, baseline in PAIRS:
+        if method not in scores or baseline not in scores:
+            continue
+        for key in SCORES[:3]:
+            mine = {seed: s["after"][key] for seed, s in scores[method].items()}
+            theirs = {seed: s["after"][key] for seed, s in scores[baseline].items() if seed in mine}
+            mine = {seed: v for seed, v in mine.items() if seed in theirs}
+            paired = [mine[seed] - theirs[seed] for seed in mine]
+            stat = lambda values: compare._pm(*compare._mean_std(list(values)))  # noqa: E731
+            lines.append(f"| {method} | {baseline} | {key} | {stat(theirs.values())} | {stat(mine.values())} | "
+                         f"{stat(paired)} | {compare.beats(mine, theirs)} |")
+    return "\n".join(lines)
+
+
+def forgetting_main(argv):
+    p = argparse.ArgumentParser(prog="python -m lab.forgetting", description="Zero-shot on held-out colours and "
+                                "shapes of runs trained with --shapes-holdout (see the module docstring).")
+    p.add_argument("--out", default="lab/results/forgetting", help="folder of the runs (<method>-seed<n>, as "
+                   "lab.compare writes them); forgetting.md is written there")
+    p.add_argument("--methods", default="plain,negclip,degla", help="comma-separated settings to score")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    args = p.parse_args(argv)
+    runs = OrderedDict()
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        dirs = sorted(d for d in Path(args.out).glob(f"{method}-seed*") if (d / "results.json").exists())
+        if dirs:
+            runs[method] = dirs
+    if not runs:
+        raise SystemExit(f"lab.forgetting: no finished runs of {args.methods} in {args.out}")
+    for dirs in runs.values():
+        for d in dirs:
+            score_run(d, args.device)
+    table = forgetting_table(runs)
+    evaluation._atomic_write(Path(args.out) / "forgetting.md", table + "\n")
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    forgetting_main(sys.argv[1:])
