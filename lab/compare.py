@@ -18,8 +18,11 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
 import common
 import eval as evaluation
+from lab.figures import GREEN, GREY, INK, RED, _font, _nice_step, _save
 
 # ===== Side by side: `python -m lab.compare` =====
 # Runs plain fine-tuning and the four methods on the shapes world with the same base model, steps, batch size
@@ -205,9 +208,6 @@ def verdict_figure(rows, path):
     """One picture of the verdicts: per target row, the method's paired difference to its baseline (points of the
     shapes suite), one dot per seed, the mean as a bar with a +-1 std whisker, coloured by the `beats` rule (green:
     beats, red: worse, grey: within the seed spread). PIL only, like lab/figures.py."""
-    from PIL import Image, ImageDraw
-
-    from lab.figures import GREEN, GREY, INK, RED, _font, _nice_step, _save
     font, small = _font(14), _font(12)
     label_w, plot_w, text_w, row_h, top = 330, 520, 270, 30, 78
     width, height = label_w + plot_w + text_w + 20, top + row_h * len(rows) + 70
@@ -425,7 +425,6 @@ def compare_main(argv):
     p.add_argument("--no-train", action="store_true",
                    help="train nothing: tabulate the finished runs among those requested (others are left out)")
     args = p.parse_args(argv)
-    start = time.time()
     if args.runs:
         unfinished = [d for d in args.runs if not (Path(d) / "results.json").exists()]
         if unfinished:

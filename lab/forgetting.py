@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-import common
 import data
 import eval as evaluation
 from lab import compare
