@@ -12,8 +12,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 import eval as evaluation
-from lab.compare import (COMPARE_DEFAULT_METHODS, COMPARE_METHODS, COMPARE_STEPS, COMPARE_TARGETS, _add_parallel_flags,
-                         _parse_methods, _seeded_values, _train_missing)
+from lab.compare import (COMPARE_DEFAULT_METHODS, COMPARE_METHODS, COMPARE_OPTIONAL, COMPARE_STEPS, COMPARE_TARGETS,
+                         _add_parallel_flags, _parse_methods, _seeded_values, _train_missing)
 
 # ===== Budget curve: `python -m lab.budget` =====
 # One seed of each method and its baselines at several step counts (by default a quarter, a half and all of the
@@ -51,7 +51,8 @@ def budget_main(argv):
                    help="comma-separated step counts (default: a quarter, a half and all of the comparison's budget)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every run")
     p.add_argument("--methods", default=",".join(COMPARE_DEFAULT_METHODS),
-                   help=f"comma-separated subset of {list(COMPARE_METHODS)} (default: all but c2lip-clip and cehn-itchn)")
+                   help=f"comma-separated subset of {list(COMPARE_METHODS)} (default: all but "
+                        f"{', '.join(COMPARE_OPTIONAL)})")
     p.add_argument("--out", default="runs/budget", help="folder of the runs (steps-<N>/<method>-seed<seed>) and of "
                    "budget.md")
     p.add_argument("--reuse", default="runs/compare", help="folder of `lab.compare` runs: a finished run there "
