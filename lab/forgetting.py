@@ -1,8 +1,7 @@
 """Forgetting on the shapes world: zero-shot on colours and shapes that fine-tuning never showed.
 
-    python -m lab.compare --methods plain,negclip,degla --extra "--shapes-holdout purple,star" \
-        --out lab/results/forgetting --steps 500                      # train: no scene shows purple or a star
-    python -m lab.forgetting --out lab/results/forgetting             # score each run, write forgetting.md
+    python -m lab.forgetting --out lab/results/forgetting      # train 3 seeds of plain, NegCLIP and DeGLA, score them
+    python -m lab.forgetting --seeds 0 --steps 200             # a quicker look
 
 DeGLA's second claim is that its self-distillation keeps the pre-trained model's general knowledge while hard
 negatives teach composition (DeGLA, Hu et al. 2025, Table 5: zero-shot on 11 data sets, DeGLA 58.7 against NegCLIP
@@ -17,8 +16,11 @@ held-out colour or shape, "seen" the others):
   shape held out    8-way shape of the objects whose shape is held out
   pair held out     64-way colour-and-shape of the objects that show a held-out word
   pair seen         64-way colour-and-shape of the other objects (the control: what fine-tuning saw)
-Each run's scores go to forgetting.json in its folder (kept with the run's record; the model itself is not needed
-again), and the table with each method's paired difference to its baselines to forgetting.md.
+The runs are lab.compare's settings (plain, negclip, degla: the same scripts and flags) trained with
+`--shapes-holdout` and without the suite's evaluation (`--eval=`: the comparison measures composition), each an
+ordinary subprocess; finished runs are reused, interrupted ones resume. Each run's scores go to forgetting.json in
+its folder (kept with the run's record, so the model is not needed again), and the table with each method's paired
+difference to its baselines to forgetting.md.
 """
 import argparse
 import json
@@ -34,6 +36,8 @@ from lab import compare
 
 FORGETTING_SEED = evaluation.SHAPES_SUITE_SEED + 7   # a test stream of its own, apart from the suite's scenes
 FORGETTING_SCENES = 2400   # single-object scenes: about 300 per held-out word
+FORGETTING_HOLDOUT = "purple,cyan,star,heart"   # two colours and two shapes: 44% of the test objects show one
+FORGETTING_STEPS = 400   # a shorter budget than the comparison's 1000 steps, for the cost of 9 runs
 SCORES = ("colour held out", "shape held out", "pair held out", "pair seen")
 # (method, baseline) rows of the paired table: DeGLA's paper compares with NegCLIP and with CLIP (plain here)
 PAIRS = (("degla", "negclip"), ("degla", "plain"), ("negclip", "plain"))
@@ -126,16 +130,29 @@ def forgetting_table(runs):
 def forgetting_main(argv):
     p = argparse.ArgumentParser(prog="python -m lab.forgetting", description="Zero-shot on held-out colours and "
                                 "shapes of runs trained with --shapes-holdout (see the module docstring).")
-    p.add_argument("--out", default="lab/results/forgetting", help="folder of the runs (<method>-seed<n>, as "
-                   "lab.compare writes them); forgetting.md is written there")
-    p.add_argument("--methods", default="plain,negclip,degla", help="comma-separated settings to score")
+    p.add_argument("--out", default="runs/forgetting", help="folder of the runs (<method>-seed<n>); forgetting.md "
+                   "is written there")
+    p.add_argument("--methods", default="plain,negclip,degla", help="comma-separated lab.compare settings")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--steps", type=int, default=FORGETTING_STEPS, help="training steps of every run")
+    p.add_argument("--holdout", default=FORGETTING_HOLDOUT, help="colours and shapes no training scene shows")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    compare._add_parallel_flags(p)
+    p.add_argument("--no-train", action="store_true", help="train nothing: score and tabulate the finished runs")
     args = p.parse_args(argv)
-    runs = OrderedDict()
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        dirs = sorted(d for d in Path(args.out).glob(f"{method}-seed*") if (d / "results.json").exists())
-        if dirs:
-            runs[method] = dirs
+    methods = compare._parse_methods(args.methods, "forgetting")
+    args.extra = f"--shapes-holdout {args.holdout} --eval="   # read by compare._train_missing
+    finished = lambda d: (d / "forgetting.json").exists() or (d / "open_clip_config.json").exists()  # noqa: E731
+    runs, jobs = OrderedDict((m, []) for m in methods), []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for method in methods:
+            run_dir = Path(args.out) / f"{method}-seed{seed}"
+            if finished(run_dir) or not args.no_train:
+                runs[method].append(run_dir)
+            if not finished(run_dir) and not args.no_train:
+                jobs.append((method, seed, run_dir, args.steps))
+    compare._train_missing(jobs, args)
+    runs = OrderedDict((m, dirs) for m, dirs in runs.items() if dirs)
     if not runs:
         raise SystemExit(f"lab.forgetting: no finished runs of {args.methods} in {args.out}")
     for dirs in runs.values():
