@@ -240,12 +240,11 @@ METHOD_TITLES = {"degla": "DeGLA", "cehn": "CE-CLIP"}
 
 
 def figure_negative_types(method, run_dir=None):
-    """The negative types a method trains with on the shapes world: DeGLA's --neg-types (the run's own if its
-    config.json has them, else degla.PAPER_DEFAULTS), CE-CLIP's fixed four (cehn.py: data.CEHN_TYPES)."""
-    if method == "cehn":
-        return list(data.CEHN_TYPES)
-    if method == "degla":
-        types = _run_config(run_dir).get("neg_types") or degla.PAPER_DEFAULTS["neg_types"]
+    """The negative types a method trains with: the run's --neg-types if its config.json has them, else the
+    method's default (degla.PAPER_DEFAULTS, data.CEHN_TYPES)."""
+    if method in ("cehn", "degla"):
+        default = ",".join(data.CEHN_TYPES) if method == "cehn" else degla.PAPER_DEFAULTS["neg_types"]
+        types = _run_config(run_dir).get("neg_types") or default
         return [t.strip() for t in types.split(",") if t.strip()]
     raise ValueError(f"negatives figure: method must be degla or cehn, got {method!r}")
 
@@ -304,20 +303,24 @@ def negatives_figure(before, after, path, method="degla", log_path=None, scene=N
     negatives, valid = data.make_negatives(captions, types, progress=False, vocabulary=data.ShapesDataset.vocabulary)
     image_size = evaluation._transform_size(before.transform)
     pick, rule = 0, "chosen with --scene"
-    # every type valid and no two negatives alike (two red objects make a colour swap and a noun swap the same text)
-    complete = [k for k in range(len(indices)) if all(valid[k]) and len(set(negatives[k])) == len(types)]
+    # every type valid that is valid on some searched caption (CE-CLIP's action never is: the captions have no
+    # verb), and no two negatives alike (two red objects make a colour swap and a noun swap the same text)
+    possible = [j for j in range(len(types)) if any(flags[j] for flags in valid)]
+    complete = [k for k in range(len(indices)) if all(valid[k][j] for j in possible)
+                and len({negatives[k][j] for j in possible}) == len(possible)]
     if scene is None and complete:
         images = [data.render_scene(world.scenes[indices[k]], image_size) for k in complete]
         image_emb, _ = evaluation.encode_images(before.model, images, before.transform, device, workers=0)
         pos_emb = evaluation.encode_texts(before.model, before.tokenizer, [captions[k] for k in complete], device)
-        neg_emb = evaluation.encode_texts(before.model, before.tokenizer, [n for k in complete for n in negatives[k]], device)
+        neg_emb = evaluation.encode_texts(before.model, before.tokenizer,
+                                          [negatives[k][j] for k in complete for j in possible], device)
         pos_score = (image_emb * pos_emb).sum(-1)
-        neg_score = evaluation.choice_scores(image_emb, neg_emb.view(len(complete), len(types), -1))
+        neg_score = evaluation.choice_scores(image_emb, neg_emb.view(len(complete), len(possible), -1))
         fooled = (neg_score.max(dim=1).values >= pos_score).nonzero().flatten().tolist()
         pick = complete[fooled[0] if fooled else 0]
-        rule = (f"the first of the first {len(indices)} held-out relation captions with {len(types)} different valid "
+        rule = (f"the first of the first {len(indices)} held-out relation captions with {len(possible)} different valid "
                 f"negatives on which the before model scores a negative at or above the caption" if fooled else
-                f"the first of the first {len(indices)} held-out relation captions with {len(types)} different valid "
+                f"the first of the first {len(indices)} held-out relation captions with {len(possible)} different valid "
                 f"negatives (the before model ranks the caption first on all of them)")
     index, caption = indices[pick], captions[pick]
     texts = [caption] + [n for n, ok in zip(negatives[pick], valid[pick]) if ok]

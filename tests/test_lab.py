@@ -62,6 +62,7 @@ def test_negatives_figure_cehn_with_thresholds(tmp_path, base):
     assert Image.open(out).size == (1250, 470 + 280)   # NEGATIVES_SIZE plus the thresholds panel
     assert info["types"] == list(data.CEHN_TYPES) and info["thresholds"] == list(cehn.NEG_TYPES)
     assert len(info["rows"]) == 1 + len(info["types"]) - len(info["invalid"])
+    assert info["invalid"] == ["action"]   # the shapes captions have no verb; the other three types all apply
     assert all(r["before"] == pytest.approx(r["after"]) for r in info["rows"])   # before = after = the base
     assert figures.read_thresholds(log)[1] == ("attribute", [0, 1, 2, 3], [1.0, 1.5, 2.0, 2.5])
     no_theta = tmp_path / "plain.jsonl"
