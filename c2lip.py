@@ -510,7 +510,6 @@ def batch_loss(features, current, args, concept_logits=None, run=None):
 def backward(run, forward, micro_batches, args, step=None):
     """The gradients of one optimizer step over --accum-freq micro-batches (`common.accumulated_backward`).
     `forward`: C2lipForward, maybe DDP-wrapped. Returns (loss, parts, concepts) of the whole batch."""
-    ddp = forward if isinstance(forward, nn.parallel.DistributedDataParallel) else None
     module = common.unwrap(forward)
     # the scalars the loss reads directly (scale, SigLIP bias, concept scale and bias): common.accumulated_backward
     scalars = [module.model.logit_scale, getattr(module.model, "logit_bias", None)]
@@ -519,7 +518,7 @@ def backward(run, forward, micro_batches, args, step=None):
     return common.accumulated_backward(
         run, micro_batches, encode=lambda batch: micro_batch_features(run, forward, batch),
         loss_of=lambda features, current: batch_loss(features, current, args, module.concept_logits, run),
-        loss_scalars=scalars, ddp=ddp, step=step)
+        loss_scalars=scalars, module=forward, step=step)
 
 
 def target_metric(metrics):

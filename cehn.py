@@ -317,11 +317,10 @@ def backward(run, forward, micro_batches, theta, args, tokenizer, step=None):
     """The gradients of one optimizer step over --accum-freq micro-batches (`common.accumulated_backward`), with the
     thresholds theta fixed for the whole step. `forward`: CeForward, maybe DDP-wrapped.
     Returns (loss, parts, logits, neg_valid) of the whole batch."""
-    ddp = forward if isinstance(forward, torch.nn.parallel.DistributedDataParallel) else None
     return common.accumulated_backward(
         run, micro_batches, encode=lambda batch: micro_batch_features(run, forward, batch, args, tokenizer),
         loss_of=lambda features, current: batch_loss(features, current, theta, args),
-        loss_scalars=[common.unwrap(forward).model.logit_scale], ddp=ddp, step=step)
+        loss_scalars=[common.unwrap(forward).model.logit_scale], module=forward, step=step)
 
 
 def release_placeholders(neg_texts, neg_valid, tokenizer):

@@ -930,7 +930,7 @@ def split_collate(collate_fn, accum_freq):
     return collate
 
 
-def accumulated_backward(run, micro_batches, encode, loss_of, loss_scalars=(), ddp=None, constants=None, step=None):
+def accumulated_backward(run, micro_batches, encode, loss_of, loss_scalars=(), module=None, constants=None, step=None):
     """Gradients of the loss of the whole batch (K micro-batches), holding the activations of one micro-batch at a
     time: open_clip's `--accum-freq` (https://github.com/mlfoundations/open_clip, src/open_clip_train/train.py).
 
@@ -949,10 +949,11 @@ def accumulated_backward(run, micro_batches, encode, loss_of, loss_scalars=(), d
          passes add up to the whole batch's gradient (tests/test_accumulation.py checks it in float64).
     The scalars the loss reads directly get the whole gradient in every pass (and on every rank: see
     `gather_features`), so their gradient is divided by K x world size at the end. Each pass back-propagates
-    loss x world size, because DDP averages over ranks; `ddp` (the DDP-wrapped module) skips the all-reduce in
-    passes 1..K-1 (`no_sync`): the gradients add up locally and are reduced once, in the last pass.
+    loss x world size, because DDP averages over ranks. If `module` (the one `encode` runs) is DDP-wrapped, passes
+    1..K-1 skip its all-reduce (`no_sync`): the gradients add up locally and are reduced once, in the last pass.
     Returns what loss_of returned in the last pass (every pass computes the same loss value)."""
     k = len(micro_batches)
+    ddp = module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else None
     with torch.no_grad():
         fixed = [constants(mb) if constants is not None else {} for mb in micro_batches]
         cached = [{**fixed[j], **encode(mb)} for j, mb in enumerate(micro_batches)] if k > 1 else None

@@ -351,11 +351,10 @@ def backward(run, student, ema, micro_batches, args, step=None):
     """The gradients of one optimizer step over --accum-freq micro-batches (`common.accumulated_backward`): the
     student's features are recomputed with gradient one micro-batch at a time, the teacher's computed once.
     `student` may be DDP-wrapped; ema: the EMA teacher or None. Returns (loss, parts) of the whole batch."""
-    ddp = student if isinstance(student, torch.nn.parallel.DistributedDataParallel) else None
     return common.accumulated_backward(
         run, micro_batches, encode=lambda batch: student_features(run, student, batch),
         loss_of=lambda features, current: batch_loss(features, current, args),
-        loss_scalars=[common.unwrap(student).logit_scale], ddp=ddp,
+        loss_scalars=[common.unwrap(student).logit_scale], module=student,
         constants=None if ema is None else (lambda batch: teacher_features(run, ema.module, batch)), step=step)
 
 

@@ -497,12 +497,11 @@ def batch_loss(features, current, logit_scale, args):
 
 def backward(run, forward, micro_batches, args, step=None):
     """One optimizer step's gradients over --accum-freq micro-batches (GoalForward, maybe DDP): (loss, parts)."""
-    ddp = forward if isinstance(forward, torch.nn.parallel.DistributedDataParallel) else None
     logit_scale = common.unwrap(forward).model.logit_scale
     return common.accumulated_backward(
         run, micro_batches, encode=lambda batch: micro_batch_features(run, forward, batch),
         loss_of=lambda features, current: batch_loss(features, current, logit_scale, args),
-        loss_scalars=[logit_scale], ddp=ddp, step=step)
+        loss_scalars=[logit_scale], module=forward, step=step)
 
 
 def _defaults():
