@@ -45,6 +45,7 @@ and a flag reproduces the release:
 Run:
     python cehn.py                                   # shapes world, shipped `shapes` base model, CPU ok
     python cehn.py --w-cmr 0 --w-imc 0 --itc-hn 0    # the baseline: plain CLIP fine-tuning on the same data
+    python cehn.py --w-cmr 0 --w-imc 0               # its paper's Table 4 baseline "itc(hn)": the hard-negative ITC alone
     python cehn.py --data coco --data-root DIR --gpus 8 --eval aro,sugarcrepe,valse
     torchrun --nnodes 2 --nproc-per-node 8 ... cehn.py --data coco --data-root DIR
     python cehn.py --resume OUT_DIR                  # continue the last checkpoint (model, optimiser, theta, ...)

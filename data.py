@@ -563,8 +563,9 @@ def _neg_action(doc, rng, vocabulary=None) -> str | None:
     """Replace a verb by another verb of the same transitivity, in the same form ("sitting" -> "running").
 
     A caption without a known verb ("a red circle to the left of a square") has no action negative: the slot is
-    invalid, as in the data CE-CLIP trained on (its release's generator fills a bare "<mask>" there, but the
-    released data, shown in the repository's data/inspecti.ipynb, marks a caption without a verb "###", valid 0).
+    invalid, as in the data CE-CLIP trained on: its generator fills a bare "<mask>" there, but the data shown in
+    https://github.com/lezhang7/Enhance-FineGrained data/inspecti.ipynb marks a caption without a verb "###",
+    valid 0.
     """
     verbs = [token for token in doc if token.pos_ == "VERB" and token.tag_ in _TAG_TO_FORM
              and _VERB_BASE.get(token.lower_) in _VERB_INFO]
