@@ -8,7 +8,9 @@ negatives teach composition (DeGLA, Hu et al. 2025, Table 5: zero-shot on 11 dat
 58.1, CE-CLIP 45.7 and CLIP 61.0). On the shapes world the suite's zero-shot sits at 99-100% for every fine-tuned model, because
 fine-tuning shows every colour and shape the classifier asks about. Here the fine-tuning scenes never show the
 held-out words (`--shapes-holdout`, data.ShapesDataset(holdout=...)), while the base model, trained on every word,
-names them almost perfectly; what a fine-tuned model loses on them is what fine-tuning made it forget.
+names them almost perfectly; what a fine-tuned model loses on them is what fine-tuning made it forget. The words
+never appear in a training image or caption, but the rule-made replacement negatives may name them (DeGLA's
+replace_adjs, CE-CLIP's attribute and object), as a real data set's negatives can name classes it never shows.
 
 Scores (%, zero-shot with the suite's templates, on single-object test scenes; "held out" are the objects that show a
 held-out colour or shape, "seen" the others):
@@ -37,7 +39,7 @@ from lab import compare
 FORGETTING_SEED = evaluation.SHAPES_SUITE_SEED + 7   # a test stream of its own, apart from the suite's scenes
 FORGETTING_SCENES = 2400   # single-object scenes: about 300 per held-out word
 FORGETTING_HOLDOUT = "purple,cyan,star,heart"   # two colours and two shapes: 44% of the test objects show one
-FORGETTING_STEPS = 400   # a shorter budget than the comparison's 1000 steps, for the cost of 9 runs
+FORGETTING_STEPS = 400   # a shorter budget than the comparison's 1000 steps, for the cost of 12 runs
 SCORES = ("colour held out", "shape held out", "pair held out", "pair seen")
 # (method, baseline) rows of the paired table: DeGLA's Table 5 compares with NegCLIP, CE-CLIP (its headline "+13.0%")
 # and CLIP (plain fine-tuning here)
