@@ -79,8 +79,9 @@ def forgetting_scores(model, tokenizer, transform, holdout, device=None, n_scene
     }
 
 
-def score_run(run_dir, device=None):
-    """forgetting.json of a finished run folder: the base's and the run's scores (computed once, then read)."""
+def score_run(run_dir, device=None, base_cache=None):
+    """forgetting.json of a finished run folder: the base's and the run's scores (computed once, then read).
+    base_cache: a dict shared over runs, so that a base model is scored once per (model, weights, holdout)."""
     run_dir = Path(run_dir)
     path = run_dir / "forgetting.json"
     if path.exists():
@@ -92,11 +93,17 @@ def score_run(run_dir, device=None):
     if not (run_dir / "open_clip_config.json").exists():
         raise SystemExit(f"lab.forgetting: {run_dir} has no exported model (a finished run writes one)")
     device = evaluation.pick_device(device)
-    scores = {"holdout": holdout}
-    for when, (name, pretrained) in (("before", (config["model"], config.get("pretrained") or "shapes")),
-                                     ("after", (f"local-dir:{run_dir}", None))):
+
+    def scores_of(name, pretrained):
         model, transform, tokenizer = evaluation.create_backbone(name, pretrained, device)
-        scores[when] = forgetting_scores(model, tokenizer, transform, holdout, device)
+        return forgetting_scores(model, tokenizer, transform, holdout, device)
+
+    base = (config["model"], config.get("pretrained") or "shapes")
+    base_cache = {} if base_cache is None else base_cache
+    if (*base, tuple(holdout)) not in base_cache:
+        base_cache[(*base, tuple(holdout))] = scores_of(*base)
+    scores = {"holdout": holdout, "before": base_cache[(*base, tuple(holdout))],
+              "after": scores_of(f"local-dir:{run_dir}", None)}
     evaluation._atomic_write(path, json.dumps(scores, indent=1))
     return scores
 
@@ -110,7 +117,7 @@ def forgetting_table(runs):
              f"show one, {first['before']['n seen']} do not).", "",
              "| score | base | " + " | ".join(scores) + " |", "|---|---:|" + "---:|" * len(scores)]
     for key in SCORES:
-        base = next(iter(next(iter(scores.values())).values()))["before"][key]
+        base = first["before"][key]
         cells = [compare._pm(*compare._mean_std([s["after"][key] for s in per_seed.values()]))
                  for per_seed in scores.values()]
         lines.append(f"| {key} | {evaluation._fmt(base)} | " + " | ".join(cells) + " |")
@@ -158,9 +165,10 @@ def forgetting_main(argv):
     runs = OrderedDict((m, dirs) for m, dirs in runs.items() if dirs)
     if not runs:
         raise SystemExit(f"lab.forgetting: no finished runs of {args.methods} in {args.out}")
+    base_cache = {}   # every run starts from the same base: score it once
     for dirs in runs.values():
         for d in dirs:
-            score_run(d, args.device)
+            score_run(d, args.device, base_cache)
     table = forgetting_table(runs)
     evaluation._atomic_write(Path(args.out) / "forgetting.md", table + "\n")
     print(table)
